@@ -1,0 +1,1 @@
+"""The llmctl CLI and everything it orchestrates: charts, releases, builds, drivers."""

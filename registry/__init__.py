@@ -1,0 +1,1 @@
+"""OCI distribution client, signatures, attestations, trust policy and audit log."""

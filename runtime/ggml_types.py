@@ -1,0 +1,71 @@
+"""GGML tensor types, GGUF value types and block sizes shared by the GGUF reader and writer."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class GGMLType(IntEnum):
+    """ggml tensor type ids as stored in GGUF tensor infos."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q8_0 = 8
+    Q4_K = 12
+    Q6_K = 14
+    Q8_K = 15
+    BF16 = 30
+
+
+# (elements per block, bytes per block)
+BLOCK_SIZE: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.Q4_0: (32, 18),
+    GGMLType.Q8_0: (32, 34),
+    GGMLType.Q4_K: (256, 144),
+    GGMLType.Q6_K: (256, 210),
+    GGMLType.Q8_K: (256, 292),
+    GGMLType.BF16: (1, 2),
+}
+
+
+def row_bytes(t: GGMLType | int, n_cols: int) -> int:
+    """Bytes of one row of `n_cols` elements of type `t`; ValueError if not a whole number of blocks."""
+    t = GGMLType(t)
+    block, size = BLOCK_SIZE[t]
+    if n_cols % block:
+        raise ValueError(
+            f"{t.name} rows need a multiple of {block} elements, got {n_cols}"
+        )
+    return n_cols // block * size
+
+
+class ValueType(IntEnum):
+    """GGUF metadata value types."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+class FileType(IntEnum):
+    """`general.file_type` values (llama_ftype) used by the project."""
+
+    ALL_F32 = 0
+    MOSTLY_F16 = 1
+    MOSTLY_Q4_0 = 2
+    MOSTLY_Q8_0 = 7
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_Q6_K = 18

@@ -1,0 +1,137 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Python entry points to the C kernels (kernels.h). Every call releases the GIL.
+
+Arrays must be C-contiguous with the dtypes named in each docstring; the Python callers in
+runtime/ops.py guarantee that, so these wrappers check shapes only where a mistake would make
+the C code read or write out of bounds.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint16_t
+
+cnp.import_array()
+
+cdef extern from "kernels.h" nogil:
+    int kernels_init(const char *which)
+    const char *kernels_active()
+    int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
+                       const float *x, int64_t M, float *y, int n_threads)
+    int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
+                         const int64_t *rows, int64_t n_rows, float *out)
+    int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                          float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
+                          int64_t hd, float scale, int n_threads)
+    void kernels_gelu(const float *x, float *y, int64_t n)
+    void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
+    void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
+    void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
+
+kernels_init(b"auto")
+
+
+def use(str which="auto"):
+    """Select the kernel set: "auto", "avx2" or "generic". ValueError if the CPU lacks it."""
+    if kernels_init(which.encode()) != 0:
+        raise ValueError(f"kernel set {which!r} is not available on this CPU")
+
+
+def active():
+    """Name of the kernel set in use ("avx2" or "generic")."""
+    return kernels_active().decode()
+
+
+def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
+           float[:, ::1] out, int n_threads=1):
+    """out[M, N] = x[M, K] @ W[N, K].T with W given as its raw rows (uint8 [N, row_bytes])."""
+    cdef int64_t n = w.shape[0], m = x.shape[0]
+    if x.shape[1] != k or out.shape[0] != m or out.shape[1] != n:
+        raise ValueError(f"matmul shapes: W {n}x{k}, x {x.shape[0]}x{x.shape[1]}, out {out.shape[0]}x{out.shape[1]}")
+    if n == 0 or m == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = kernels_matmul(wtype, &w[0, 0], w.shape[1], n, k, &x[0, 0], m, &out[0, 0], n_threads)
+    if rc != 0:
+        raise ValueError(f"matmul: unsupported weight type {wtype} or row length {k}")
+
+
+def get_rows(int wtype, const uint8_t[:, ::1] w, int64_t k, const int64_t[::1] rows, float[:, ::1] out):
+    """out[i] = dequantized row rows[i] of W (uint8 [N, row_bytes])."""
+    cdef int64_t i, n = rows.shape[0]
+    if out.shape[0] != n or out.shape[1] != k:
+        raise ValueError("get_rows: output shape")
+    for i in range(n):
+        if rows[i] < 0 or rows[i] >= w.shape[0]:
+            raise IndexError(f"row {rows[i]} out of range 0..{w.shape[0] - 1}")
+    if n == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = kernels_get_rows(wtype, &w[0, 0], w.shape[1], k, &rows[0], n, &out[0, 0])
+    if rc != 0:
+        raise ValueError(f"get_rows: unsupported weight type {wtype} or row length {k}")
+
+
+def attention(const float[:, :, ::1] q, const uint16_t[:, :, ::1] k_cache,
+              const uint16_t[:, :, ::1] v_cache, float[:, :, ::1] out, int64_t pos0,
+              float scale, int n_threads=1):
+    """Causal attention of q [T, n_head, hd] over caches [n_ctx, n_kv_head, hd] (fp16 bits)."""
+    cdef int64_t t = q.shape[0], n_head = q.shape[1], hd = q.shape[2]
+    cdef int64_t n_kv = k_cache.shape[1]
+    if (k_cache.shape[2] != hd or v_cache.shape[1] != n_kv or v_cache.shape[2] != hd
+            or pos0 < 0 or pos0 + t > k_cache.shape[0] or pos0 + t > v_cache.shape[0]
+            or n_kv == 0 or n_head % n_kv != 0 or out.shape[0] != t or out.shape[1] != n_head
+            or out.shape[2] != hd):
+        raise ValueError("attention: inconsistent shapes")
+    if t == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = kernels_attention(&q[0, 0, 0], &k_cache[0, 0, 0], &v_cache[0, 0, 0], &out[0, 0, 0],
+                               t, pos0, n_head, n_kv, hd, scale, n_threads)
+    if rc != 0:
+        raise MemoryError("attention scratch")
+
+
+def gelu(const float[::1] x, float[::1] out):
+    """out = gelu_tanh(x) via ggml's fp16 table (out may be x)."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("gelu: shapes")
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        kernels_gelu(&x[0], &out[0], x.shape[0])
+
+
+def quantize_q8_0(const float[::1] x):
+    """Q8_0 blocks (34 bytes per 32 values) of x, as the matmul quantizes activations."""
+    if x.shape[0] % 32:
+        raise ValueError("length must be a multiple of 32")
+    out = np.zeros(x.shape[0] // 32 * 34, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    if x.shape[0]:
+        with nogil:
+            kernels_quantize_q8_0(&x[0], &o[0], x.shape[0])
+    return out
+
+
+def quantize_q8_K(const float[::1] x):
+    """Q8_K blocks (292 bytes per 256 values) of x."""
+    if x.shape[0] % 256:
+        raise ValueError("length must be a multiple of 256")
+    out = np.zeros(x.shape[0] // 256 * 292, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    if x.shape[0]:
+        with nogil:
+            kernels_quantize_q8_K(&x[0], &o[0], x.shape[0])
+    return out
+
+
+def f32_to_f16(const float[::1] x):
+    """fp16 bits of x, rounded to nearest even."""
+    out = np.zeros(x.shape[0], dtype=np.uint16)
+    cdef uint16_t[::1] o = out
+    if x.shape[0]:
+        with nogil:
+            kernels_f32_to_f16(&x[0], &o[0], x.shape[0])
+    return out

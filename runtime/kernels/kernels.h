@@ -1,0 +1,66 @@
+/* Quantized CPU kernels of the llmctl runtime.
+ *
+ * Numerics follow llama.cpp's CPU backend (ggml-cpu) so that logits agree with it:
+ *  - activations are quantized to the weight type's "vec_dot type" before each matmul
+ *    (Q8_0 for Q4_0/Q8_0 weights, Q8_K for Q6_K, F16 for F16, none for F32);
+ *  - Q8_0 activation quantization rounds half to even with id = 127/amax (ggml's AVX2 path);
+ *  - attention reads an F16 KV cache with Q rounded to F16, and the softmax probabilities are
+ *    rounded to F16 before the weighted sum of V (ggml's non-flash-attention path);
+ *  - GELU goes through an fp16 lookup table.
+ *
+ * Every kernel has a portable C version and an AVX2/FMA/F16C version; kernels_init() picks one
+ * at run time from CPUID, so one binary runs on any x86-64 (and any other) CPU.
+ * All functions run without the GIL; the matmul and attention drivers use OpenMP threads.
+ */
+#ifndef LLMCTL_KERNELS_H
+#define LLMCTL_KERNELS_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* ggml type ids */
+enum {
+    KT_F32 = 0,
+    KT_F16 = 1,
+    KT_Q4_0 = 2,
+    KT_Q8_0 = 8,
+    KT_Q6_K = 14,
+    KT_Q8_K = 15,
+};
+
+/* Picks the kernel set: "auto" (best the CPU supports), "avx2" or "generic".
+ * Returns 0 on success, -1 if the CPU lacks what was asked for. */
+int kernels_init(const char *which);
+/* Name of the kernel set in use. */
+const char *kernels_active(void);
+
+/* y[m, n] = dot(W[n, :], x[m, :]) for m < M, n < N; W rows are `w_row_bytes` apart, of type
+ * `wtype`, each holding K elements. x is float32 [M, K], y float32 [M, N].
+ * Returns 0, or -1 for an unsupported type or a K that is not a multiple of the block size. */
+int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
+                   const float *x, int64_t M, float *y, int n_threads);
+
+/* out[i, :] = dequantized W[rows[i], :] (embedding lookup). Returns 0 or -1 (bad type). */
+int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
+                     const int64_t *rows, int64_t n_rows, float *out);
+
+/* Causal attention for T new tokens at positions pos0 .. pos0+T-1.
+ * q: float32 [T, n_head, hd]; k_cache, v_cache: fp16 bits [n_ctx, n_kv_head, hd], already
+ * holding positions 0 .. pos0+T-1; out: float32 [T, n_head, hd]. Query head h reads kv head
+ * h / (n_head / n_kv_head). Returns 0 or -1 (out of memory). */
+int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                      float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
+                      int64_t hd, float scale, int n_threads);
+
+/* y = gelu_tanh(x) through ggml's fp16 table, in place allowed. */
+void kernels_gelu(const float *x, float *y, int64_t n);
+
+/* Conversions and single-row quantizers, exposed for tests against the NumPy references. */
+void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n);
+void kernels_f16_to_f32(const uint16_t *x, float *y, int64_t n);
+void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k);
+void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k);
+/* dot(W row of type wtype, x) with x quantized to the vec_dot type first. */
+float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k);
+
+#endif

@@ -1,0 +1,167 @@
+"""StarCoder2 and StarCoder (gpt_bigcode) forward passes over memory-mapped GGUF weights.
+
+Weights are loaded once as views into the file (no copies, no dequantization); the forward
+pass reads top to bottom like the math. Nearly all time goes to `Linear.__call__` (the
+quantized matmuls), which is why they are C kernels and everything else is NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import ops
+from runtime.config import ModelConfig
+from runtime.errors import GGUFError, UnsupportedModelError
+from runtime.ggml_types import BLOCK_SIZE, GGMLType
+from runtime.gguf import GGUFFile
+from runtime.kernels import _kernels
+from runtime.kv_cache import KVCache
+from runtime.ops import Linear
+
+
+@dataclass(frozen=True)
+class Norm:
+    weight: np.ndarray  # float32 [E]
+    bias: np.ndarray  # float32 [E]
+
+
+@dataclass(frozen=True)
+class Block:
+    attn_norm: Norm
+    wq: Linear | None  # starcoder2: separate projections
+    wk: Linear | None
+    wv: Linear | None
+    wqkv: Linear | None  # starcoder: fused [E + 2*hd, E]
+    wo: Linear
+    ffn_norm: Norm
+    ffn_up: Linear
+    ffn_down: Linear
+
+
+class _Loader:
+    """Finds tensors by name and checks their shape and type, naming the tensor when wrong."""
+
+    def __init__(self, f: GGUFFile) -> None:
+        self.f = f
+
+    def _get(self, name: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        info = self.f.tensors.get(name)
+        if info is None:
+            raise GGUFError(f"{self.f.path}: tensor {name!r} is missing")
+        if info.shape != shape:
+            raise GGUFError(f"{self.f.path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
+        return info
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        info = self._get(name, (n,))
+        if info.ggml_type == GGMLType.F32:
+            return self.f.tensor(name)
+        if info.ggml_type == GGMLType.F16:
+            return self.f.tensor(name).astype(np.float32)
+        raise UnsupportedModelError(f"{self.f.path}: tensor {name!r} is {info.ggml_type.name}; vectors must be F32 or F16")
+
+    def norm(self, prefix: str, n: int) -> Norm:
+        return Norm(self.vector(f"{prefix}.weight", n), self.vector(f"{prefix}.bias", n))
+
+    def linear(self, prefix: str, n_out: int, n_in: int, bias: bool = True) -> Linear:
+        name = f"{prefix}.weight"
+        info = self._get(name, (n_out, n_in))
+        if info.ggml_type not in ops.MATMUL_TYPES:
+            raise UnsupportedModelError(
+                f"{self.f.path}: tensor {name!r} has type {info.ggml_type.name}; supported: "
+                + ", ".join(t.name for t in ops.MATMUL_TYPES)
+            )
+        raw = self.f.raw(name).reshape(n_out, -1)
+        b = self.vector(f"{prefix}.bias", n_out) if bias else None
+        return Linear(raw, info.ggml_type, n_in, b)
+
+
+class Transformer:
+    """Weights plus the forward pass. `forward` appends tokens to a KVCache and returns logits."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int) -> None:
+        self.cfg = cfg
+        self.n_threads = n_threads
+        load = _Loader(f)
+        E, F, V = cfg.n_embd, cfg.n_ff, cfg.n_vocab
+        self.token_embd = load.linear("token_embd", V, E, bias=False)
+        self.position_embd = load.linear("position_embd", cfg.n_ctx_train, E, bias=False) if cfg.arch == "starcoder" else None
+        self.blocks: list[Block] = []
+        hd, kv = cfg.head_dim, cfg.n_embd_kv
+        for i in range(cfg.n_layer):
+            p = f"blk.{i}"
+            if cfg.arch == "starcoder2":
+                wq, wk, wv = load.linear(f"{p}.attn_q", E, E), load.linear(f"{p}.attn_k", kv, E), load.linear(f"{p}.attn_v", kv, E)
+                wqkv = None
+            else:
+                wq = wk = wv = None
+                wqkv = load.linear(f"{p}.attn_qkv", E + 2 * hd, E)
+            self.blocks.append(
+                Block(
+                    attn_norm=load.norm(f"{p}.attn_norm", E),
+                    wq=wq,
+                    wk=wk,
+                    wv=wv,
+                    wqkv=wqkv,
+                    wo=load.linear(f"{p}.attn_output", E, E),
+                    ffn_norm=load.norm(f"{p}.ffn_norm", E),
+                    ffn_up=load.linear(f"{p}.ffn_up", F, E),
+                    ffn_down=load.linear(f"{p}.ffn_down", E, F),
+                )
+            )
+        self.output_norm = load.norm("output_norm", E)
+        # The LM head is tied to the embedding when output.weight is absent.
+        self.output = load.linear("output", V, E, bias=False) if "output.weight" in f.tensors else self.token_embd
+        for lin in (self.token_embd, self.output):
+            block = BLOCK_SIZE[lin.ggml_type][0]
+            if E % block:
+                raise UnsupportedModelError(f"{f.path}: embedding size {E} is not a multiple of {lin.ggml_type.name} blocks")
+        self.kq_scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(hd)))
+        self._rope_cache: tuple[np.ndarray, np.ndarray] | None = None
+
+    def rope(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < n_ctx:
+            self._rope_cache = ops.rope_tables(n_ctx, self.cfg.head_dim, self.cfg.rope_freq_base)
+        return self._rope_cache
+
+    def forward(self, ids: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run tokens `ids` at positions cache.n_past.. and advance the cache.
+        Returns logits [T, V] (all_logits) or [1, V] for the last token only."""
+        cfg, nt = self.cfg, self.n_threads
+        T, pos0 = len(ids), cache.n_past
+        if pos0 + T > cache.n_ctx:
+            raise ValueError(f"forward: {pos0}+{T} positions exceed the cache of {cache.n_ctx}")
+        positions = np.arange(pos0, pos0 + T)
+        x = self.token_embd.lookup(ids)  # [T, E]
+        if self.position_embd is not None:
+            x += self.position_embd.lookup(positions)
+        if cfg.arch == "starcoder2":
+            cos, sin = self.rope(cache.n_ctx)
+            cos, sin = cos[pos0 : pos0 + T], sin[pos0 : pos0 + T]
+        hd, n_kv = cfg.head_dim, cfg.n_head_kv
+        attn = np.empty((T, cfg.n_head, hd), dtype=np.float32)
+        for il, blk in enumerate(self.blocks):
+            h = ops.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, cfg.norm_eps)
+            if blk.wqkv is not None:  # starcoder: fused projection, multi-query, learned positions
+                qkv = blk.wqkv(h, nt)
+                q = qkv[:, : cfg.n_embd].reshape(T, cfg.n_head, hd)
+                k = qkv[:, cfg.n_embd : cfg.n_embd + hd].reshape(T, 1, hd)
+                v = qkv[:, cfg.n_embd + hd :].reshape(T, 1, hd)
+            else:  # starcoder2: GQA with NEOX RoPE
+                assert blk.wq is not None and blk.wk is not None and blk.wv is not None
+                q = ops.rope_neox(blk.wq(h, nt).reshape(T, cfg.n_head, hd), cos, sin)
+                k = ops.rope_neox(blk.wk(h, nt).reshape(T, n_kv, hd), cos, sin)
+                v = blk.wv(h, nt).reshape(T, n_kv, hd)
+            cache.store(il, pos0, k, v)
+            _kernels.attention(np.ascontiguousarray(q), cache.k[il], cache.v[il], attn, pos0, self.kq_scale, nt)
+            x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
+            h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
+            x = blk.ffn_down(ops.gelu(blk.ffn_up(h, nt)), nt) + x
+        cache.n_past = pos0 + T
+        if not all_logits:
+            x = x[-1:]
+        x = ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, cfg.norm_eps)
+        return self.output(np.ascontiguousarray(x), nt)

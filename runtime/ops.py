@@ -1,0 +1,79 @@
+"""The forward pass's building blocks. Matmuls, attention and GELU run in the C kernels; the
+cheap elementwise steps stay in NumPy, written to round like ggml (float32 throughout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.ggml_types import GGMLType
+from runtime.kernels import _kernels
+
+MATMUL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x @ W.T (+ b). W stays in its file type: raw rows straight from the memory map."""
+
+    rows: np.ndarray  # uint8 [n_out, row_bytes], a view into the mapped file
+    ggml_type: GGMLType
+    n_in: int
+    bias: np.ndarray | None = None  # float32 [n_out]
+
+    @property
+    def n_out(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __call__(self, x: np.ndarray, n_threads: int) -> np.ndarray:
+        out = np.empty((x.shape[0], self.n_out), dtype=np.float32)
+        _kernels.matmul(int(self.ggml_type), self.rows, self.n_in, x, out, n_threads)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows `ids` (embedding lookup): float32 [len(ids), n_in]."""
+        out = np.empty((len(ids), self.n_in), dtype=np.float32)
+        _kernels.get_rows(int(self.ggml_type), self.rows, self.n_in, np.ascontiguousarray(ids, dtype=np.int64), out)
+        return out
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_norm then *w + b: (x - mean) / sqrt(biased var + eps), sums in double, rest in float32."""
+    n = x.shape[-1]
+    mean = (x.sum(axis=-1, keepdims=True, dtype=np.float64) / n).astype(np.float32)
+    centred = x - mean
+    var = ((centred.astype(np.float64) ** 2).sum(axis=-1, keepdims=True) / n).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(var + np.float32(eps), dtype=np.float32)
+    return (centred * scale) * weight + bias
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    _kernels.gelu(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def rope_tables(n_ctx: int, head_dim: int, freq_base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_ctx, head_dim/2] as ggml_rope_cache_init builds them: theta_i = pos * s^i by
+    repeated float32 multiplication, s = powf(base, -2/head_dim)."""
+    scale = np.float32(np.float64(np.float32(freq_base)) ** np.float64(np.float32(-2.0) / np.float32(head_dim)))
+    theta = np.empty((n_ctx, head_dim // 2), dtype=np.float32)
+    t = np.arange(n_ctx, dtype=np.float32)
+    for i in range(head_dim // 2):
+        theta[:, i] = t
+        t = t * scale
+    th = theta.astype(np.float64)  # cosf/sinf are correctly rounded in practice; so is this
+    return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
+
+
+def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (x[i], x[i + hd/2]) of x [T, heads, hd] by the angles of rows cos/sin [T, hd/2]."""
+    half = x.shape[-1] // 2
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    x0 = x[..., :half]
+    x1 = x[..., half:]
+    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)

@@ -1,0 +1,1 @@
+"""Helpers for tests: generated GGUF models and a trained code vocabulary."""

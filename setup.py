@@ -1,0 +1,17 @@
+"""Builds the runtime's C/Cython kernels. Metadata lives in pyproject.toml."""
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+kernels = Extension(
+    "runtime.kernels._kernels",
+    sources=["runtime/kernels/_kernels.pyx", "runtime/kernels/kernels.c"],
+    include_dirs=["runtime/kernels", np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    # Portable baseline code; AVX2 kernels are compiled per function and picked at run time.
+    extra_compile_args=["-O3", "-fopenmp", "-std=c11", "-fno-math-errno"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=cythonize([kernels], language_level="3"))
