@@ -41,13 +41,11 @@ class Linear:
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """ggml_norm then *w + b: (x - mean) / sqrt(biased var + eps), sums in double, rest in float32."""
-    n = x.shape[-1]
-    mean = (x.sum(axis=-1, keepdims=True, dtype=np.float64) / n).astype(np.float32)
-    centred = x - mean
-    var = ((centred.astype(np.float64) ** 2).sum(axis=-1, keepdims=True) / n).astype(np.float32)
-    scale = np.float32(1.0) / np.sqrt(var + np.float32(eps), dtype=np.float32)
-    return (centred * scale) * weight + bias
+    """ggml_norm then *w + b: (x - mean) / sqrt(biased var + eps), rounded as ggml does."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _kernels.layer_norm(x.reshape(-1, x.shape[-1]), weight, bias, out.reshape(-1, x.shape[-1]), eps)
+    return out
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -69,11 +67,19 @@ def rope_tables(n_ctx: int, head_dim: int, freq_base: float) -> tuple[np.ndarray
     return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
 
 
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a*b + c with one rounding (float32 products are exact in float64)."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
 def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (x[i], x[i + hd/2]) of x [T, heads, hd] by the angles of rows cos/sin [T, hd/2]."""
+    """Rotate pairs (x[i], x[i + hd/2]) of x [T, heads, hd] by the angles of rows cos/sin [T, hd/2].
+
+    ggml's compiled rotate_pairs contracts `x0*cos - x1*sin` into fma(x0, cos, -(x1*sin)), and
+    `x0*sin + x1*cos` into fma(x0, sin, x1*cos); rounding the same way keeps logits identical."""
     half = x.shape[-1] // 2
     c = cos[:, None, :]
     s = sin[:, None, :]
     x0 = x[..., :half]
     x1 = x[..., half:]
-    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return np.concatenate([_fma(x0, c, -(x1 * s)), _fma(x0, s, x1 * c)], axis=-1)

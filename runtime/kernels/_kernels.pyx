@@ -22,6 +22,7 @@ cdef extern from "kernels.h" nogil:
                           float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
                           int64_t hd, float scale, int n_threads)
     void kernels_gelu(const float *x, float *y, int64_t n)
+    void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps)
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
@@ -91,6 +92,17 @@ def attention(const float[:, :, ::1] q, const uint16_t[:, :, ::1] k_cache,
                                t, pos0, n_head, n_kv, hd, scale, n_threads)
     if rc != 0:
         raise MemoryError("attention scratch")
+
+
+def layer_norm(const float[:, ::1] x, const float[::1] w, const float[::1] b, float[:, ::1] out, float eps):
+    """out = LayerNorm(x) * w + b, row by row (ggml's rounding)."""
+    cdef int64_t rows = x.shape[0], n = x.shape[1]
+    if w.shape[0] != n or b.shape[0] != n or out.shape[0] != rows or out.shape[1] != n:
+        raise ValueError("layer_norm: shapes")
+    if rows == 0 or n == 0:
+        return
+    with nogil:
+        kernels_layer_norm(&x[0, 0], &w[0], &b[0], &out[0, 0], rows, n, eps)
 
 
 def gelu(const float[::1] x, float[::1] out):

@@ -74,7 +74,9 @@ typedef struct {
     void (*f16_to_f32)(const uint16_t *x, float *y, int64_t n);
     quantize_fn quantize_q8_0;
     quantize_fn quantize_f16;
-    dot_fn dot_q8_0, dot_q4_0, dot_q6_K, dot_f16, dot_f32;
+    dot_fn dot_q8_0, dot_q4_0, dot_q6_K;
+    dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
+    double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
 } kernel_set;
 
@@ -195,10 +197,12 @@ typedef struct {
     dot_fn dot;
 } type_traits;
 
-static int traits_for(int wtype, type_traits *t) {
+/* n_rows: activation rows in the product; ggml switches F16/F32 summation order at 2. */
+static int traits_for(int wtype, int64_t n_rows, type_traits *t) {
+    const int batched = n_rows >= 2;
     switch (wtype) {
-    case KT_F32: *t = (type_traits){1, 4, NULL, K->dot_f32}; return 0;
-    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, K->dot_f16}; return 0;
+    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec}; return 0;
+    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec}; return 0;
     case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0}; return 0;
     case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0}; return 0;
     case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K}; return 0;
@@ -215,7 +219,7 @@ static int threads_for(int n_threads, int64_t work) {
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_, const float *x,
                    int64_t M, float *y, int n_threads) {
     type_traits t;
-    if (traits_for(wtype, &t) != 0 || K_ % t.block != 0) return -1;
+    if (traits_for(wtype, M, &t) != 0 || K_ % t.block != 0) return -1;
     const size_t act_bytes = (size_t)(K_ / t.block) * t.act_block_bytes;
     const uint8_t *act = (const uint8_t *)x;
     uint8_t *buf = NULL;
@@ -302,25 +306,56 @@ static void dequantize_row(int wtype, const uint8_t *row, float *out, int64_t k)
 int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K_, const int64_t *rows,
                      int64_t n_rows, float *out) {
     type_traits t;
-    if (traits_for(wtype, &t) != 0 || K_ % t.block != 0) return -1;
+    if (traits_for(wtype, 1, &t) != 0 || K_ % t.block != 0) return -1;
     for (int64_t i = 0; i < n_rows; i++) dequantize_row(wtype, w + (size_t)rows[i] * w_row_bytes, out + i * K_, K_);
     return 0;
 }
 
 /* ---- attention ------------------------------------------------------------------------------ */
 
+/* Summation of the weighted V rows in ggml's order. ggml computes out[d] = dot(V^T[d, :], p)
+ * over the (zero-padded) cache; with one query row its vec_dot puts element j in accumulator
+ * (j / 8) % 4, lane j % 8 (then reduce4); with two or more rows tinyBLAS puts it in lane j % 8
+ * (then hsum8). acc holds one hd-vector per accumulator lane: 32 or 8 of them. */
+static void attend_values(const float *p, int64_t n_keys, const uint16_t *v_cache, int64_t kv_stride, int64_t hd,
+                          int batched, float *acc, float *o) {
+    const int64_t n_lanes = batched ? 8 : 32;
+    memset(acc, 0, sizeof(float) * (size_t)(n_lanes * hd));
+    for (int64_t j = 0; j < n_keys; j++) {
+        if (p[j] != 0.0f) K->axpy_f16(hd, p[j], v_cache + j * kv_stride, acc + (j % n_lanes) * hd);
+    }
+    for (int64_t d = 0; d < hd; d++) {
+        float x[8];
+        if (batched) {
+            for (int l = 0; l < 8; l++) x[l] = acc[l * hd + d];
+        } else {
+            for (int l = 0; l < 8; l++) {
+                const float a0 = acc[l * hd + d], a1 = acc[(8 + l) * hd + d];
+                const float a2 = acc[(16 + l) * hd + d], a3 = acc[(24 + l) * hd + d];
+                x[l] = (a0 + a2) + (a1 + a3);
+            }
+        }
+        const float t0 = x[0] + x[4], t1 = x[1] + x[5], t2 = x[2] + x[6], t3 = x[3] + x[7];
+        o[d] = batched ? (t0 + t2) + (t1 + t3) : (t0 + t1) + (t2 + t3);
+    }
+}
+
 int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out, int64_t T,
                       int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale, int n_threads) {
     const int64_t n_keys_max = pos0 + T;
+    const int64_t n_pad = (n_keys_max + 7) & ~(int64_t)7;  /* softmax runs over whole groups of 8 */
     const int64_t group = n_head / n_kv_head;
     const int64_t kv_stride = n_kv_head * hd;
+    const int batched = T >= 2;
+    const dot_fn qk_dot = batched ? K->dot_f16_blas : K->dot_f16_vec;
     int failed = 0;
     const int nt = threads_for(n_threads, T * n_head);
 #pragma omp parallel num_threads(nt)
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)n_keys_max);
+        float *scores = (float *)malloc(sizeof(float) * (size_t)n_pad);
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(32 * hd));
         uint16_t *q16 = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
-        if (scores == NULL || q16 == NULL) {
+        if (scores == NULL || acc == NULL || q16 == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -328,38 +363,65 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
             for (int64_t th = 0; th < T * n_head; th++) {
                 const int64_t t = th / n_head, h = th % n_head, kvh = h / group;
                 const int64_t n_keys = pos0 + t + 1;  /* causal: itself and everything before */
-                const float *qv = q + th * hd;
-                float *o = out + th * hd;
-                /* Q.K in fp16 x fp16 with float accumulation (ggml converts Q to the cache type) */
-                K->quantize_f16(qv, q16, hd);
+                /* Q.K with Q rounded to fp16 (ggml converts it to the cache type), then scaled */
+                K->quantize_f16(q + th * hd, q16, hd);
                 float max = -INFINITY;
                 for (int64_t j = 0; j < n_keys; j++) {
-                    const float s = K->dot_f16(hd, q16, k_cache + j * kv_stride + kvh * hd) * scale;
+                    const float s = qk_dot(hd, q16, k_cache + j * kv_stride + kvh * hd) * scale;
                     scores[j] = s;
                     if (s > max) max = s;
                 }
-                double sum = 0.0;
-                for (int64_t j = 0; j < n_keys; j++) {
-                    const float e = expf(scores[j] - max);
-                    scores[j] = e;
-                    sum += e;
-                }
+                for (int64_t j = n_keys; j < n_pad; j++) scores[j] = -INFINITY;
+                const double sum = K->softmax_exp(n_pad, scores, max);
                 const float inv = (float)(1.0 / sum);
-                memset(o, 0, sizeof(float) * (size_t)hd);
-                for (int64_t j = 0; j < n_keys; j++) {
-                    /* probabilities are rounded to fp16 before they weight V, as in ggml */
-                    const float p = fp16_to_fp32(fp32_to_fp16(scores[j] * inv));
-                    if (p != 0.0f) K->axpy_f16(hd, p, v_cache + j * kv_stride + kvh * hd, o);
-                }
+                /* probabilities are rounded to fp16 before they weight V, as in ggml */
+                for (int64_t j = 0; j < n_keys; j++) scores[j] = fp16_to_fp32(fp32_to_fp16(scores[j] * inv));
+                attend_values(scores, n_keys, v_cache + kvh * hd, kv_stride, hd, batched, acc, out + th * hd);
             }
         }
         free(scores);
+        free(acc);
         free(q16);
     }
     return failed ? -1 : 0;
 }
 
 /* ---- elementwise ---------------------------------------------------------------------------- */
+
+void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        /* ggml_norm: mean from a double sum rounded to float; variance from float squares summed
+         * 8 at a time (hsum order) into a double; then *scale, *w, +b as separate float ops */
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++) sum += (double)xr[i];
+        const float mean = (float)sum / (float)n;
+        double sq = 0.0;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            float v[8];
+            for (int l = 0; l < 8; l++) {
+                yr[i + l] = xr[i + l] - mean;
+                v[l] = yr[i + l] * yr[i + l];
+            }
+            const float t0 = v[0] + v[4], t1 = v[1] + v[5], t2 = v[2] + v[6], t3 = v[3] + v[7];
+            sq += (double)((t0 + t2) + (t1 + t3));
+        }
+        for (; i < n; i++) {
+            yr[i] = xr[i] - mean;
+            const float v = yr[i] * yr[i];
+            sq += (double)v;
+        }
+        const float variance = (float)(sq / (double)n);
+        const float scale = 1.0f / sqrtf(variance + eps);
+        for (int64_t j = 0; j < n; j++) {
+            const float t = yr[j] * scale;
+            const float u = t * w[j];
+            yr[j] = u + b[j];
+        }
+    }
+}
 
 void kernels_gelu(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
@@ -377,7 +439,7 @@ void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k) { quantize_q8_
 
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k) {
     type_traits t;
-    if (traits_for(wtype, &t) != 0 || k % t.block != 0) return NAN;
+    if (traits_for(wtype, 1, &t) != 0 || k % t.block != 0) return NAN;
     float y = NAN;
     if (kernels_matmul(wtype, w_row, 0, 1, k, x, 1, &y, 1) != 0) return NAN;
     return y;

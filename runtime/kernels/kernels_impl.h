@@ -144,74 +144,175 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 #endif
 }
 
-/* Q6_K weights against Q8_K activations. Integer sums are exact; only the final float
- * accumulation order differs from ggml. Plain C: the AVX2 build vectorizes the inner loops. */
+/* Q6_K weights against Q8_K activations, with ggml's AVX2 lane layout: int32 lane L holds
+ * bytes 4L..4L+3 of every 32-element group (scaled), minus 32 * the scaled block sums 2L, 2L+1;
+ * each block adds d * lane to a float lane with FMA, and the 8 lanes are summed at the end.
+ * All integer parts are exact, so this reproduces ggml's result bit for bit. Plain C: the
+ * AVX2 build vectorizes it. */
 static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
     const block_q6_K *x = (const block_q6_K *)vx;
     const block_q8_K *y = (const block_q8_K *)vy;
     const int64_t nb = n / QK_K;
-    float sum = 0.0f;
-    int8_t q[QK_K];
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint8_t q[QK_K];
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *ql = x[i].ql;
         const uint8_t *qh = x[i].qh;
-        int8_t *a = q;
         for (int half = 0; half < QK_K / 128; half++) {
+            uint8_t *a = q + 128 * half;
             for (int l = 0; l < 32; l++) {
-                a[l + 0] = (int8_t)((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                a[l + 32] = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                a[l + 64] = (int8_t)((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                a[l + 96] = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                a[l + 0] = (uint8_t)((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+                a[l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                a[l + 64] = (uint8_t)((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                a[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
             }
-            a += 128;
             ql += 64;
             qh += 32;
         }
-        int32_t sumi = 0;
-        for (int g = 0; g < QK_K / 16; g++) {
-            int32_t s = 0;
-            for (int l = 0; l < 16; l++) s += (int32_t)q[g * 16 + l] * (int32_t)y[i].qs[g * 16 + l];
-            sumi += s * x[i].scales[g];
+        int32_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int g = 0; g < QK_K / 32; g++) {  /* 32-element groups, in element order */
+            for (int L = 0; L < 8; L++) {
+                int32_t s4 = 0;
+                for (int b = 0; b < 4; b++) s4 += (int32_t)q[32 * g + 4 * L + b] * (int32_t)y[i].qs[32 * g + 4 * L + b];
+                lane[L] += s4 * x[i].scales[2 * g + (L >= 4)];
+            }
         }
-        sum += fp16_to_fp32(x[i].d) * y[i].d * (float)sumi;
+        const float d = y[i].d * fp16_to_fp32(x[i].d);
+        for (int L = 0; L < 8; L++) {
+            lane[L] -= 32 * (y[i].bsums[2 * L] * x[i].scales[2 * L] + y[i].bsums[2 * L + 1] * x[i].scales[2 * L + 1]);
+            acc[L] = fmaf(d, (float)lane[L], acc[L]);
+        }
     }
-    return sum;
+    /* hsum_float_8: (hi + lo), then [0]+[2] and [1]+[3], then the two */
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
 }
 
-/* F16 weights against activations rounded to F16, accumulated in float. */
-static float SUFFIX(dot_f16)(int64_t n, const void *vx, const void *vy) {
+/* F16 and F32 dot products come in two summation orders, because ggml uses two: its vec_dot
+ * (one row of activations: decode) sums 4 accumulators of 8 lanes over steps of 32 and reduces
+ * them with hadd; llamafile's tinyBLAS (two or more rows: prompts) sums one 8-lane accumulator
+ * and reduces it with movehl/movehdup. F16 x F16 products are exact in float, so matching the
+ * order makes the results bit-identical. */
+
+#ifdef KERNELS_AVX2
+/* GGML_F32x8_REDUCE of four accumulators */
+static inline float SUFFIX(reduce4)(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    a0 = _mm256_add_ps(a0, a2);
+    a1 = _mm256_add_ps(a1, a3);
+    a0 = _mm256_add_ps(a0, a1);
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+#define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#endif
+
+static float SUFFIX(dot_f16_vec)(int64_t n, const void *vx, const void *vy) {
     const uint16_t *x = (const uint16_t *)vx;
     const uint16_t *y = (const uint16_t *)vy;
     int64_t i = 0;
-    float sum = 0.0f;
+    double sum = 0.0;
 #ifdef KERNELS_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
-                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i))), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8))),
-                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i + 8))), acc1);
+    const int64_t np = n & ~(int64_t)31;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i < np; i += 32) {
+        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(LOAD_F16(x + i + 8 * j), LOAD_F16(y + i + 8 * j), a[j]);
     }
-    sum = SUFFIX(hsum8)(_mm256_add_ps(acc0, acc1));
+    sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
 #endif
-    for (; i < n; i++) sum += fp16_to_fp32(x[i]) * fp16_to_fp32(y[i]);
-    return sum;
+    for (; i < n; i++) sum += (double)(fp16_to_fp32(x[i]) * fp16_to_fp32(y[i]));
+    return (float)sum;
 }
 
-static float SUFFIX(dot_f32)(int64_t n, const void *vx, const void *vy) {
+static float SUFFIX(dot_f16_blas)(int64_t n, const void *vx, const void *vy) {
+    const uint16_t *x = (const uint16_t *)vx;
+    const uint16_t *y = (const uint16_t *)vy;
+#ifdef KERNELS_AVX2
+    if (n % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(LOAD_F16(x + i), LOAD_F16(y + i), acc);
+        return SUFFIX(hsum8)(acc);
+    }
+#endif
+    return SUFFIX(dot_f16_vec)(n, vx, vy);
+}
+
+static float SUFFIX(dot_f32_vec)(int64_t n, const void *vx, const void *vy) {
     const float *x = (const float *)vx;
     const float *y = (const float *)vy;
     int64_t i = 0;
     float sum = 0.0f;
 #ifdef KERNELS_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
+    const int64_t np = n & ~(int64_t)31;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i < np; i += 32) {
+        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), _mm256_loadu_ps(y + i + 8 * j), a[j]);
     }
-    sum = SUFFIX(hsum8)(_mm256_add_ps(acc0, acc1));
+    sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
 #endif
     for (; i < n; i++) sum += x[i] * y[i];
+    return sum;
+}
+
+static float SUFFIX(dot_f32_blas)(int64_t n, const void *vx, const void *vy) {
+#ifdef KERNELS_AVX2
+    if (n % 8 == 0) {
+        const float *x = (const float *)vx;
+        const float *y = (const float *)vy;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+        return SUFFIX(hsum8)(acc);
+    }
+#endif
+    return SUFFIX(dot_f32_vec)(n, vx, vy);
+}
+
+/* ggml's vectorized expf (ggml_v_expf, ggml-cpu/vec.h, MIT): the softmax uses it on AVX2,
+ * and it differs from libm's expf in the last bit, so attention needs the same function. */
+#ifdef KERNELS_AVX2
+static inline __m256 SUFFIX(v_expf)(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+    const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1))));
+    const __m256i c = _mm256_castps_si256(_mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), n), _mm256_set1_ps(126), _CMP_GT_OQ));
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    if (!_mm256_movemask_ps(_mm256_castsi256_ps(c))) return _mm256_fmadd_ps(j, k, k);
+    const __m256i g = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+                                       _mm256_set1_epi32(0x82000000u));
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000u)));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    const __m256i d = _mm256_castps_si256(_mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), n), _mm256_set1_ps(192), _CMP_GT_OQ));
+    return _mm256_or_ps(
+        _mm256_and_ps(_mm256_castsi256_ps(d), _mm256_mul_ps(s1, s1)),
+        _mm256_andnot_ps(_mm256_castsi256_ps(d),
+                         _mm256_or_ps(_mm256_and_ps(_mm256_castsi256_ps(c), _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
+                                      _mm256_andnot_ps(_mm256_castsi256_ps(c), _mm256_fmadd_ps(k, j, k)))));
+}
+#endif
+
+/* e[j] = exp(s[j] - max) for j < n (n a multiple of 8, masked entries already -INFINITY);
+ * returns their sum as ggml_vec_soft_max_f32 accumulates it. */
+static double SUFFIX(softmax_exp)(int64_t n, float *s, float max) {
+    double sum = 0.0;
+    int64_t i = 0;
+#ifdef KERNELS_AVX2
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = SUFFIX(v_expf)(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(max)));
+        _mm256_storeu_ps(s + i, v);
+        sum += (double)SUFFIX(hsum8)(v);
+    }
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - max);
+        sum += (double)s[i];
+    }
     return sum;
 }
 
@@ -236,7 +337,10 @@ static const kernel_set SUFFIX(kernel_set) = {
     .dot_q8_0 = SUFFIX(dot_q8_0),
     .dot_q4_0 = SUFFIX(dot_q4_0),
     .dot_q6_K = SUFFIX(dot_q6_K),
-    .dot_f16 = SUFFIX(dot_f16),
-    .dot_f32 = SUFFIX(dot_f32),
+    .dot_f16_vec = SUFFIX(dot_f16_vec),
+    .dot_f16_blas = SUFFIX(dot_f16_blas),
+    .dot_f32_vec = SUFFIX(dot_f32_vec),
+    .dot_f32_blas = SUFFIX(dot_f32_blas),
+    .softmax_exp = SUFFIX(softmax_exp),
     .axpy_f16 = SUFFIX(axpy_f16),
 };
