@@ -30,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Install, verify and run local code LLMs.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error"
-    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     model = commands.add_parser(

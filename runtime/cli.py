@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     gen.add_argument("-m", "--model", required=True, metavar="FILE", help="the .gguf model file")
-    gen.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the prompt (the prefix with --infill-suffix)")
+    gen.add_argument(
+        "-p", "--prompt", required=True, metavar="TEXT", help="the prompt (the prefix with --infill-suffix)"
+    )
     gen.add_argument(
         "-n",
         "--n-predict",
@@ -353,7 +355,14 @@ def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         res = Completion()
         start = time.perf_counter()
         for piece in generate(
-            model.transformer, model.cache, model.tokenizer, ids, sampler, max_tokens=max_tokens, stop=args.stop, result=res
+            model.transformer,
+            model.cache,
+            model.tokenizer,
+            ids,
+            sampler,
+            max_tokens=max_tokens,
+            stop=args.stop,
+            result=res,
         ):
             _write(out, piece)
         end = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ class ModelConfig:
         arch = f.get("general.architecture")
         if arch is None:
             raise GGUFError(f"{f.path}: metadata has no general.architecture; is this a model file?")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{f.path}: general.architecture must be a string, got {arch!r}")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{f.path}: architecture {arch!r} is not supported; llmctl's runtime runs "
@@ -49,9 +52,9 @@ class ModelConfig:
             v = f.get(k, default)
             if v is None:
                 raise GGUFError(f"{f.path}: required metadata key {k!r} is missing")
-            if isinstance(default, float) or isinstance(v, float):
-                if not isinstance(v, (int, float)):
-                    raise GGUFError(f"{f.path}: metadata key {k!r} must be a number, got {v!r}")
+            if isinstance(default, float):  # a real number (epsilon, RoPE base); the rest are counts
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
+                    raise GGUFError(f"{f.path}: metadata key {k!r} must be a non-negative number, got {v!r}")
                 return float(v)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise GGUFError(f"{f.path}: metadata key {k!r} must be a positive integer, got {v!r}")

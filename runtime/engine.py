@@ -171,12 +171,16 @@ class Model:
         fim = self.tokenizer.fim_ids
         missing = [r for r in ("prefix", "suffix", "middle") if r not in fim]
         if missing:
-            raise UnsupportedModelError(f"{self.path}: this model has no fill-in-the-middle tokens ({', '.join(missing)})")
+            raise UnsupportedModelError(
+                f"{self.path}: this model has no fill-in-the-middle tokens ({', '.join(missing)})"
+            )
         enc = self.tokenizer.encode
         ids: list[int] = []
         if repo_name is not None or extra_files or filename is not None:
             if "repo" not in fim or "sep" not in fim:
-                raise UnsupportedModelError(f"{self.path}: this model has no <repo_name>/<file_sep> tokens for repo-level FIM")
+                raise UnsupportedModelError(
+                    f"{self.path}: this model has no <repo_name>/<file_sep> tokens for repo-level FIM"
+                )
             ids += [fim["repo"], *enc(f"{repo_name or 'project'}\n", special=False)]
             for name, text in extra_files:
                 ids += [fim["sep"], *enc(f"{name}\n{text}", special=False)]

@@ -36,9 +36,7 @@ def row_bytes(t: GGMLType | int, n_cols: int) -> int:
     t = GGMLType(t)
     block, size = BLOCK_SIZE[t]
     if n_cols % block:
-        raise ValueError(
-            f"{t.name} rows need a multiple of {block} elements, got {n_cols}"
-        )
+        raise ValueError(f"{t.name} rows need a multiple of {block} elements, got {n_cols}")
     return n_cols // block * size
 
 

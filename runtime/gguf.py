@@ -137,8 +137,7 @@ class _Cursor:
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(
-                f"truncated or corrupt file: {what} needs {n} bytes but only "
-                f"{max(self.size - self.pos, 0)} remain"
+                f"truncated or corrupt file: {what} needs {n} bytes but only {max(self.size - self.pos, 0)} remain"
             )
 
     def scalar(self, fmt: str, what: str) -> Any:
@@ -202,8 +201,7 @@ def _tensor_nbytes(ggml_type: GGMLType, shape_ne: list[int], name: str, cur: _Cu
     block, block_bytes = BLOCK_SIZE[ggml_type]
     if shape_ne[0] % block:
         raise cur.fail(
-            f"tensor {name!r}: row length {shape_ne[0]} is not a multiple of the "
-            f"{ggml_type.name} block size {block}"
+            f"tensor {name!r}: row length {shape_ne[0]} is not a multiple of the {ggml_type.name} block size {block}"
         )
     n = 1
     for d in shape_ne:

@@ -48,9 +48,7 @@ _NP_DTYPE: dict[ValueType, str] = {
     ValueType.INT64: "<i8",
     ValueType.FLOAT64: "<f8",
 }
-_FROM_NP = {
-    f"{np.dtype(v).kind}{np.dtype(v).itemsize}": k for k, v in _NP_DTYPE.items()
-}
+_FROM_NP = {f"{np.dtype(v).kind}{np.dtype(v).itemsize}": k for k, v in _NP_DTYPE.items()}
 
 Chunk = bytes | bytearray | memoryview | np.ndarray
 
@@ -90,9 +88,7 @@ def _array(value: Sequence[Any] | np.ndarray, elem: ValueType | None) -> bytes:
         if elem is None:
             key = f"{value.dtype.kind}{value.dtype.itemsize}"
             if key not in _FROM_NP:
-                raise TypeError(
-                    f"no GGUF type for numpy dtype {value.dtype}; pass vtype"
-                )
+                raise TypeError(f"no GGUF type for numpy dtype {value.dtype}; pass vtype")
             elem = _FROM_NP[key]
     elif elem is None:
         elem = _infer_scalar(value[0]) if len(value) else ValueType.UINT32
@@ -136,14 +132,10 @@ class GGUFWriter:
             body = struct.pack("<I", vtype) + _scalar(value, vtype)
         self._kv[key] = _string(key) + body
 
-    def add_tensor_info(
-        self, name: str, shape: tuple[int, ...], ggml_type: int
-    ) -> None:
+    def add_tensor_info(self, name: str, shape: tuple[int, ...], ggml_type: int) -> None:
         """Declare a tensor; `shape` is numpy order (rows, cols), stored reversed as ggml ne."""
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-            raise ValueError(
-                f"tensor name longer than {MAX_NAME_BYTES} bytes: {name!r}"
-            )
+            raise ValueError(f"tensor name longer than {MAX_NAME_BYTES} bytes: {name!r}")
         if any(n == name for n, *_ in self._infos):
             raise ValueError(f"duplicate tensor {name!r}")
         if not 1 <= len(shape) <= MAX_DIMS or any(d <= 0 for d in shape):
@@ -156,19 +148,12 @@ class GGUFWriter:
         return -n % self.alignment
 
     def _header(self) -> bytes:
-        parts = [
-            struct.pack(
-                "<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self._infos), len(self._kv)
-            )
-        ]
+        parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self._infos), len(self._kv))]
         parts.extend(self._kv.values())
         offset = 0
         for name, shape, t, nbytes in self._infos:
             dims = shape[::-1]
-            parts.append(
-                _string(name)
-                + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t, offset)
-            )
+            parts.append(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t, offset))
             offset += nbytes + self._pad(nbytes)
         head = b"".join(parts)
         return head + b"\0" * self._pad(len(head))
@@ -190,9 +175,7 @@ class GGUFWriter:
                     except StopIteration:
                         raise ValueError(f"no data given for tensor {name!r}") from None
                     if got_name != name:
-                        raise ValueError(
-                            f"expected data for tensor {name!r}, got {got_name!r}"
-                        )
+                        raise ValueError(f"expected data for tensor {name!r}, got {got_name!r}")
                     self._write_tensor(f, name, chunks, nbytes)
                 if next(it, None) is not None:
                     raise ValueError("more tensor data than tensor infos")
@@ -202,9 +185,7 @@ class GGUFWriter:
             raise
         return self.path
 
-    def _write_tensor(
-        self, f: BinaryIO, name: str, chunks: Iterable[Chunk], nbytes: int
-    ) -> None:
+    def _write_tensor(self, f: BinaryIO, name: str, chunks: Iterable[Chunk], nbytes: int) -> None:
         done = 0
         for chunk in chunks:
             if isinstance(chunk, np.ndarray):
@@ -213,9 +194,7 @@ class GGUFWriter:
                 chunk = memoryview(chunk).cast("B")
             done += chunk.nbytes
             if done > nbytes:
-                raise ValueError(
-                    f"tensor {name!r}: more than the expected {nbytes} bytes"
-                )
+                raise ValueError(f"tensor {name!r}: more than the expected {nbytes} bytes")
             f.write(chunk)
         if done != nbytes:
             raise ValueError(f"tensor {name!r}: got {done} bytes, expected {nbytes}")

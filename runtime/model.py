@@ -61,7 +61,9 @@ class _Loader:
             return self.f.tensor(name)
         if info.ggml_type == GGMLType.F16:
             return self.f.tensor(name).astype(np.float32)
-        raise UnsupportedModelError(f"{self.f.path}: tensor {name!r} is {info.ggml_type.name}; vectors must be F32 or F16")
+        raise UnsupportedModelError(
+            f"{self.f.path}: tensor {name!r} is {info.ggml_type.name}; vectors must be F32 or F16"
+        )
 
     def norm(self, prefix: str, n: int) -> Norm:
         return Norm(self.vector(f"{prefix}.weight", n), self.vector(f"{prefix}.bias", n))
@@ -88,13 +90,19 @@ class Transformer:
         load = _Loader(f)
         E, F, V = cfg.n_embd, cfg.n_ff, cfg.n_vocab
         self.token_embd = load.linear("token_embd", V, E, bias=False)
-        self.position_embd = load.linear("position_embd", cfg.n_ctx_train, E, bias=False) if cfg.arch == "starcoder" else None
+        self.position_embd = (
+            load.linear("position_embd", cfg.n_ctx_train, E, bias=False) if cfg.arch == "starcoder" else None
+        )
         self.blocks: list[Block] = []
         hd, kv = cfg.head_dim, cfg.n_embd_kv
         for i in range(cfg.n_layer):
             p = f"blk.{i}"
             if cfg.arch == "starcoder2":
-                wq, wk, wv = load.linear(f"{p}.attn_q", E, E), load.linear(f"{p}.attn_k", kv, E), load.linear(f"{p}.attn_v", kv, E)
+                wq, wk, wv = (
+                    load.linear(f"{p}.attn_q", E, E),
+                    load.linear(f"{p}.attn_k", kv, E),
+                    load.linear(f"{p}.attn_v", kv, E),
+                )
                 wqkv = None
             else:
                 wq = wk = wv = None
@@ -118,7 +126,9 @@ class Transformer:
         for lin in (self.token_embd, self.output):
             block = BLOCK_SIZE[lin.ggml_type][0]
             if E % block:
-                raise UnsupportedModelError(f"{f.path}: embedding size {E} is not a multiple of {lin.ggml_type.name} blocks")
+                raise UnsupportedModelError(
+                    f"{f.path}: embedding size {E} is not a multiple of {lin.ggml_type.name} blocks"
+                )
         self.kq_scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(hd)))
         self._rope_cache: tuple[np.ndarray, np.ndarray] | None = None
 

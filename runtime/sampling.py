@@ -47,6 +47,12 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         logits = logits.astype(np.float32, copy=True)
+        if not np.isfinite(logits).all():
+            # -inf masks a token; NaN, +inf or nothing left would crash or silently pick garbage
+            if np.isnan(logits).any() or np.isposinf(logits).any() or np.isneginf(logits).all():
+                raise GenerationError(
+                    "the model computed non-finite logits (NaN or infinity); its weights are probably corrupt"
+                )
         if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
             recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
             vals = logits[recent]

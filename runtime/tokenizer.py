@@ -7,6 +7,7 @@ import codecs
 from collections.abc import Iterable
 from functools import lru_cache
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from runtime.errors import TokenizerError, UnsupportedModelError
@@ -66,17 +67,27 @@ class CodeTokenizer:
         vocab: dict[str, int] = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)
-        try:
-            pairs = [tuple(m.split(" ", 1)) for m in merges]
-            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)  # type: ignore[arg-type]
-        except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise TokenizerError(f"{source}: vocabulary/merges are inconsistent: {e}") from None
+        # Checked here because the tokenizers library panics (an uncatchable-looking BaseException)
+        # on some merges whose result is not in the vocabulary.
+        pairs: list[tuple[str, str]] = []
+        for i, m in enumerate(merges):
+            a, space, b = m.partition(" ")
+            if not (space and a in vocab and b in vocab and a + b in vocab):
+                raise TokenizerError(
+                    f"{source}: merge {i} ({m!r}) does not join two tokens of the vocabulary into a third"
+                )
+            pairs.append((a, b))
         control = [i for i, t in enumerate(token_types) if t == TOKEN_CONTROL]
         user = [i for i, t in enumerate(token_types) if t == TOKEN_USER_DEFINED]
-        # Control tokens are recognised in text only when asked (llama.cpp's parse_special);
-        # user-defined tokens always are.
-        self._special = self._build(bpe, control + user)
-        self._plain = self._build(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False), user)  # type: ignore[arg-type]
+        try:
+            # Control tokens are recognised in text only when asked (llama.cpp's parse_special);
+            # user-defined tokens always are.
+            self._special = self._build(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False), control + user)
+            self._plain = self._build(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False), user)
+        except BaseException as e:  # plain Exceptions, or pyo3's PanicException (a BaseException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{source}: vocabulary/merges are inconsistent: {e}") from None
         decoder = _byte_decoder()
         self._bytes: list[bytes] = []
         for t, kind in zip(tokens, token_types):
@@ -85,13 +96,18 @@ class CodeTokenizer:
             else:
                 self._bytes.append(bytes(decoder[c] for c in t))
         self.eog_ids = frozenset(
-            i for i in (eos_id, self.fim_ids.get("pad"), self.fim_ids.get("repo"), self.fim_ids.get("sep")) if i is not None
+            i
+            for i in (eos_id, self.fim_ids.get("pad"), self.fim_ids.get("repo"), self.fim_ids.get("sep"))
+            if i is not None
         )
 
     def _build(self, bpe: models.BPE, added: list[int]) -> Tokenizer:
         tk = Tokenizer(bpe)
         tk.pre_tokenizer = pre_tokenizers.Sequence(  # type: ignore[assignment]
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
         )
         tk.decoder = decoders.ByteLevel()  # type: ignore[assignment]
         if added:
@@ -101,12 +117,12 @@ class CodeTokenizer:
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> CodeTokenizer:
         model = f.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if not isinstance(model, str) or model != "gpt2":
             raise UnsupportedModelError(
                 f"{f.path}: tokenizer model {model!r} is not supported; StarCoder models use 'gpt2' (byte-level BPE)"
             )
         pre = f.get("tokenizer.ggml.pre")
-        if pre not in STARCODER_PRE:
+        if not isinstance(pre, str | None) or pre not in STARCODER_PRE:
             raise UnsupportedModelError(f"{f.path}: pre-tokenizer {pre!r} is not supported (expected 'starcoder')")
         tokens = f.get("tokenizer.ggml.tokens")
         merges = f.get("tokenizer.ggml.merges")
@@ -115,13 +131,21 @@ class CodeTokenizer:
         if not isinstance(merges, list):
             raise TokenizerError(f"{f.path}: tokenizer.ggml.merges is missing or not a list of strings")
         types = f.get("tokenizer.ggml.token_type")
-        token_types = [int(t) for t in types] if types is not None else [TOKEN_NORMAL] * len(tokens)
+        if types is None:
+            token_types = [TOKEN_NORMAL] * len(tokens)
+        elif isinstance(types, np.ndarray) and types.dtype.kind in "iu":
+            token_types = types.tolist()
+        else:
+            raise TokenizerError(f"{f.path}: tokenizer.ggml.token_type is not an array of integers")
+        add_bos = f.get("tokenizer.ggml.add_bos_token", False)
+        if not isinstance(add_bos, (bool, int)):
+            raise TokenizerError(f"{f.path}: tokenizer.ggml.add_bos_token = {add_bos!r} is not a boolean")
 
         def token_id(key: str) -> int | None:
             v = f.get(key)
             if v is None:
                 return None
-            if not isinstance(v, int) or not 0 <= v < len(tokens):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(tokens):
                 raise TokenizerError(f"{f.path}: {key} = {v!r} is not a token id (vocabulary has {len(tokens)})")
             return v
 
@@ -139,7 +163,7 @@ class CodeTokenizer:
             merges,
             bos_id=token_id("tokenizer.ggml.bos_token_id"),
             eos_id=token_id("tokenizer.ggml.eos_token_id"),
-            add_bos=bool(f.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(add_bos),
             fim_ids=fim,
             source=str(f.path),
         )

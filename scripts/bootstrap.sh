@@ -16,7 +16,11 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip)
 LLAMA_VERSION="0.3.36"
-WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llmctl/wheels"
+# The oracle is built for plain AVX2/FMA/F16C, not -march=native: its numerics are then the ones
+# every AVX2 user of llama.cpp gets (and the runtime reproduces), and it avoids llama.cpp's AMX
+# path, which crashes on batched Q8_0/Q4_0 matmuls on AMX CPUs (ggml-org/llama.cpp issue 20824).
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF"
+WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llmctl/wheels-avx2"
 APT_PACKAGES=(build-essential cmake ninja-build git)
 
 export DEBIAN_FRONTEND=noninteractive
@@ -93,7 +97,10 @@ llama_ok() {
 import importlib.metadata as md, sys
 if md.version("llama-cpp-python") != sys.argv[1]:
     sys.exit(1)
-import llama_cpp  # noqa: F401  (loads libllama: proves the build works here)
+import llama_cpp  # loads libllama: proves the build works here
+info = llama_cpp.llama_print_system_info().decode()
+if "AVX2 = 1" not in info or "AVX512" in info or "AMX" in info:
+    sys.exit(1)  # a -march=native build: not the oracle the tests expect
 ' "$LLAMA_VERSION" >/dev/null 2>&1
 }
 
@@ -106,7 +113,8 @@ build_llama_wheel() {
     log="$WHEEL_CACHE/llama-cpp-python-$LLAMA_VERSION-build.log"
     say "building llama-cpp-python $LLAMA_VERSION from source: takes ~15 minutes, once (log: $log)"
     start=$SECONDS
-    setsid "${PIP[@]}" wheel -v --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$tmp" >"$log" 2>&1 &
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS ${CMAKE_ARGS:-}" setsid "${PIP[@]}" wheel -v --no-cache-dir --no-deps \
+        "llama-cpp-python==$LLAMA_VERSION" -w "$tmp" >"$log" 2>&1 &
     pid=$!
     BUILD_PID=$pid
     local next=$(( start + 60 ))

@@ -39,9 +39,7 @@ def _field(r: gguf.GGUFReader, key: str) -> Any:
 
 def _tensors(r: gguf.GGUFReader) -> dict[str, tuple[str, list[int]]]:
     """name -> (type name, numpy-order shape)."""
-    return {
-        t.name: (t.tensor_type.name, [int(d) for d in t.shape][::-1]) for t in r.tensors
-    }
+    return {t.name: (t.tensor_type.name, [int(d) for d in t.shape][::-1]) for t in r.tensors}
 
 
 # --- ggml_types and the writer -----------------------------------------------------------------
@@ -133,9 +131,7 @@ def test_writer_roundtrip(tmp_path: Path) -> None:
         ([("t", [b"\0" * 16]), ("u", [])], "more tensor data"),
     ],
 )
-def test_writer_failure_leaves_no_file(
-    tmp_path: Path, data: list[Any], match: str
-) -> None:
+def test_writer_failure_leaves_no_file(tmp_path: Path, data: list[Any], match: str) -> None:
     path = tmp_path / "x.gguf"
     path.write_bytes(b"old")
     w = GGUFWriter(path)
@@ -172,11 +168,7 @@ def test_code_vocab(size: int) -> None:
     assert len(v.tokens) == len(v.token_types) == size
     assert len(set(v.tokens)) == size
     assert tuple(v.tokens[:19]) == SPECIAL_TOKENS
-    assert (
-        v.tokens[0] == "<|endoftext|>"
-        and v.tokens[1] == "<fim_prefix>"
-        and v.tokens[6] == "<file_sep>"
-    )
+    assert v.tokens[0] == "<|endoftext|>" and v.tokens[1] == "<fim_prefix>" and v.tokens[6] == "<file_sep>"
     assert v.token_types == [3] * 19 + [1] * (size - 19)
     assert all(len(m.split(" ")) == 2 for m in v.merges)
     # every merge result is a token, so HF can rebuild the model from the GGUF data
@@ -184,9 +176,7 @@ def test_code_vocab(size: int) -> None:
     assert all(m.replace(" ", "") in vocab for m in v.merges)
 
 
-def test_code_vocab_cache_is_deterministic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_code_vocab_cache_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fresh = code_tokenizer.train_code_vocab.__wrapped__(301)
     cached = tmp_path / "llmctl" / "test-tokenizers" / "vocab-301-v1.json"
@@ -200,9 +190,7 @@ def test_code_vocab_cache_is_deterministic(
 # --- generated models --------------------------------------------------------------------------
 
 
-def _expected_tensors(
-    arch: str, E: int, F: int, L: int, kv: int, hd: int, V: int, ctx: int
-) -> dict[str, list[int]]:
+def _expected_tensors(arch: str, E: int, F: int, L: int, kv: int, hd: int, V: int, ctx: int) -> dict[str, list[int]]:
     out = {
         "token_embd.weight": [V, E],
         "output_norm.weight": [E],
@@ -212,11 +200,7 @@ def _expected_tensors(
         out["position_embd.weight"] = [ctx, E]
     for i in range(L):
         b = f"blk.{i}."
-        proj = (
-            {"attn_qkv": E + 2 * hd}
-            if arch == "starcoder"
-            else {"attn_q": E, "attn_k": kv * hd, "attn_v": kv * hd}
-        )
+        proj = {"attn_qkv": E + 2 * hd} if arch == "starcoder" else {"attn_q": E, "attn_k": kv * hd, "attn_v": kv * hd}
         proj |= {"attn_output": E, "ffn_up": F}
         for name, n_out in proj.items():
             out[b + name + ".weight"] = [n_out, E]
@@ -243,10 +227,7 @@ def test_gguf_layout(tmp_path: Path, arch: str, wtype: str) -> None:
         assert tname == (wtype.upper() if matrix else "F32"), name
     a = arch
     assert _field(r, "general.architecture") == arch
-    assert (
-        _field(r, "general.file_type")
-        == {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[wtype]
-    )
+    assert _field(r, "general.file_type") == {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[wtype]
     assert _field(r, f"{a}.context_length") == 512
     assert _field(r, f"{a}.embedding_length") == 64
     assert _field(r, f"{a}.block_count") == 2
@@ -299,9 +280,7 @@ def test_presets_overrides_and_head_type(tmp_path: Path) -> None:
     assert "blk.1.attn_q.weight" not in got
     assert _field(r, "starcoder2.rope.freq_base") == 5e5
     assert _field(r, "general.file_type") == 2
-    tied = gguf.GGUFReader(
-        make_model(tmp_path / "t.gguf", wtype="q4_0", head_type="q6_k", n_embd=256)
-    )
+    tied = gguf.GGUFReader(make_model(tmp_path / "t.gguf", wtype="q4_0", head_type="q6_k", n_embd=256))
     assert _tensors(tied)["token_embd.weight"] == ("Q6_K", [1000, 256])
     assert "output.weight" not in _tensors(tied)
 
@@ -310,11 +289,7 @@ def test_random_blocks_have_target_scale(tmp_path: Path) -> None:
     """Dequantized with gguf-py, generated blocks have the intended element std."""
     stds = {}
     for wtype, head in (("q8_0", "q6_k"), ("q4_0", "q8_0"), ("f16", "q4_0")):
-        r = gguf.GGUFReader(
-            make_model(
-                tmp_path / f"{wtype}.gguf", preset="small", wtype=wtype, head_type=head
-            )
-        )
+        r = gguf.GGUFReader(make_model(tmp_path / f"{wtype}.gguf", preset="small", wtype=wtype, head_type=head))
         for t in r.tensors:
             if t.name in (
                 "token_embd.weight",
@@ -322,9 +297,7 @@ def test_random_blocks_have_target_scale(tmp_path: Path) -> None:
                 "blk.0.ffn_down.weight",
             ):
                 x = gguf.quants.dequantize(t.data, t.tensor_type)
-                stds[(t.tensor_type.name, t.name)] = float(x.std()) * (
-                    x.shape[-1] ** 0.5 if "blk" in t.name else 1
-                )
+                stds[(t.tensor_type.name, t.name)] = float(x.std()) * (x.shape[-1] ** 0.5 if "blk" in t.name else 1)
                 assert abs(float(x.mean())) < 0.05 * float(x.std())
     assert len(stds) == 9
     for key, std in stds.items():
@@ -376,11 +349,7 @@ def test_cli_errors(args: list[str], message: str) -> None:
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr
-    assert (
-        p.stderr.strip()
-        .splitlines()[-1]
-        .startswith("python -m runtime.testing.make_model: error:")
-    )
+    assert p.stderr.strip().splitlines()[-1].startswith("python -m runtime.testing.make_model: error:")
 
 
 def test_cli_writes_file(tmp_path: Path) -> None:
@@ -406,12 +375,7 @@ def test_cli_writes_file(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stderr
     assert "wrote" in p.stderr
-    assert (
-        out.read_bytes()
-        == make_model(
-            tmp_path / "api.gguf", arch="starcoder", wtype="q8_0", seed=5
-        ).read_bytes()
-    )
+    assert out.read_bytes() == make_model(tmp_path / "api.gguf", arch="starcoder", wtype="q8_0", seed=5).read_bytes()
 
 
 # --- llama.cpp ---------------------------------------------------------------------------------
@@ -435,9 +399,7 @@ def load_llama(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Any]:
         return p
 
     monkeypatch.setattr(capi, "llama_model_default_params", params)
-    return lambda path: llama_cpp.Llama(
-        model_path=str(path), logits_all=True, n_ctx=256, verbose=False
-    )
+    return lambda path: llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, verbose=False)
 
 
 LLAMA_CASES = [
@@ -460,17 +422,10 @@ def test_llama_cpp_runs(
     head: str | None,
     extra: dict[str, Any],
 ) -> None:
-    llm = load_llama(
-        make_model(tmp_path / "m.gguf", arch=arch, wtype=wtype, head_type=head, **extra)
-    )
+    llm = load_llama(make_model(tmp_path / "m.gguf", arch=arch, wtype=wtype, head_type=head, **extra))
     assert llm.n_vocab() == 1000
     tokens = llm.tokenize(CODE, add_bos=False, special=False)
-    assert (
-        tokens
-        == hf_tokenizer(train_code_vocab(1000))
-        .encode(CODE.decode(), add_special_tokens=False)
-        .ids
-    )
+    assert tokens == hf_tokenizer(train_code_vocab(1000)).encode(CODE.decode(), add_special_tokens=False).ids
     llm.eval(tokens)
     logits = np.array(llm.scores[: llm.n_tokens])
     assert logits.shape == (len(tokens), 1000)
@@ -480,21 +435,14 @@ def test_llama_cpp_runs(
     assert (logits.argmax(axis=1) == np.array(tokens)).mean() < 0.5
 
 
-def test_llama_cpp_tokenizer_matches_hf(
-    tmp_path: Path, load_llama: Callable[[Path], Any]
-) -> None:
+def test_llama_cpp_tokenizer_matches_hf(tmp_path: Path, load_llama: Callable[[Path], Any]) -> None:
     llm = load_llama(make_model(tmp_path / "m.gguf", preset="small", n_layer=1))
     hf = hf_tokenizer(train_code_vocab(4099))
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]
     texts = [CODE, *MORE_CODE, *(f.read_bytes()[:3000] for f in files)]
     for text in texts:
         s = text.decode("utf-8", errors="ignore")
-        assert (
-            llm.tokenize(s.encode(), add_bos=False, special=False)
-            == hf.encode(s, add_special_tokens=False).ids
-        )
+        assert llm.tokenize(s.encode(), add_bos=False, special=False) == hf.encode(s, add_special_tokens=False).ids
     fim = "<fim_prefix>def f():\n<fim_suffix>\n<fim_middle>"
     assert llm.tokenize(fim.encode(), add_bos=False, special=True)[:1] == [1]
-    assert hf.encode(fim, add_special_tokens=False).ids == llm.tokenize(
-        fim.encode(), add_bos=False, special=True
-    )
+    assert hf.encode(fim, add_special_tokens=False).ids == llm.tokenize(fim.encode(), add_bos=False, special=True)

@@ -120,7 +120,8 @@ static void build_tables(void) {
     const float coef_a = 0.044715f;
     for (uint32_t i = 0; i < (1u << 16); i++) {
         const float x = fp16_table[i];
-        const float g = 0.5f * x * (1.0f + tanhf(sqrt_2_over_pi * x * (1.0f + coef_a * x * x)));
+        /* ggml's CPU backend is compiled with FMA, and the compiler fuses 1 + a*x*x */
+        const float g = 0.5f * x * (1.0f + tanhf(sqrt_2_over_pi * x * fmaf(coef_a * x, x, 1.0f)));
         gelu_table[i] = fp32_to_fp16(g);
     }
 }
@@ -155,8 +156,10 @@ const char *kernels_active(void) { return K->name; }
 
 /* ---- Q8_K activations (ggml uses the scalar reference on every CPU) ------------------------ */
 
-static inline int nearest_int(float fval) {
-    float val = fval + 12582912.f;
+/* ggml's nearest_int(iscale * x): compiled with FMA contraction, the product is not rounded
+ * before the magic-number add, so this takes the factors and fuses the two. */
+static inline int nearest_int_of_product(float a, float b) {
+    float val = fmaf(a, b, 12582912.f);
     int i;
     memcpy(&i, &val, sizeof(int));
     return (i & 0x007fffff) - 0x00400000;
@@ -176,7 +179,7 @@ static void quantize_q8_K(const float *x, void *vy, int64_t k) {
         }
         const float iscale = -127.f / max;
         for (int j = 0; j < QK_K; j++) {
-            const int v = nearest_int(iscale * x[j]);
+            const int v = nearest_int_of_product(iscale, x[j]);
             y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
         }
         for (int j = 0; j < QK_K / 16; j++) {
@@ -197,9 +200,13 @@ typedef struct {
     dot_fn dot;
 } type_traits;
 
-/* n_rows: activation rows in the product; ggml switches F16/F32 summation order at 2. */
-static int traits_for(int wtype, int64_t n_rows, type_traits *t) {
-    const int batched = n_rows >= 2;
+/* ggml sums F16/F32 products in tinyBLAS's order when llamafile_sgemm takes the product: two or
+ * more activation rows, a row length that is a multiple of 8 and an output count that is a
+ * multiple of 4; otherwise in vec_dot's order. */
+static int tinyblas_takes(int64_t n_out, int64_t n_rows, int64_t k) { return n_rows >= 2 && k % 8 == 0 && n_out % 4 == 0; }
+
+static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_traits *t) {
+    const int batched = tinyblas_takes(n_out, n_rows, k);
     switch (wtype) {
     case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec}; return 0;
     case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec}; return 0;
@@ -219,7 +226,7 @@ static int threads_for(int n_threads, int64_t work) {
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_, const float *x,
                    int64_t M, float *y, int n_threads) {
     type_traits t;
-    if (traits_for(wtype, M, &t) != 0 || K_ % t.block != 0) return -1;
+    if (traits_for(wtype, N, M, K_, &t) != 0 || K_ % t.block != 0) return -1;
     const size_t act_bytes = (size_t)(K_ / t.block) * t.act_block_bytes;
     const uint8_t *act = (const uint8_t *)x;
     uint8_t *buf = NULL;
@@ -306,7 +313,7 @@ static void dequantize_row(int wtype, const uint8_t *row, float *out, int64_t k)
 int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K_, const int64_t *rows,
                      int64_t n_rows, float *out) {
     type_traits t;
-    if (traits_for(wtype, 1, &t) != 0 || K_ % t.block != 0) return -1;
+    if (traits_for(wtype, 1, 1, K_, &t) != 0 || K_ % t.block != 0) return -1;
     for (int64_t i = 0; i < n_rows; i++) dequantize_row(wtype, w + (size_t)rows[i] * w_row_bytes, out + i * K_, K_);
     return 0;
 }
@@ -346,8 +353,10 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
     const int64_t n_pad = (n_keys_max + 7) & ~(int64_t)7;  /* softmax runs over whole groups of 8 */
     const int64_t group = n_head / n_kv_head;
     const int64_t kv_stride = n_kv_head * hd;
-    const int batched = T >= 2;
-    const dot_fn qk_dot = batched ? K->dot_f16_blas : K->dot_f16_vec;
+    /* KQ: rows = cache cells (ggml pads them to 256), k = hd; KQV: rows = hd, k = cells. */
+    const int qk_batched = tinyblas_takes(256, T, hd);
+    const int batched = tinyblas_takes(hd, T, 256);
+    const dot_fn qk_dot = qk_batched ? K->dot_f16_blas : K->dot_f16_vec;
     int failed = 0;
     const int nt = threads_for(n_threads, T * n_head);
 #pragma omp parallel num_threads(nt)
@@ -439,7 +448,7 @@ void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k) { quantize_q8_
 
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k) {
     type_traits t;
-    if (traits_for(wtype, 1, &t) != 0 || k % t.block != 0) return NAN;
+    if (traits_for(wtype, 1, 1, k, &t) != 0 || k % t.block != 0) return NAN;
     float y = NAN;
     if (kernels_matmul(wtype, w_row, 0, 1, k, x, 1, &y, 1) != 0) return NAN;
     return y;

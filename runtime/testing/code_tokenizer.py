@@ -113,29 +113,17 @@ def _train(vocab_size: int) -> CodeVocab:
     for text, i in vocab.items():
         tokens[i] = text
     if len(tokens) != vocab_size or "" in tokens:
-        raise RuntimeError(
-            f"BPE training produced {len(tokens)} tokens, wanted {vocab_size}"
-        )
+        raise RuntimeError(f"BPE training produced {len(tokens)} tokens, wanted {vocab_size}")
     if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
         raise RuntimeError("special tokens did not get ids 0..18")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    types = [
-        TOKEN_CONTROL if i < len(SPECIAL_TOKENS) else TOKEN_NORMAL
-        for i in range(vocab_size)
-    ]
+    types = [TOKEN_CONTROL if i < len(SPECIAL_TOKENS) else TOKEN_NORMAL for i in range(vocab_size)]
     return CodeVocab(tokens, types, merges)
 
 
 def _cache_path(vocab_size: int) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
-    return (
-        Path(base)
-        / "llmctl"
-        / "test-tokenizers"
-        / f"vocab-{vocab_size}-v{CACHE_VERSION}.json"
-    )
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmctl" / "test-tokenizers" / f"vocab-{vocab_size}-v{CACHE_VERSION}.json"
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,11 +162,5 @@ def hf_tokenizer(vocab: CodeVocab) -> Tokenizer:
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [
-            t
-            for t, ty in zip(vocab.tokens, vocab.token_types, strict=True)
-            if ty == TOKEN_CONTROL
-        ]
-    )
+    tok.add_special_tokens([t for t, ty in zip(vocab.tokens, vocab.token_types, strict=True) if ty == TOKEN_CONTROL])
     return tok

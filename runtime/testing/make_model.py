@@ -87,17 +87,13 @@ class _Tensor:
 # Every block scale is base * m with m uniform in [0.5, 1.5) drawn from one random byte, so that
 # tests notice a runtime that mixes up block scales. The *_RMS constants make element std = target.
 _M_RMS = float(np.sqrt(np.mean((0.5 + (np.arange(256) + 0.5) / 256) ** 2)))
-_I8 = np.maximum(
-    np.arange(256, dtype=np.uint8).view(np.int8), -127
-)  # random byte -> int8
+_I8 = np.maximum(np.arange(256, dtype=np.uint8).view(np.int8), -127)  # random byte -> int8
 _I8_RMS = float(np.sqrt(np.mean(_I8.astype(np.float64) ** 2)))
 _Q4_RMS = float(np.sqrt(np.mean((np.arange(16) - 8.0) ** 2)))
 _Q6_RMS = float(np.sqrt(np.mean((np.arange(64) - 32.0) ** 2)))
 
 
-def _random_bytes(
-    rng: np.random.Generator, n_blocks: int, block_bytes: int
-) -> np.ndarray:
+def _random_bytes(rng: np.random.Generator, n_blocks: int, block_bytes: int) -> np.ndarray:
     n = n_blocks * block_bytes
     raw = rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n]
     return raw.reshape(n_blocks, block_bytes)
@@ -110,9 +106,7 @@ def _scales(raw: np.ndarray, col: int, base: float, signed: bool) -> np.ndarray:
     return (m * base).astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
-def _blocks(
-    rng: np.random.Generator, t: GGMLType, n_blocks: int, std: float
-) -> np.ndarray:
+def _blocks(rng: np.random.Generator, t: GGMLType, n_blocks: int, std: float) -> np.ndarray:
     """`n_blocks` random blocks of quantized type `t` whose elements have std about `std`."""
     size = BLOCK_SIZE[t][1]
     raw = _random_bytes(rng, n_blocks, size)
@@ -134,9 +128,7 @@ def _blocks(
 
 def _chunks(spec: _Tensor, seed: int) -> Iterator[np.ndarray]:
     """The tensor's bytes, in chunks of about CHUNK_BYTES (whole rows)."""
-    rng = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())]))
-    )
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())])))
     cols = spec.shape[-1]
     rows = math.prod(spec.shape[:-1])
     per = max(1, CHUNK_BYTES // row_bytes(spec.type, cols))
@@ -156,9 +148,7 @@ def _chunks(spec: _Tensor, seed: int) -> Iterator[np.ndarray]:
 # --- model layout ------------------------------------------------------------------------------
 
 
-def _tensors(
-    arch: str, d: Dims, wt: GGMLType, head_t: GGMLType, untied: bool
-) -> list[_Tensor]:
+def _tensors(arch: str, d: Dims, wt: GGMLType, head_t: GGMLType, untied: bool) -> list[_Tensor]:
     E, F = d.n_embd, d.n_ff
     hd = E // d.n_head
     # Tied head: logits = output_norm(h) . embd. Scale the norm so logits have std LOGIT_STD, and
@@ -195,17 +185,13 @@ def _tensors(
         out += linear(f"{b}.ffn_down", E, F)
     out += norm("output_norm", norm_s, sign=not untied)
     if untied:
-        out.append(
-            _Tensor("output.weight", (d.vocab, E), head_t, LOGIT_STD / math.sqrt(E))
-        )
+        out.append(_Tensor("output.weight", (d.vocab, E), head_t, LOGIT_STD / math.sqrt(E)))
     return out
 
 
 def _dims(arch: str, preset: str, overrides: dict[str, Any]) -> Dims:
     if preset not in PRESETS:
-        raise ValueError(
-            f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})"
-        )
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     unknown = set(overrides) - set(DIM_NAMES)
     if unknown:
         raise ValueError(f"unknown override(s): {', '.join(sorted(unknown))}")
@@ -218,23 +204,17 @@ def _dims(arch: str, preset: str, overrides: dict[str, Any]) -> Dims:
     for k in DIM_NAMES[:-1]:
         v = getattr(d, k)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(
-                f"--{k.replace('_', '-')} must be a positive integer, got {v!r}"
-            )
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {v!r}")
     if not (isinstance(d.rope_theta, int | float) and d.rope_theta > 0):
         raise ValueError(f"--rope-theta must be positive, got {d.rope_theta!r}")
     if d.vocab < MIN_VOCAB:
         raise ValueError(f"--vocab must be at least {MIN_VOCAB}, got {d.vocab}")
     if d.n_embd % d.n_head:
-        raise ValueError(
-            f"--n-embd {d.n_embd} is not a multiple of --n-head {d.n_head}"
-        )
+        raise ValueError(f"--n-embd {d.n_embd} is not a multiple of --n-head {d.n_head}")
     if (d.n_embd // d.n_head) % 2:
         raise ValueError(f"head size {d.n_embd // d.n_head} must be even")
     if d.n_head % d.n_head_kv:
-        raise ValueError(
-            f"--n-head {d.n_head} is not a multiple of --n-head-kv {d.n_head_kv}"
-        )
+        raise ValueError(f"--n-head {d.n_head} is not a multiple of --n-head-kv {d.n_head_kv}")
     return d
 
 
@@ -247,9 +227,7 @@ def _check_rows(d: Dims, wt: GGMLType, head_t: GGMLType) -> None:
     for flag, n, t, what in rows:
         block = BLOCK_SIZE[t][0]
         if n % block:
-            raise ValueError(
-                f"{flag} {n} is not a multiple of {block}, required by {what} type {t.name.lower()}"
-            )
+            raise ValueError(f"{flag} {n} is not a multiple of {block}, required by {what} type {t.name.lower()}")
 
 
 def make_model(
@@ -274,13 +252,9 @@ def make_model(
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
     if wtype not in WEIGHT_TYPES:
-        raise ValueError(
-            f"unknown weight type {wtype!r} (choose from {', '.join(WEIGHT_TYPES)})"
-        )
+        raise ValueError(f"unknown weight type {wtype!r} (choose from {', '.join(WEIGHT_TYPES)})")
     if head_type is not None and head_type not in TYPES:
-        raise ValueError(
-            f"unknown head type {head_type!r} (choose from {', '.join(TYPES)})"
-        )
+        raise ValueError(f"unknown head type {head_type!r} (choose from {', '.join(TYPES)})")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
     d = _dims(arch, preset, overrides)
@@ -320,9 +294,7 @@ def make_model(
     for s in specs:
         w.add_tensor_info(s.name, s.shape, s.type)
         total += row_bytes(s.type, s.shape[-1]) * math.prod(s.shape[:-1])
-    report = (
-        _progress(path, total) if progress and total >= PROGRESS_MIN_BYTES else None
-    )
+    report = _progress(path, total) if progress and total >= PROGRESS_MIN_BYTES else None
 
     def data() -> Iterator[tuple[str, Iterator[np.ndarray]]]:
         for i, s in enumerate(specs):
@@ -352,9 +324,7 @@ def _progress(path: str | os.PathLike[str], total: int) -> Callable[[int, str], 
     return report
 
 
-def _counted(
-    chunks: Iterator[np.ndarray], report: Callable[[int, str], None], what: str
-) -> Iterator[np.ndarray]:
+def _counted(chunks: Iterator[np.ndarray], report: Callable[[int, str], None], what: str) -> Iterator[np.ndarray]:
     for c in chunks:
         yield c
         report(c.nbytes, what)
@@ -365,9 +335,7 @@ def _counted(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; bad arguments give a one-line argparse error and exit code 2."""
-    p = argparse.ArgumentParser(
-        prog="python -m runtime.testing.make_model", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m runtime.testing.make_model", description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=ARCHS, default="starcoder2")
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument(
@@ -383,9 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         help="LM head type (default: --type), e.g. q6_k",
     )
     p.add_argument("--untied", action="store_true", help="add a separate output.weight")
-    p.add_argument(
-        "-o", "--output", help="output file (default: ARCH-PRESET-TYPE.gguf)"
-    )
+    p.add_argument("-o", "--output", help="output file (default: ARCH-PRESET-TYPE.gguf)")
     p.add_argument("--seed", type=int, default=0)
     for name in DIM_NAMES:
         p.add_argument(

@@ -1,0 +1,429 @@
+"""Runtime speed, side by side with llama.cpp: load time, prompt processing, decode, peak memory.
+
+    python -m benchmarks.runtime_speed [--preset 3b] [--types q8_0,q4_0] [--threads 2]
+        [--prompt 256] [--gen 64] [--rounds 2] [--out docs/benchmarks.md]
+
+Random-weight StarCoder2 models (runtime.testing.make_model) are generated once into
+${XDG_CACHE_HOME:-~/.cache}/llmctl/bench/. Every measurement runs in a fresh subprocess, so peak
+RSS is per engine, and engines alternate within each round because the machine is shared and
+noisy; the table gives the median of the rounds. Nothing here is asserted by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- runtime_speed:begin -->"
+END = "<!-- runtime_speed:end -->"
+ENGINES = ("llmctl", "llama.cpp")
+METRICS = ("load_s", "prompt_tps", "decode_tps", "rss_mib")
+RSS_SLACK_MIB = 200  # our RSS budget: file + KV cache + this
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model file to generate and measure."""
+
+    key: str  # as given to --types
+    wtype: str
+    head_type: str | None
+    label: str
+
+
+VARIANTS = {
+    "q8_0": Variant("q8_0", "q8_0", None, "Q8_0"),
+    "q4_0": Variant("q4_0", "q4_0", "q6_k", "Q4_0, Q6_K head"),
+}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmctl" / "bench"
+
+
+def model_path(preset: str, v: Variant) -> Path:
+    head = f"-{v.head_type}" if v.head_type else ""
+    return cache_dir() / f"starcoder2-{preset}-{v.wtype}{head}.gguf"
+
+
+def ensure_model(preset: str, v: Variant, regen: bool) -> Path:
+    """Generate the model file unless it is already in the cache."""
+    from runtime.testing.make_model import make_model
+
+    path = model_path(preset, v)
+    if path.exists() and not regen:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"generating {path} ...")
+    start = time.monotonic()
+    make_model(path, arch="starcoder2", preset=preset, wtype=v.wtype, head_type=v.head_type, progress=True)
+    log(f"wrote {path} ({path.stat().st_size / MIB:.0f} MiB) in {time.monotonic() - start:.1f} s")
+    return path
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so that every run, first or not, finds it in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 * MIB):
+            pass
+
+
+def prompt_ids(path: Path, n: int) -> list[int]:
+    """The first `n` tokens of the standard library's source, with the model's own tokenizer."""
+    from runtime.gguf import read_gguf
+    from runtime.tokenizer import CodeTokenizer
+
+    f = read_gguf(path)
+    try:
+        tok = CodeTokenizer.from_gguf(f)
+        ids: list[int] = []
+        for src in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+            ids += tok.encode(src.read_text(encoding="utf-8", errors="replace"), special=False, add_bos=False)
+            if len(ids) >= n:
+                return ids[:n]
+    finally:
+        f.close()
+    raise SystemExit(f"runtime_speed: the standard library's source gives fewer than {n} tokens")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the child: one engine, one model, one JSON line ------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+    import numpy as np
+
+    from runtime.engine import Model
+    from runtime.generate import decode_one, prefill
+
+    t0 = time.perf_counter()
+    model = Model.load(path, n_threads=threads, n_ctx=n_ctx)
+    t1 = time.perf_counter()
+    logits = prefill(model.transformer, model.cache, ids)
+    t2 = time.perf_counter()
+    tokens: list[int] = []
+    for _ in range(gen):
+        tokens.append(int(np.argmax(logits)))
+        logits = decode_one(model.transformer, model.cache, tokens[-1])
+    t3 = time.perf_counter()
+    return {
+        "load_s": t1 - t0,
+        "prompt_tps": len(ids) / (t2 - t1),
+        "decode_tps": gen / (t3 - t2),
+        "rss_mib": _peak_rss_mib(),
+        "kv_mib": model.cache.n_bytes / MIB,
+        "tokens": tokens,
+    }
+
+
+def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+    import llama_cpp
+    import llama_cpp.llama_cpp as capi  # where Llama() takes its default model params from
+    import numpy as np
+
+    default = capi.llama_model_default_params
+
+    def params() -> Any:
+        # llama.cpp's extra (AMX / repacked) buffer types crash on AMX CPUs (llama.cpp issue 20824).
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params  # type: ignore[assignment]
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=False,
+        flash_attn=False,
+        verbose=False,
+    )
+    t1 = time.perf_counter()
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> Any:
+        return np.ctypeslib.as_array(capi.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
+    llm.eval(ids)
+    logits = last_logits()
+    t2 = time.perf_counter()
+    tokens: list[int] = []
+    for _ in range(gen):
+        tokens.append(int(np.argmax(logits)))
+        llm.eval([tokens[-1]])
+        logits = last_logits()
+    t3 = time.perf_counter()
+    return {
+        "load_s": t1 - t0,
+        "prompt_tps": len(ids) / (t2 - t1),
+        "decode_tps": gen / (t3 - t2),
+        "rss_mib": _peak_rss_mib(),
+        "tokens": tokens,
+    }
+
+
+def child_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.runtime_speed _child")
+    p.add_argument("engine", choices=ENGINES)
+    p.add_argument("model")
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--gen", type=int, required=True)
+    p.add_argument("--n-ctx", type=int, required=True)
+    a = p.parse_args(argv)
+    ids = [int(i) for i in json.loads(sys.stdin.read())]
+    run = run_ours if a.engine == "llmctl" else run_llama
+    res = run(a.model, ids, a.gen, a.threads, a.n_ctx)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> dict[str, Any]:
+    """Run one engine on one model in a fresh interpreter; its JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
+    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + gen + 16)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        errs = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        why = errs[-1] if errs else f"exit status {proc.returncode}"
+        raise SystemExit(f"runtime_speed: {engine} failed on {path.name}: {why}")
+    res: dict[str, Any] = json.loads(lines[-1])
+    return res
+
+
+# --- the parent: rounds, medians, the report ---------------------------------------------------
+
+
+@dataclass
+class Result:
+    variant: Variant
+    path: Path
+    runs: dict[str, list[dict[str, Any]]]
+
+    def median(self, engine: str, metric: str) -> float | None:
+        vals = [r[metric] for r in self.runs.get(engine, [])]
+        return statistics.median(vals) if vals else None
+
+    @property
+    def file_mib(self) -> float:
+        return self.path.stat().st_size / MIB
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(llama_version: str | None) -> str:
+    kernels = importlib.import_module("runtime.kernels._kernels")  # compiled; no stubs
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    llama = f"llama-cpp-python {llama_version}" if llama_version else "llama-cpp-python not installed"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores ({usable} usable), llmctl kernels `{kernels.active()}`, "
+        f"{llama}, Python {platform.python_version()}"
+    )
+
+
+def _fmt(metric: str, x: float | None) -> str:
+    if x is None:
+        return "—"
+    if metric == "load_s":
+        return f"{x:.2f}"
+    if metric == "rss_mib":
+        return _mib(x)
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def _agree(res: Result) -> str | None:
+    """How far the two engines' greedy continuations agree (first run of each)."""
+    ours, theirs = res.runs.get("llmctl"), res.runs.get("llama.cpp")
+    if not ours or not theirs:
+        return None
+    a, b = ours[0]["tokens"], theirs[0]["tokens"]
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    return f"{n}/{len(a)} ({res.variant.label})"
+
+
+def _mib(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def table(results: list[Result], have_llama: bool) -> str:
+    head = "| model | engine | load s | prompt tok/s | decode tok/s | peak RSS MiB | file MiB | RSS budget MiB |"
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for res in results:
+        label = res.variant.label
+        kv = res.median("llmctl", "kv_mib") or 0.0
+        budget = _mib(res.file_mib + kv + RSS_SLACK_MIB)
+        ours = [_fmt(m, res.median("llmctl", m)) for m in METRICS]
+        rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {_mib(res.file_mib)} | {budget} |")
+        if not have_llama:
+            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | |")
+            continue
+        theirs = [_fmt(m, res.median("llama.cpp", m)) for m in METRICS]
+        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {_mib(res.file_mib)} | |")
+        ratios = []
+        for m in METRICS:
+            a, b = res.median("llmctl", m), res.median("llama.cpp", m)
+            ratios.append(f"{a / b:.2f}×" if a is not None and b else "—")
+        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | |")
+    return "\n".join(rows)
+
+
+def section(
+    args: argparse.Namespace, command: str, results: list[Result], have_llama: bool, llama_ver: str | None
+) -> str:
+    shape = "StarCoder2-3B shape" if args.preset == "3b" else f"StarCoder2 architecture, preset `{args.preset}`"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    files = ", ".join(f"{r.variant.label} `{r.path.name}` {r.path.stat().st_size / 1e6:.1f} MB" for r in results)
+    engines = "llmctl and llama.cpp alternated" if have_llama else "llmctl only (llama-cpp-python is not installed)"
+    lines = [
+        f"### {shape}, {args.threads} thread{'s' if args.threads != 1 else ''}",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {now}",
+        f"- Machine: {machine_line(llama_ver)}",
+        f"- Files (random weights): {files}",
+        f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time; "
+        f"median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
+    ]
+    if args.preset != "3b":
+        lines.append(
+            f"- Preset `{args.preset}` is a harness check, far smaller than a real model: its numbers say little."
+        )
+    lines += ["", table(results, have_llama), ""]
+    agree = [a for a in (_agree(r) for r in results) if a]
+    lines.append(
+        "Load is the constructor (`Model.load` / `llama_cpp.Llama`); prompt and decode are tokens per second "
+        "of wall time; peak RSS is `ru_maxrss` of the engine's own process (mapped weights count once "
+        f"touched). RSS budget = file + KV cache + {RSS_SLACK_MIB} MiB, for llmctl."
+        + (f" Leading greedy tokens on which the engines agree: {', '.join(agree)}." if agree else "")
+    )
+    return "\n".join(lines)
+
+
+def write_section(out: Path, text: str) -> None:
+    """Replace what lies between the markers in `out` (appending markers if missing)."""
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(out)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from runtime.testing.make_model import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.runtime_speed", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), default="3b", help="model shape (default: 3b)")
+    p.add_argument("--types", default="q8_0,q4_0", help="comma-separated: q8_0, q4_0 (with a Q6_K head)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    p.add_argument("--gen", type=int, default=64, help="decoded tokens")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, help="rewrite the runtime_speed section of this markdown file")
+    p.add_argument("--regen", action="store_true", help="regenerate the cached model files")
+    a = p.parse_args(argv)
+    a.types = [t.strip() for t in a.types.split(",") if t.strip()]
+    bad = [t for t in a.types if t not in VARIANTS]
+    if bad or not a.types:
+        p.error(f"--types: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(VARIANTS)}")
+    for name in ("threads", "prompt", "gen", "rounds"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_child"]:
+        return child_main(argv[1:])
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.runtime_speed", *argv])
+
+    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    llama_ver: str | None = None
+    if have_llama:
+        try:
+            llama_ver = importlib.metadata.version("llama-cpp-python")
+        except importlib.metadata.PackageNotFoundError:
+            llama_ver = "unknown version"
+    else:
+        log("runtime_speed: llama_cpp is not installed (pip install llama-cpp-python): measuring llmctl only")
+    engines = ENGINES if have_llama else ENGINES[:1]
+
+    results: list[Result] = []
+    for key in args.types:
+        v = VARIANTS[key]
+        path = ensure_model(args.preset, v, args.regen)
+        warm_page_cache(path)
+        results.append(Result(v, path, {e: [] for e in engines}))
+    ids = {r.variant.key: prompt_ids(r.path, args.prompt) for r in results}
+
+    for rnd in range(args.rounds):
+        for res in results:
+            for engine in engines:  # alternate: llmctl, llama.cpp, llmctl, llama.cpp, ...
+                r = measure(engine, res.path, ids[res.variant.key], args.gen, args.threads)
+                res.runs[engine].append(r)
+                log(
+                    f"round {rnd + 1}/{args.rounds} {res.variant.label:<16} {engine:<9}  load {r['load_s']:.2f} s  "
+                    f"prompt {r['prompt_tps']:.1f} tok/s  decode {r['decode_tps']:.1f} tok/s  "
+                    f"peak RSS {r['rss_mib']:.0f} MiB"
+                )
+
+    text = section(args, command, results, have_llama, llama_ver)
+    print(text)
+    if args.out is not None:
+        write_section(args.out, text)
+        log(f"updated {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The C kernels against the NumPy reference formats (runtime/quants.py) and gguf-py, on both
+kernel sets: the AVX2 one this machine runs and the portable fallback other CPUs get."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from runtime import quants
+from runtime.ggml_types import BLOCK_SIZE, GGMLType
+from runtime.gguf import read_gguf
+from runtime.kernels import _kernels
+from runtime.testing.make_model import make_model
+
+SETS = ["generic", "avx2"]
+
+
+@pytest.fixture(params=SETS)
+def kernel_set(request: pytest.FixtureRequest) -> Iterator[str]:
+    try:
+        _kernels.use(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param} kernels")
+    yield request.param
+    _kernels.use("auto")
+
+
+def _activations(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, :7] = 0.0  # zeros and exact ties exercise the rounding rules
+    x[-1, 3] = -x[-1].__abs__().max()
+    return x
+
+
+def test_activation_quantizers_are_bit_exact(kernel_set: str) -> None:
+    rng = np.random.default_rng(1)
+    x = _activations(rng, 4, 512).reshape(-1)
+    assert np.array_equal(_kernels.quantize_q8_0(x), quants.Q8_0.quantize(x))
+    assert np.array_equal(_kernels.quantize_q8_K(x), quants.Q8_K.quantize(x))
+    # ggml's own reference quantizer agrees for Q8_0
+    ref = gguf.quants.quantize(x.reshape(1, -1), gguf.GGMLQuantizationType.Q8_0).reshape(-1)
+    assert np.array_equal(_kernels.quantize_q8_0(x), ref)
+    assert np.array_equal(_kernels.f32_to_f16(x), x.astype(np.float16).view(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, GGMLType]]:
+    """Real quantized tensors written by the test-model generator."""
+    out: dict[str, tuple[np.ndarray, GGMLType]] = {}
+    d = tmp_path_factory.mktemp("w")
+    for wtype, head in [("f32", None), ("f16", None), ("q8_0", None), ("q4_0", "q6_k")]:
+        path = make_model(d / f"{wtype}.gguf", preset="tiny", wtype=wtype, head_type=head, n_embd=256, n_ff=512)
+        f = read_gguf(path)
+        for name in ("blk.0.ffn_up.weight", "token_embd.weight"):
+            info = f.tensors[name]
+            out[f"{wtype}:{name}"] = (
+                np.array(f.tensor(name).view(np.uint8).reshape(info.shape[0], -1)),
+                info.ggml_type,
+            )
+        f.close()
+    return out
+
+
+def _n_cols(raw: np.ndarray, t: GGMLType) -> int:
+    elems, size = BLOCK_SIZE[t]
+    return raw.shape[1] // size * elems
+
+
+def _reference_matmul(raw: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """Dequantized weights times the activations as the kernel quantizes them, in float64."""
+    k = x.shape[1]
+    w = quants.dequantize(raw, t, k).astype(np.float64)
+    if t in (GGMLType.Q8_0, GGMLType.Q4_0):
+        xq = np.stack([quants.dequantize(quants.Q8_0.quantize(r), GGMLType.Q8_0, k)[0] for r in x])
+    elif t == GGMLType.Q6_K:
+        xq = np.stack([quants.dequantize(quants.Q8_K.quantize(r), GGMLType.Q8_K, k)[0] for r in x])
+    elif t == GGMLType.F16:
+        xq = x.astype(np.float16).astype(np.float32)
+    else:
+        xq = x
+    return xq.astype(np.float64) @ w.T
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_matmul_matches_reference(kernel_set: str, weights: dict[str, tuple[np.ndarray, GGMLType]], rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    for key, (raw, t) in weights.items():
+        k = _n_cols(raw, t)
+        x = _activations(rng, rows, k)
+        out = np.empty((rows, raw.shape[0]), dtype=np.float32)
+        _kernels.matmul(int(t), raw, k, x, out, 2)
+        ref = _reference_matmul(raw, t, x)
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        assert err < 2e-6, f"{key} ({kernel_set}, {rows} rows): relative error {err:.2e}"
+
+
+def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
+    """The portable fallback computes the same products as the AVX2 kernels (up to summation order)."""
+    try:
+        _kernels.use("avx2")
+    except ValueError:
+        pytest.skip("no AVX2 on this CPU")
+    rng = np.random.default_rng(3)
+    try:
+        for key, (raw, t) in weights.items():
+            if t not in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K):
+                continue
+            k = _n_cols(raw, t)
+            x = _activations(rng, 3, k)
+            outs = []
+            for name in ("avx2", "generic"):
+                _kernels.use(name)
+                out = np.empty((3, raw.shape[0]), dtype=np.float32)
+                _kernels.matmul(int(t), raw, k, x, out, 1)
+                outs.append(out)
+            np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max(), err_msg=key)
+    finally:
+        _kernels.use("auto")
+
+
+def test_get_rows_matches_gguf_py(kernel_set: str, weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
+    for key, (raw, t) in weights.items():
+        if t == GGMLType.F32:
+            continue
+        ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(t)))
+        ref = ref.reshape(raw.shape[0], -1).astype(np.float32)
+        rows = np.array([0, 3, raw.shape[0] - 1], dtype=np.int64)
+        out = np.empty((3, ref.shape[1]), dtype=np.float32)
+        _kernels.get_rows(int(t), raw, ref.shape[1], rows, out)
+        assert np.array_equal(out, ref[rows]), key
+        assert np.array_equal(quants.dequantize(raw, t, ref.shape[1]), ref), key
+
+
+def test_gelu_uses_the_fp16_table() -> None:
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    out = np.empty_like(x)
+    _kernels.gelu(x, out)
+    mid = (x > -10) & (x < 10)
+    # inside (-10, 10) the result comes from the fp16 table: fp16 values of gelu(fp16(x))
+    assert np.array_equal(out[mid].astype(np.float16).astype(np.float32), out[mid])
+    h = x.astype(np.float16).astype(np.float64)
+    exact = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * h * (1 + 0.044715 * h * h)))
+    assert np.all(np.abs(out[mid] - exact[mid]) <= np.abs(exact[mid]) * 2**-9 + 2**-23)
+    assert np.array_equal(out[x >= 10], x[x >= 10]) and not out[x <= -10].any()
+
+
+def test_attention_matches_numpy(kernel_set: str) -> None:
+    rng = np.random.default_rng(5)
+    T, n_head, n_kv, hd, n_ctx, pos0 = 3, 4, 2, 16, 32, 5
+    q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
+    out = np.empty_like(q)
+    scale = np.float32(hd**-0.5)
+    _kernels.attention(q, k.view(np.uint16), v.view(np.uint16), out, pos0, scale, 2)
+    q16 = q.astype(np.float16).astype(np.float64)
+    for t in range(T):
+        n = pos0 + t + 1
+        for h in range(n_head):
+            kv = h // (n_head // n_kv)
+            s = (k[:n, kv].astype(np.float64) @ q16[t, h]) * scale
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            ref = p @ v[:n, kv].astype(np.float64)
+            np.testing.assert_allclose(out[t, h], ref, rtol=2e-3, atol=2e-3)
+
+
+def test_layer_norm_matches_numpy() -> None:
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((4, 100)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(100).astype(np.float32), rng.standard_normal(100).astype(np.float32)
+    out = np.empty_like(x)
+    _kernels.layer_norm(x, w, b, out, 1e-5)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kernel set"):
+        _kernels.use("sse9")
+    out = np.empty((1, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        _kernels.matmul(99, np.zeros((2, 34), np.uint8), 32, np.zeros((1, 32), np.float32), out, 1)
+    with pytest.raises(ValueError, match="shapes"):
+        _kernels.matmul(8, np.zeros((2, 34), np.uint8), 32, np.zeros((1, 64), np.float32), out, 1)
