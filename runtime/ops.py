@@ -56,15 +56,9 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 def rope_tables(n_ctx: int, head_dim: int, freq_base: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [n_ctx, head_dim/2] as ggml_rope_cache_init builds them: theta_i = pos * s^i by
-    repeated float32 multiplication, s = powf(base, -2/head_dim)."""
-    scale = np.float32(np.float64(np.float32(freq_base)) ** np.float64(np.float32(-2.0) / np.float32(head_dim)))
-    theta = np.empty((n_ctx, head_dim // 2), dtype=np.float32)
-    t = np.arange(n_ctx, dtype=np.float32)
-    for i in range(head_dim // 2):
-        theta[:, i] = t
-        t = t * scale
-    th = theta.astype(np.float64)  # cosf/sinf are correctly rounded in practice; so is this
-    return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
+    repeated float32 multiplication, s = powf(base, -2/head_dim), then libm's cosf/sinf."""
+    cos, sin = _kernels.rope_table(n_ctx, head_dim, freq_base)
+    return cos, sin
 
 
 def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

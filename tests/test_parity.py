@@ -30,20 +30,12 @@ CASES: list[Any] = [
     pytest.param(
         "sc2-q4_0-q6k-head",
         dict(arch="starcoder2", wtype="q4_0", head_type="q6_k", n_embd=256, n_ff=512),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known gap (issue 2 note): with a Q6_K embedding, 3 of 300 positions differ by ~2.4% of the "
-            "logit std; the hidden state differs in the last layer only, cause not yet found",
-        ),
         id="sc2-q4_0-q6k-head",
     ),
     pytest.param(
         "sc2-q4_0-q6k-head-small",
         dict(arch="starcoder2", wtype="q4_0", head_type="q6_k", n_embd=256, n_ff=256),
         id="sc2-q4_0-q6k-head-small",
-        marks=pytest.mark.xfail(
-            strict=True, reason="known gap (issue 2 note): Q6_K embedding, rare positions differ by ~5% of the std"
-        ),
     ),
     pytest.param("sc2-q8_0-untied", dict(arch="starcoder2", wtype="q8_0", untied=True), id="sc2-q8_0-untied"),
     pytest.param(

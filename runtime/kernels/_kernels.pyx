@@ -22,6 +22,7 @@ cdef extern from "kernels.h" nogil:
                           float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
                           int64_t hd, float scale, int n_threads)
     void kernels_gelu(const float *x, float *y, int64_t n)
+    void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out)
     void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps)
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
@@ -92,6 +93,20 @@ def attention(const float[:, :, ::1] q, const uint16_t[:, :, ::1] k_cache,
                                t, pos0, n_head, n_kv, hd, scale, n_threads)
     if rc != 0:
         raise MemoryError("attention scratch")
+
+
+def rope_table(int64_t n_pos, int64_t hd, float freq_base):
+    """(cos, sin) float32 [n_pos, hd/2] of the RoPE angles, as ggml's rope cache."""
+    if hd <= 0 or hd % 2 or n_pos < 0:
+        raise ValueError("rope_table: head size must be even and positive")
+    cos = np.empty((n_pos, hd // 2), dtype=np.float32)
+    sin = np.empty((n_pos, hd // 2), dtype=np.float32)
+    cdef float[:, ::1] c = cos
+    cdef float[:, ::1] s = sin
+    if n_pos:
+        with nogil:
+            kernels_rope_table(n_pos, hd, freq_base, &c[0, 0], &s[0, 0])
+    return cos, sin
 
 
 def layer_norm(const float[:, ::1] x, const float[::1] w, const float[::1] b, float[:, ::1] out, float eps):

@@ -156,10 +156,9 @@ const char *kernels_active(void) { return K->name; }
 
 /* ---- Q8_K activations (ggml uses the scalar reference on every CPU) ------------------------ */
 
-/* ggml's nearest_int(iscale * x): compiled with FMA contraction, the product is not rounded
- * before the magic-number add, so this takes the factors and fuses the two. */
-static inline int nearest_int_of_product(float a, float b) {
-    float val = fmaf(a, b, 12582912.f);
+/* ggml's nearest_int: round half to even through the float magic number 1.5 * 2^23. */
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
     int i;
     memcpy(&i, &val, sizeof(int));
     return (i & 0x007fffff) - 0x00400000;
@@ -179,7 +178,7 @@ static void quantize_q8_K(const float *x, void *vy, int64_t k) {
         }
         const float iscale = -127.f / max;
         for (int j = 0; j < QK_K; j++) {
-            const int v = nearest_int_of_product(iscale, x[j]);
+            const int v = nearest_int(iscale * x[j]);
             y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
         }
         for (int j = 0; j < QK_K / 16; j++) {
@@ -396,6 +395,20 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
 }
 
 /* ---- elementwise ---------------------------------------------------------------------------- */
+
+void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out) {
+    /* ggml_rope_cache_init: theta_i = pos * s^i by repeated float multiplication, then libm's
+     * cosf/sinf (not correctly rounded: the table must come from the same functions) */
+    const float theta_scale = powf(freq_base, -2.0f / (float)hd);
+    for (int64_t p = 0; p < n_pos; p++) {
+        float theta = (float)p;
+        for (int64_t i = 0; i < hd / 2; i++) {
+            cos_out[p * (hd / 2) + i] = cosf(theta);
+            sin_out[p * (hd / 2) + i] = sinf(theta);
+            theta *= theta_scale;
+        }
+    }
+}
 
 void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; r++) {

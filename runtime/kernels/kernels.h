@@ -52,6 +52,9 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
                       float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
                       int64_t hd, float scale, int n_threads);
 
+/* RoPE angles' cos and sin [n_pos, hd/2] exactly as ggml's rope cache holds them. */
+void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out);
+
 /* y = LayerNorm(x) * w + b over rows of n, rounding as ggml_norm / ggml_mul / ggml_add do. */
 void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps);
 
