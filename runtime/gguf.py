@@ -278,21 +278,26 @@ def parse(buf: memoryview | bytes, path: Path) -> tuple[int, int, dict[str, Any]
             )
         tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, start, nbytes))
     by_offset = sorted(tensors, key=lambda t: t.offset)
-    for a, b in zip(by_offset, by_offset[1:]):
+    for a, b in zip(by_offset, by_offset[1:], strict=False):
         if a.offset + a.n_bytes > b.offset:
             raise GGUFError(f"{path}: tensors {a.name!r} and {b.name!r} overlap (offsets {a.offset}, {b.offset})")
     return version, alignment, metadata, tensors, data_offset
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Map and parse `path`. Raises GGUFError for a malformed file, ModelError for I/O problems."""
+def read_gguf(path: str | os.PathLike[str], *, populate: bool = False) -> GGUFFile:
+    """Map and parse `path`; raises GGUFError for a malformed or unreadable file.
+
+    populate=True pre-faults the whole mapping (MAP_POPULATE, as llama.cpp does) so that the
+    first forward pass does not page the weights in one fault at a time; reading metadata only
+    should leave it off."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise GGUFError(f"{path}: file is empty")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -97,6 +97,10 @@ class Transformer:
         hd, kv = cfg.head_dim, cfg.n_embd_kv
         for i in range(cfg.n_layer):
             p = f"blk.{i}"
+            wq: Linear | None
+            wk: Linear | None
+            wv: Linear | None
+            wqkv: Linear | None
             if cfg.arch == "starcoder2":
                 wq, wk, wv = (
                     load.linear(f"{p}.attn_q", E, E),
@@ -166,7 +170,7 @@ class Transformer:
                 k = ops.rope_neox(blk.wk(h, nt).reshape(T, n_kv, hd), cos, sin)
                 v = blk.wv(h, nt).reshape(T, n_kv, hd)
             cache.store(il, pos0, k, v)
-            _kernels.attention(np.ascontiguousarray(q), cache.k[il], cache.v[il], attn, pos0, self.kq_scale, nt)
+            _kernels.attention(np.ascontiguousarray(q), cache.k[il], cache.v[il], attn, pos0, float(self.kq_scale), nt)
             x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
             h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
             x = blk.ffn_down(ops.gelu(blk.ffn_up(h, nt)), nt) + x

@@ -68,6 +68,7 @@ static inline uint16_t fp32_to_fp16(float f) {
 
 typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
+typedef void (*dot4_fn)(int64_t n, const void *x, const void *y, size_t y_stride, float *out);
 
 typedef struct {
     const char *name;
@@ -75,6 +76,7 @@ typedef struct {
     quantize_fn quantize_q8_0;
     quantize_fn quantize_f16;
     dot_fn dot_q8_0, dot_q4_0, dot_q6_K;
+    dot4_fn dot4_q8_0, dot4_q4_0;  /* one weight row, four activation rows */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
@@ -197,6 +199,7 @@ typedef struct {
     size_t act_block_bytes; /* bytes of one activation block in the vec_dot format */
     quantize_fn quantize;   /* NULL: activations stay float32 */
     dot_fn dot;
+    dot4_fn dot4;           /* NULL: no four-row kernel */
 } type_traits;
 
 /* ggml sums F16/F32 products in tinyBLAS's order when llamafile_sgemm takes the product: two or
@@ -207,11 +210,11 @@ static int tinyblas_takes(int64_t n_out, int64_t n_rows, int64_t k) { return n_r
 static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_traits *t) {
     const int batched = tinyblas_takes(n_out, n_rows, k);
     switch (wtype) {
-    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec}; return 0;
-    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec}; return 0;
-    case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0}; return 0;
-    case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0}; return 0;
-    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K}; return 0;
+    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL}; return 0;
+    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL}; return 0;
+    case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->dot4_q8_0}; return 0;
+    case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0, K->dot4_q4_0}; return 0;
+    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, NULL}; return 0;
     default: return -1;
     }
 }
@@ -247,7 +250,18 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
     for (int64_t c = 0; c < n_chunks; c++) {
         const int64_t n0 = c * chunk;
         const int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
-        for (int64_t m = 0; m < M; m++) {
+        int64_t m = 0;
+        if (t.dot4 != NULL) {
+            float r4[4];
+            for (; m + 4 <= M; m += 4) {
+                const uint8_t *a = act + (size_t)m * act_bytes;
+                for (int64_t n = n0; n < n1; n++) {
+                    t.dot4(K_, w + (size_t)n * w_row_bytes, a, act_bytes, r4);
+                    for (int r = 0; r < 4; r++) y[(m + r) * N + n] = r4[r];
+                }
+            }
+        }
+        for (; m < M; m++) {
             const uint8_t *a = act + (size_t)m * act_bytes;
             float *ym = y + m * N;
             for (int64_t n = n0; n < n1; n++) ym[n] = t.dot(K_, w + (size_t)n * w_row_bytes, a);

@@ -144,12 +144,134 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 #endif
 }
 
-/* Q6_K weights against Q8_K activations, with ggml's AVX2 lane layout: int32 lane L holds
- * bytes 4L..4L+3 of every 32-element group (scaled), minus 32 * the scaled block sums 2L, 2L+1;
- * each block adds d * lane to a float lane with FMA, and the 8 lanes are summed at the end.
- * All integer parts are exact, so this reproduces ggml's result bit for bit. Plain C: the
- * AVX2 build vectorizes it. */
+/* One weight row against four activation rows (prompt processing): the weight block is loaded
+ * and unpacked once for the four. Each (row, activation) pair does exactly the arithmetic of
+ * the single-row kernels above, so results are bit-identical to them. */
+static void SUFFIX(dot4_q8_0)(int64_t n, const void *vx, const void *vy, size_t y_stride, float *out) {
+    const block_q8_0 *x = (const block_q8_0 *)vx;
+    const int64_t nb = n / QK8_0;
+#ifdef KERNELS_AVX2
+    const block_q8_0 *y[4];
+    for (int r = 0; r < 4; r++) y[r] = (const block_q8_0 *)((const uint8_t *)vy + r * y_stride);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < nb; i++) {
+        const float dx = fp16_to_fp32(x[i].d);
+        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
+        const __m256i ax = _mm256_sign_epi8(qx, qx);
+        for (int r = 0; r < 4; r++) {
+            const __m256 d = _mm256_set1_ps(dx * fp16_to_fp32(y[r][i].d));
+            const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[r][i].qs), qx);
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = SUFFIX(hsum8)(acc[r]);
+#else
+    for (int r = 0; r < 4; r++) out[r] = SUFFIX(dot_q8_0)(n, vx, (const uint8_t *)vy + r * y_stride);
+    (void)nb;
+    (void)x;
+#endif
+}
+
+static void SUFFIX(dot4_q4_0)(int64_t n, const void *vx, const void *vy, size_t y_stride, float *out) {
+    const block_q4_0 *x = (const block_q4_0 *)vx;
+    const int64_t nb = n / QK4_0;
+#ifdef KERNELS_AVX2
+    const block_q8_0 *y[4];
+    for (int r = 0; r < 4; r++) y[r] = (const block_q8_0 *)((const uint8_t *)vy + r * y_stride);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0xF);
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int64_t i = 0; i < nb; i++) {
+        const float dx = fp16_to_fp32(x[i].d);
+        const __m128i packed = _mm_loadu_si128((const __m128i *)x[i].qs);
+        const __m256i qx = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low), eight);
+        const __m256i ax = _mm256_sign_epi8(qx, qx);
+        for (int r = 0; r < 4; r++) {
+            const __m256 d = _mm256_set1_ps(dx * fp16_to_fp32(y[r][i].d));
+            const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[r][i].qs), qx);
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = SUFFIX(hsum8)(acc[r]);
+#else
+    for (int r = 0; r < 4; r++) out[r] = SUFFIX(dot_q4_0)(n, vx, (const uint8_t *)vy + r * y_stride);
+    (void)nb;
+    (void)x;
+#endif
+}
+
+/* Q6_K weights against Q8_K activations. The AVX2 set runs ggml's AVX2 code; the portable set
+ * computes the same 8 integer lanes in plain C (lane L holds bytes 4L..4L+3 of every 32-element
+ * group, scaled, minus 32 * the scaled block sums 2L and 2L+1; each block adds d * lane to a
+ * float lane with FMA; the lanes are summed at the end), so both give the same result. */
 static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
+#ifdef KERNELS_AVX2
+    /* ggml's AVX2 ggml_vec_dot_q6_K_q8_K, step for step */
+    static const uint8_t k_shuffle[128] = {
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
+        8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,  10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11,
+        12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,  14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15};
+    {
+        const block_q6_K *xa = (const block_q6_K *)vx;
+        const block_q8_K *ya = (const block_q8_K *)vy;
+        const __m256i m3 = _mm256_set1_epi8(3);
+        const __m256i m15 = _mm256_set1_epi8(15);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n / QK_K; i++) {
+            const float d = ya[i].d * fp16_to_fp32(xa[i].d);
+            const uint8_t *q4 = xa[i].ql;
+            const uint8_t *qh = xa[i].qh;
+            const int8_t *q8 = ya[i].qs;
+            const __m256i q8sums = _mm256_loadu_si256((const __m256i *)ya[i].bsums);
+            const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
+            const __m256i scales_16 = _mm256_cvtepi8_epi16(scales);
+            const __m256i q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales_16), 5);
+            __m256i sumi = _mm256_setzero_si256();
+            int is = 0;
+            for (int j = 0; j < QK_K / 128; ++j) {
+                const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+                const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+                const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
+                const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m3), 4);
+                const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(12)), 2);
+                const __m256i q4h_2 = _mm256_and_si256(q4bitsH, _mm256_set1_epi8(48));
+                const __m256i q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(-64)), 2);
+                const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
+                const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
+                const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2);
+                const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3);
+                const __m256i q8_0 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
+                const __m256i q8_1 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
+                const __m256i q8_2 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
+                const __m256i q8_3 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
+                __m256i p16_0 = _mm256_maddubs_epi16(q4_0, q8_0);
+                __m256i p16_1 = _mm256_maddubs_epi16(q4_1, q8_1);
+                __m256i p16_2 = _mm256_maddubs_epi16(q4_2, q8_2);
+                __m256i p16_3 = _mm256_maddubs_epi16(q4_3, q8_3);
+                const __m128i scale_0 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 0));
+                const __m128i scale_1 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 1));
+                const __m128i scale_2 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 2));
+                const __m128i scale_3 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 3));
+                is += 4;
+                p16_0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_0), p16_0);
+                p16_1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_1), p16_1);
+                p16_2 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_2), p16_2);
+                p16_3 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_3), p16_3);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_2, p16_3));
+            }
+            sumi = _mm256_sub_epi32(sumi, q8sclsub);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        return SUFFIX(hsum8)(acc);
+    }
+#else
+
     const block_q6_K *x = (const block_q6_K *)vx;
     const block_q8_K *y = (const block_q8_K *)vy;
     const int64_t nb = n / QK_K;
@@ -186,6 +308,7 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
     /* hsum_float_8: (hi + lo), then [0]+[2] and [1]+[3], then the two */
     const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
     return (t0 + t2) + (t1 + t3);
+#endif
 }
 
 /* F16 and F32 dot products come in two summation orders, because ggml uses two: its vec_dot
@@ -225,10 +348,10 @@ static float SUFFIX(dot_f16_vec)(int64_t n, const void *vx, const void *vy) {
 }
 
 static float SUFFIX(dot_f16_blas)(int64_t n, const void *vx, const void *vy) {
-    const uint16_t *x = (const uint16_t *)vx;
-    const uint16_t *y = (const uint16_t *)vy;
 #ifdef KERNELS_AVX2
     if (n % 8 == 0) {
+        const uint16_t *x = (const uint16_t *)vx;
+        const uint16_t *y = (const uint16_t *)vy;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(LOAD_F16(x + i), LOAD_F16(y + i), acc);
         return SUFFIX(hsum8)(acc);
@@ -337,6 +460,8 @@ static const kernel_set SUFFIX(kernel_set) = {
     .dot_q8_0 = SUFFIX(dot_q8_0),
     .dot_q4_0 = SUFFIX(dot_q4_0),
     .dot_q6_K = SUFFIX(dot_q6_K),
+    .dot4_q8_0 = SUFFIX(dot4_q8_0),
+    .dot4_q4_0 = SUFFIX(dot4_q4_0),
     .dot_f16_vec = SUFFIX(dot_f16_vec),
     .dot_f16_blas = SUFFIX(dot_f16_blas),
     .dot_f32_vec = SUFFIX(dot_f32_vec),
