@@ -40,10 +40,11 @@ demo: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy runtime manager registry
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy runtime manager registry benchmarks
 
 bench: bootstrap
-	$(PYTHON) -m benchmarks.runtime_speed
+	$(PYTHON) -m benchmarks.runtime_speed --out docs/benchmarks.md
 
 clean:
 	rm -rf build/ *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -62,10 +62,32 @@ def _float(what: str) -> Any:
     return parse
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; "(default: X)" after options that have a real default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or not action.option_strings or default in (None, [], argparse.SUPPRESS):
+            return text
+        if isinstance(default, bool):  # flags
+            return text
+        return text + " (default: %(default)s)"
+
+
+GENERATE_EXAMPLES = """\
+examples:
+  python -m runtime generate -m model.gguf -p 'def fib(n):' -n 64 --temperature 0
+  python -m runtime generate -m model.gguf -p 'import os' --seed 1 --stop $'\\n\\n'
+  python -m runtime generate -m model.gguf -p $'def f(x):\\n    ' --infill-suffix $'\\n    return y\\n'
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=fmt,
         description="llmctl's inference runtime: inspect StarCoder / StarCoder2 GGUF models and generate text.",
         epilog="Errors are printed on one line and exit with 1; usage errors exit with 2; Ctrl-C with 130.",
     )
@@ -93,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="generate text (or fill in the middle) with a GGUF model",
         description=(
-            "Continue a prompt, streaming the text to stdout as it is generated; a line of statistics "
-            "(tokens, speed, why generation stopped) goes to stderr. With --infill-suffix, generate the "
-            "code between the prompt (the prefix) and the suffix."
+            "Continue a prompt, streaming the text to stdout as it is generated; a line of statistics\n"
+            "(tokens, speed, why generation stopped, seed) goes to stderr. With --infill-suffix, generate\n"
+            "the code between the prompt (the prefix) and the suffix (fill in the middle)."
         ),
+        epilog=GENERATE_EXAMPLES,
     )
     gen.add_argument("-m", "--model", required=True, metavar="FILE", help="the .gguf model file")
     gen.add_argument(
@@ -158,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(0, "--seed"),
         default=None,
         metavar="N",
-        help="random seed: the same seed, prompt and options give the same text (default: a random seed, "
-        "printed with the statistics)",
+        help="random seed: the same seed, prompt and options give the same text "
+        "(default: a random seed, printed with the statistics)",
     )
     gen.add_argument(
         "--stop",
@@ -368,9 +391,10 @@ def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         end = time.perf_counter()
     _write(out, "\n")
     prefill_end = sampler.first_call if sampler.first_call is not None else end
+    n_prefilled = res.prompt_tokens if sampler.first_call is not None else 0  # -n 0 runs no prefill
     n_gen = len(res.tokens)
     err.write(
-        f"prompt: {res.prompt_tokens} tokens, {_rate(res.prompt_tokens, prefill_end - start)} | "
+        f"prompt: {res.prompt_tokens} tokens, {_rate(n_prefilled, prefill_end - start)} | "
         f"generated: {n_gen} tokens, {_rate(n_gen, end - prefill_end)} | "
         f"finish: {res.finish_reason} | seed: {seed}\n"
     )

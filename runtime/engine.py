@@ -47,7 +47,7 @@ class Model:
     def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_ctx: int | None = None) -> Model:
         """Map `path` and check it fully (metadata, every tensor's shape and type, tokenizer).
         n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs."""
-        f = read_gguf(path)
+        f = read_gguf(path, populate=True)
         try:
             cfg = ModelConfig.from_gguf(f)
             tokenizer = CodeTokenizer.from_gguf(f)
@@ -181,9 +181,11 @@ class Model:
                 raise UnsupportedModelError(
                     f"{self.path}: this model has no <repo_name>/<file_sep> tokens for repo-level FIM"
                 )
-            ids += [fim["repo"], *enc(f"{repo_name or 'project'}\n", special=False)]
+            # As llama.cpp's server (format_infill): each piece tokenized on its own, so a file's
+            # text starts on a token boundary; its default project name is "myproject".
+            ids += [fim["repo"], *enc(f"{repo_name or 'myproject'}\n", special=False)]
             for name, text in extra_files:
-                ids += [fim["sep"], *enc(f"{name}\n{text}", special=False)]
+                ids += [fim["sep"], *enc(f"{name}\n", special=False), *enc(text, special=False)]
             ids += [fim["sep"], *enc(f"{filename or 'filename'}\n", special=False)]
         ids += [fim["prefix"], *enc(prefix, special=False), fim["suffix"], *enc(suffix, special=False), fim["middle"]]
         ids += enc(middle_prompt, special=False)

@@ -39,7 +39,7 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class CodeTokenizer:
@@ -90,7 +90,7 @@ class CodeTokenizer:
             raise TokenizerError(f"{source}: vocabulary/merges are inconsistent: {e}") from None
         decoder = _byte_decoder()
         self._bytes: list[bytes] = []
-        for t, kind in zip(tokens, token_types):
+        for t, kind in zip(tokens, token_types, strict=True):
             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or any(c not in decoder for c in t):
                 self._bytes.append(t.encode("utf-8"))
             else:
