@@ -148,15 +148,17 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> 
     import llama_cpp.llama_cpp as capi  # where Llama() takes its default model params from
     import numpy as np
 
-    default = capi.llama_model_default_params
+    if os.environ.get(NO_EXTRA_BUFTS_ENV) == "1":
+        # llama.cpp's extra buffer types (Q4_0/Q8_0 repacking, AMX) off: the configuration the
+        # parity tests use; a -march=native build needs it on AMX CPUs (llama.cpp issue 20824).
+        default = capi.llama_model_default_params
 
-    def params() -> Any:
-        # llama.cpp's extra (AMX / repacked) buffer types crash on AMX CPUs (llama.cpp issue 20824).
-        p = default()
-        p.use_extra_bufts = False
-        return p
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = False
+            return p
 
-    capi.llama_model_default_params = params  # type: ignore[assignment]
+        capi.llama_model_default_params = params  # type: ignore[assignment]
 
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
@@ -327,6 +329,12 @@ def section(
         f"- Files (random weights): {files}",
         f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time; "
         f"median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
+        "- llama.cpp: "
+        + (
+            "without its extra buffer types (no Q4_0/Q8_0 repacking), as in the parity tests."
+            if args.llama_no_extra_bufts
+            else "default settings (Q4_0/Q8_0 weights repacked for AVX2), as users run it."
+        ),
     ]
     if args.preset != "3b":
         lines.append(
@@ -357,6 +365,9 @@ def write_section(out: Path, text: str) -> None:
     tmp.replace(out)
 
 
+NO_EXTRA_BUFTS_ENV = "LLMCTL_BENCH_LLAMA_NO_EXTRA_BUFTS"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from runtime.testing.make_model import PRESETS
 
@@ -369,6 +380,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, help="rewrite the runtime_speed section of this markdown file")
     p.add_argument("--regen", action="store_true", help="regenerate the cached model files")
+    p.add_argument(
+        "--llama-no-extra-bufts",
+        action="store_true",
+        help="run llama.cpp without its extra buffer types (no Q4_0/Q8_0 repacking), as the parity tests do; "
+        "by default it runs as users get it",
+    )
     a = p.parse_args(argv)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
     bad = [t for t in a.types if t not in VARIANTS]
@@ -385,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["_child"]:
         return child_main(argv[1:])
     args = parse_args(argv)
+    if args.llama_no_extra_bufts:
+        os.environ[NO_EXTRA_BUFTS_ENV] = "1"  # read by the llama.cpp children
     command = shlex.join(["python", "-m", "benchmarks.runtime_speed", *argv])
 
     have_llama = importlib.util.find_spec("llama_cpp") is not None

@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_model(verb: str, args: Sequence[str]) -> int:
+def run_model(verb: str, args: Sequence[str], *, debug: bool = False) -> int:
     """Run ``python -m runtime VERB ARGS...`` in-process and return its exit code."""
     from runtime import cli as runtime_cli
 
-    return runtime_cli.main([verb, *args])
+    return runtime_cli.main([verb, *args, *(["--debug"] if debug else [])])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # "model" is the only command so far.
     try:
-        return run_model(options.verb, options.args)
+        return run_model(options.verb, options.args, debug=options.debug)
     except ModelError as exc:
         if options.debug:
             raise

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from runtime.errors import GGUFError
-from runtime.ggml_types import BLOCK_SIZE, GGMLType, ValueType
+from runtime.errors import GGUFError, UnsupportedModelError
+from runtime.ggml_types import BLOCK_SIZE, OTHER_GGML_TYPES, GGMLType, ValueType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -260,6 +260,11 @@ def parse(buf: memoryview | bytes, path: Path) -> tuple[int, int, dict[str, Any]
         try:
             ggml_type = GGMLType(raw_type)
         except ValueError:
+            if raw_type in OTHER_GGML_TYPES:
+                raise UnsupportedModelError(
+                    f"{path}: tensor {name!r} is {OTHER_GGML_TYPES[raw_type]}, a quantization llmctl's runtime "
+                    f"does not read yet (it reads {', '.join(t.name for t in GGMLType)}); use a Q8_0 or Q4_0 file"
+                ) from None
             raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}", type_at) from None
         rel_offset = cur.u64(f"data offset of tensor {name!r}")
         if rel_offset % alignment:

@@ -21,7 +21,7 @@ mkdir -p "$DEMO_DIR"
 say "making the demo model: $MODEL"
 tmp="$DEMO_DIR/.demo-q8_0.$$.gguf"
 trap 'rm -f "$tmp"' EXIT
-"$PY" -m runtime.testing.make_model --arch starcoder2 --preset tiny --type q8_0 -o "$tmp"
+"$PY" -m runtime.testing.make_model --arch starcoder2 --preset tiny --type q8_0 --seed 1 -o "$tmp"
 mv -f "$tmp" "$MODEL"
 
 say "python -m runtime info $MODEL"
@@ -29,3 +29,10 @@ say "python -m runtime info $MODEL"
 
 say "completing 'def fibonacci(n):' (the weights are random, so the text is too)"
 "$PY" -m runtime generate -m "$MODEL" -p 'def fibonacci(n):' -n 32 --seed 1
+
+say "filling in the middle between a prefix and a suffix (<fim_prefix>...<fim_suffix>...<fim_middle>)"
+"$PY" -m runtime generate -m "$MODEL" -p 'def add(a, b):
+    return ' --infill-suffix '
+
+print(add(1, 2))
+' -n 16 --seed 1

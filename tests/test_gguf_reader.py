@@ -427,7 +427,7 @@ def fuzz_image(fuzz_model: Path) -> tuple[bytes, int]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(ops=st.lists(mutation, min_size=1, max_size=6))
-def test_fuzz_read_gguf_raises_only_gguf_error(
+def test_fuzz_read_gguf_raises_only_format_errors(
     fuzz_image: tuple[bytes, int], tmp_path_factory: pytest.TempPathFactory, ops: list[Any]
 ) -> None:
     image, header = fuzz_image
@@ -436,7 +436,7 @@ def test_fuzz_read_gguf_raises_only_gguf_error(
     path.write_bytes(data)
     try:
         f = read_gguf(path)
-    except GGUFError as e:
+    except (GGUFError, UnsupportedModelError) as e:  # the latter: a mutated type id names a real ggml type
         assert str(path) in str(e)
         return
     with f:  # whatever parsed must be consistent with the file
@@ -654,3 +654,11 @@ def test_fuzz_model_load_on_wrong_metadata(
             model.complete(ids, max_tokens=2, seed=0)
         except ModelError as e:
             assert "non-finite logits" in str(e)
+
+
+def test_known_but_unsupported_quantization_is_named(tmp_path: Path) -> None:
+    """A real ggml type the runtime does not read (Q5_0) is refused by name, with what to use instead."""
+    path = tmp_path / "q5_0.gguf"
+    path.write_bytes(_replace_info(0, tinfo("a", [32, 2], 6, 0)))
+    with pytest.raises(UnsupportedModelError, match=r"tensor 'a' is Q5_0, .* use a Q8_0 or Q4_0 file"):
+        read_gguf(path)

@@ -44,3 +44,12 @@ def test_model_info_on_a_file_that_is_not_gguf_fails_on_one_line(
     assert len(lines) == 1, err
     assert "error" in lines[0]
     assert "not-a-model.gguf" in lines[0]  # the message says which file
+
+
+def test_debug_shows_the_runtime_error_with_its_traceback(tmp_path: Path) -> None:
+    from runtime.errors import GGUFError
+
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"this is not a GGUF file\n" * 4)
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        cli.main(["--debug", "model", "info", str(bogus)])
