@@ -596,6 +596,11 @@ WRONG_METADATA: dict[str, tuple[dict[str, tuple[Any, ValueType]], type[ModelErro
     "model array": ({"tokenizer.ggml.model": ([], ValueType.INT32)}, UnsupportedModelError, "tokenizer model"),
     "pre array": ({"tokenizer.ggml.pre": ([1], ValueType.INT32)}, UnsupportedModelError, "pre-tokenizer"),
     "architecture array": ({"general.architecture": ([], ValueType.INT32)}, GGUFError, "must be a string"),
+    "other architecture": (
+        {"general.architecture": ("llama", ValueType.STRING)},
+        UnsupportedModelError,
+        "architecture 'llama' is not supported; llmctl's runtime runs starcoder2 and starcoder models",
+    ),
     "float block count": (
         {"starcoder2.block_count": (1.5, ValueType.FLOAT32)},
         GGUFError,

@@ -55,6 +55,11 @@ CASES: list[Any] = [
     pytest.param(
         "sc-q4_0-5heads", dict(arch="starcoder", wtype="q4_0", n_embd=160, n_head=5, n_ff=320), id="sc-q4_0-5heads"
     ),
+    pytest.param(
+        "sc-q4_0-q6k-head",
+        dict(arch="starcoder", wtype="q4_0", head_type="q6_k", n_embd=256, n_head=8, n_ff=512),
+        id="sc-q4_0-q6k-head",
+    ),
 ]
 
 
