@@ -8,6 +8,7 @@ quantized matmuls), which is why they are C kernels and everything else is NumPy
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,18 +145,31 @@ class Transformer:
     def forward(self, ids: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.n_past.. and advance the cache.
         Returns logits [T, V] (all_logits) or [1, V] for the last token only."""
+        return self.forward_batch([(cache, ids)], all_logits=all_logits)
+
+    def forward_batch(self, segments: Sequence[tuple[KVCache, np.ndarray]], *, all_logits: bool = False) -> np.ndarray:
+        """Run several sequences in one pass: each segment is a cache and the tokens to append to it.
+
+        The matmuls see all segments' rows at once, so every weight is read once per call however
+        many sequences there are (this is what batched serving gains); attention runs per segment
+        over its own cache. Returns logits for every row (all_logits) or for each segment's last row,
+        in segment order."""
         cfg, nt = self.cfg, self.n_threads
-        T, pos0 = len(ids), cache.n_past
-        if pos0 + T > cache.n_ctx:
-            raise ValueError(f"forward: {pos0}+{T} positions exceed the cache of {cache.n_ctx}")
-        positions = np.arange(pos0, pos0 + T)
+        hd, n_kv = cfg.head_dim, cfg.n_head_kv
+        lengths = [len(ids) for _, ids in segments]
+        for cache, ids in segments:
+            if cache.n_past + len(ids) > cache.n_ctx:
+                raise ValueError(f"forward: {cache.n_past}+{len(ids)} positions exceed the cache of {cache.n_ctx}")
+        ids = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in segments])
+        positions = np.concatenate([np.arange(c.n_past, c.n_past + len(t)) for c, t in segments])
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        T = len(ids)
         x = self.token_embd.lookup(ids)  # [T, E]
         if self.position_embd is not None:
             x += self.position_embd.lookup(positions)
         if cfg.arch == "starcoder2":
-            cos, sin = self.rope(cache.n_ctx)
-            cos, sin = cos[pos0 : pos0 + T], sin[pos0 : pos0 + T]
-        hd, n_kv = cfg.head_dim, cfg.n_head_kv
+            cos_all, sin_all = self.rope(max(c.n_ctx for c, _ in segments))
+            cos, sin = cos_all[positions], sin_all[positions]
         attn = np.empty((T, cfg.n_head, hd), dtype=np.float32)
         for il, blk in enumerate(self.blocks):
             h = ops.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, cfg.norm_eps)
@@ -169,13 +183,16 @@ class Transformer:
                 q = ops.rope_neox(blk.wq(h, nt).reshape(T, cfg.n_head, hd), cos, sin)
                 k = ops.rope_neox(blk.wk(h, nt).reshape(T, n_kv, hd), cos, sin)
                 v = blk.wv(h, nt).reshape(T, n_kv, hd)
-            cache.store(il, pos0, k, v)
-            _kernels.attention(np.ascontiguousarray(q), cache.k[il], cache.v[il], attn, pos0, float(self.kq_scale), nt)
+            q = np.ascontiguousarray(q)
+            for (cache, _), a, b in zip(segments, starts[:-1], starts[1:], strict=True):
+                cache.store(il, cache.n_past, k[a:b], v[a:b])
+                _kernels.attention(q[a:b], cache.k[il], cache.v[il], attn[a:b], cache.n_past, float(self.kq_scale), nt)
             x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
             h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
             x = blk.ffn_down(ops.gelu(blk.ffn_up(h, nt)), nt) + x
-        cache.n_past = pos0 + T
+        for (cache, _), n in zip(segments, lengths, strict=True):
+            cache.n_past += n
         if not all_logits:
-            x = x[-1:]
+            x = x[starts[1:] - 1]
         x = ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, cfg.norm_eps)
         return self.output(np.ascontiguousarray(x), nt)
