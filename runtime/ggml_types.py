@@ -67,6 +67,22 @@ class ValueType(IntEnum):
     FLOAT64 = 12
 
 
+# struct formats of the scalar GGUF value types (shared by the reader and the writer)
+SCALAR_FORMATS: dict[ValueType, str] = {
+    ValueType.UINT8: "<B",
+    ValueType.INT8: "<b",
+    ValueType.UINT16: "<H",
+    ValueType.INT16: "<h",
+    ValueType.UINT32: "<I",
+    ValueType.INT32: "<i",
+    ValueType.FLOAT32: "<f",
+    ValueType.BOOL: "<?",
+    ValueType.UINT64: "<Q",
+    ValueType.INT64: "<q",
+    ValueType.FLOAT64: "<d",
+}
+
+
 class FileType(IntEnum):
     """`general.file_type` values (llama_ftype) used by the project."""
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from runtime.errors import GGUFError, UnsupportedModelError
-from runtime.ggml_types import BLOCK_SIZE, OTHER_GGML_TYPES, GGMLType, ValueType
+from runtime.ggml_types import BLOCK_SIZE, OTHER_GGML_TYPES, SCALAR_FORMATS, GGMLType, ValueType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -27,19 +27,6 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_NAME_BYTES = 64  # ggml's GGML_MAX_NAME
 
-_SCALAR_FORMATS: dict[ValueType, str] = {
-    ValueType.UINT8: "<B",
-    ValueType.INT8: "<b",
-    ValueType.UINT16: "<H",
-    ValueType.INT16: "<h",
-    ValueType.UINT32: "<I",
-    ValueType.INT32: "<i",
-    ValueType.FLOAT32: "<f",
-    ValueType.BOOL: "<?",
-    ValueType.UINT64: "<Q",
-    ValueType.INT64: "<q",
-    ValueType.FLOAT64: "<d",
-}
 _NUMPY_DTYPES: dict[ValueType, str] = {
     ValueType.UINT8: "<u1",
     ValueType.INT8: "<i1",
@@ -180,7 +167,7 @@ def _read_value(cur: _Cursor, vtype: ValueType, key: str) -> Any:
     if vtype == ValueType.STRING:
         return cur.string(f"value of {key!r}")
     if vtype != ValueType.ARRAY:
-        value = cur.scalar(_SCALAR_FORMATS[vtype], f"value of {key!r}")
+        value = cur.scalar(SCALAR_FORMATS[vtype], f"value of {key!r}")
         return bool(value) if vtype == ValueType.BOOL else value
     elem = _value_type(cur, f"elements of {key!r}")
     count = cur.u64(f"element count of {key!r}")

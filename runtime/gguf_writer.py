@@ -15,26 +15,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from runtime.ggml_types import GGMLType, ValueType, row_bytes
+from runtime.ggml_types import SCALAR_FORMATS, GGMLType, ValueType, row_bytes
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
 GGUF_VERSION = 3
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
 MAX_DIMS = 4
 
-_SCALAR_FMT: dict[ValueType, str] = {
-    ValueType.UINT8: "<B",
-    ValueType.INT8: "<b",
-    ValueType.UINT16: "<H",
-    ValueType.INT16: "<h",
-    ValueType.UINT32: "<I",
-    ValueType.INT32: "<i",
-    ValueType.FLOAT32: "<f",
-    ValueType.BOOL: "<?",
-    ValueType.UINT64: "<Q",
-    ValueType.INT64: "<q",
-    ValueType.FLOAT64: "<d",
-}
 _NP_DTYPE: dict[ValueType, str] = {
     ValueType.UINT8: "<u1",
     ValueType.INT8: "<i1",
@@ -64,7 +51,7 @@ def _scalar(value: Any, vtype: ValueType) -> bytes:
             raise TypeError(f"STRING value must be str, got {type(value).__name__}")
         return _string(value)
     try:
-        return struct.pack(_SCALAR_FMT[vtype], value)
+        return struct.pack(SCALAR_FORMATS[vtype], value)
     except (struct.error, KeyError) as e:
         raise ValueError(f"cannot encode {value!r} as {vtype.name}: {e}") from None
 

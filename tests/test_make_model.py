@@ -382,24 +382,9 @@ def test_cli_writes_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def load_llama(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Any]:
-    """Load with llama-cpp-python, without llama.cpp's extra (AMX / repacked) buffer types.
-
-    On AMX CPUs llama.cpp's AMX matmul segfaults on batched Q8_0/Q4_0 matmuls (ggml-org/llama.cpp
-    issue 20824, also with its own quantized files); `use_extra_bufts = False` avoids it.
-    """
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama_cpp as capi  # the module Llama() takes its default params from
-
-    default = capi.llama_model_default_params
-
-    def params() -> Any:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(capi, "llama_model_default_params", params)
-    return lambda path: llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, verbose=False)
+def load_llama(llama_oracle: Callable[..., Any]) -> Callable[[Path], Any]:
+    """llama.cpp on a file (see tests/conftest.py for how it is configured)."""
+    return lambda path: llama_oracle(path, n_ctx=256)
 
 
 LLAMA_CASES = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,9 @@ def tok(model_path: Path) -> CodeTokenizer:
 
 
 @pytest.fixture(scope="module")
-def llama(model_path: Path) -> Iterator[Any]:
-    """llama.cpp's vocabulary only, loaded without its extra (AMX) buffer types (see test_make_model)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama_cpp as capi
-
-    default = capi.llama_model_default_params
-
-    def params() -> Any:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(capi, "llama_model_default_params", params)
-        llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+def llama(model_path: Path, llama_oracle: Callable[..., Any]) -> Iterator[Any]:
+    """llama.cpp's vocabulary only (see tests/conftest.py for how it is configured)."""
+    llm = llama_oracle(model_path, vocab_only=True)
     assert llm.n_vocab() == 4099
     yield llm
     llm.close()

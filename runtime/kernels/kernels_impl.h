@@ -147,60 +147,51 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 /* One weight row against four activation rows (prompt processing): the weight block is loaded
  * and unpacked once for the four. Each (row, activation) pair does exactly the arithmetic of
  * the single-row kernels above, so results are bit-identical to them. */
-static void SUFFIX(dot4_q8_0)(int64_t n, const void *vx, const void *vy, size_t y_stride, float *out) {
-    const block_q8_0 *x = (const block_q8_0 *)vx;
-    const int64_t nb = n / QK8_0;
 #ifdef KERNELS_AVX2
+/* acc[r] += fp16(x.d) * fp16(y_r.d) * (qx . y_r.qs) for the block i of four activation rows */
+static inline void SUFFIX(dot4_block)(__m256i qx, float dx, const block_q8_0 *const y[4], int64_t i, __m256 acc[4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ax = _mm256_sign_epi8(qx, qx);
+    for (int r = 0; r < 4; r++) {
+        const __m256 d = _mm256_set1_ps(dx * fp16_to_fp32(y[r][i].d));
+        const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[r][i].qs), qx);
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+        acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+    }
+}
+#endif
+
+static void SUFFIX(dot4_q8_0)(int64_t n, const void *vx, const void *vy, size_t y_stride, float *out) {
+#ifdef KERNELS_AVX2
+    const block_q8_0 *x = (const block_q8_0 *)vx;
     const block_q8_0 *y[4];
     for (int r = 0; r < 4; r++) y[r] = (const block_q8_0 *)((const uint8_t *)vy + r * y_stride);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t i = 0; i < nb; i++) {
-        const float dx = fp16_to_fp32(x[i].d);
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
-        const __m256i ax = _mm256_sign_epi8(qx, qx);
-        for (int r = 0; r < 4; r++) {
-            const __m256 d = _mm256_set1_ps(dx * fp16_to_fp32(y[r][i].d));
-            const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[r][i].qs), qx);
-            const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
-            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
-        }
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        SUFFIX(dot4_block)(_mm256_loadu_si256((const __m256i *)x[i].qs), fp16_to_fp32(x[i].d), y, i, acc);
     }
     for (int r = 0; r < 4; r++) out[r] = SUFFIX(hsum8)(acc[r]);
 #else
     for (int r = 0; r < 4; r++) out[r] = SUFFIX(dot_q8_0)(n, vx, (const uint8_t *)vy + r * y_stride);
-    (void)nb;
-    (void)x;
 #endif
 }
 
 static void SUFFIX(dot4_q4_0)(int64_t n, const void *vx, const void *vy, size_t y_stride, float *out) {
-    const block_q4_0 *x = (const block_q4_0 *)vx;
-    const int64_t nb = n / QK4_0;
 #ifdef KERNELS_AVX2
+    const block_q4_0 *x = (const block_q4_0 *)vx;
     const block_q8_0 *y[4];
     for (int r = 0; r < 4; r++) y[r] = (const block_q8_0 *)((const uint8_t *)vy + r * y_stride);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i low = _mm256_set1_epi8(0xF);
     const __m256i eight = _mm256_set1_epi8(8);
-    for (int64_t i = 0; i < nb; i++) {
-        const float dx = fp16_to_fp32(x[i].d);
+    for (int64_t i = 0; i < n / QK4_0; i++) {
         const __m128i packed = _mm_loadu_si128((const __m128i *)x[i].qs);
         const __m256i qx = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low), eight);
-        const __m256i ax = _mm256_sign_epi8(qx, qx);
-        for (int r = 0; r < 4; r++) {
-            const __m256 d = _mm256_set1_ps(dx * fp16_to_fp32(y[r][i].d));
-            const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[r][i].qs), qx);
-            const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
-            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
-        }
+        SUFFIX(dot4_block)(qx, fp16_to_fp32(x[i].d), y, i, acc);
     }
     for (int r = 0; r < 4; r++) out[r] = SUFFIX(hsum8)(acc[r]);
 #else
     for (int r = 0; r < 4; r++) out[r] = SUFFIX(dot_q4_0)(n, vx, (const uint8_t *)vy + r * y_stride);
-    (void)nb;
-    (void)x;
 #endif
 }
 

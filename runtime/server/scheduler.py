@@ -304,11 +304,10 @@ class Scheduler:
             tail += "" if hit else s.stops.flush()
         handle, prompt = s.handle, s.handle.request.prompt_ids
         ttft = None if s.first_token_at is None else s.first_token_at - handle.submitted
-        handle._emit(FinalEvent(reason, tail, len(prompt), s.generated, s.reused, ttft, error))
-        if s.pending:  # a prompt cut short: only what was prefilled is in the cache
-            s.pending = []
-        s.handle = None
+        s.pending = []  # a prompt cut short: only what was prefilled is in the cache
+        s.handle = None  # free before telling the client, so a finished request never holds a slot
         s.sampler = s.decoder = s.stops = None
+        handle._emit(FinalEvent(reason, tail, len(prompt), s.generated, s.reused, ttft, error))
         with self._cv:
             self._cv.notify()
 
