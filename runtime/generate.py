@@ -41,7 +41,7 @@ def decode_one(model: Transformer, cache: KVCache, token: int) -> np.ndarray:
     return model.forward(np.asarray([token], dtype=np.int64), cache)[-1]
 
 
-class _StopMatcher:
+class StopMatcher:
     """Releases text only once it can no longer be the start of a stop string."""
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -105,7 +105,7 @@ def generate(
     cache.reset()
     history = list(prompt_ids)
     detok = tokenizer.stream_decoder()
-    stops = _StopMatcher(stop)
+    stops = StopMatcher(stop)
     if budget <= 0:
         res.finish_reason = "length"
         return

@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.engine import Model
 from runtime.errors import ContextOverflowError, ModelError
-from runtime.generate import _StopMatcher
+from runtime.generate import StopMatcher
 from runtime.kv_cache import KVCache
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import StreamDecoder
@@ -109,7 +109,7 @@ class _Slot:
     sampler: Sampler | None = None
     history: list[int] = field(default_factory=list)
     decoder: StreamDecoder | None = None
-    stops: _StopMatcher | None = None
+    stops: StopMatcher | None = None
     generated: int = 0
     reused: int = 0
     started: float = 0.0
@@ -230,7 +230,7 @@ class Scheduler:
         slot.sampler = Sampler(req.sampling)
         slot.history = list(req.prompt_ids)
         slot.decoder = self.model.tokenizer.stream_decoder()
-        slot.stops = _StopMatcher(req.stop)
+        slot.stops = StopMatcher(req.stop)
         slot.generated = 0
         slot.reused = reuse
         slot.started = time.monotonic()
