@@ -1,8 +1,10 @@
-"""`python -m runtime`: inspect a GGUF model (`info`) or generate text with it (`generate`).
+"""`python -m runtime`: inspect a GGUF model (`info`), generate text with it (`generate`), or serve
+it over HTTP with OpenAI- and llama.cpp-compatible endpoints (`serve`, docs/server.md).
 
     python -m runtime info model.gguf [-o json]
     python -m runtime generate -m model.gguf -p 'def fib(n):' -n 64 --temperature 0
     python -m runtime generate -m model.gguf -p 'def f(x):\\n    ' --infill-suffix '\\n    return y\\n'
+    python -m runtime serve -m model.gguf --port 8080 --parallel 4
 
 Every `ModelError` (bad file, unsupported model, context overflow, bad sampling parameter) is
 printed as one line `error: ...` on stderr with exit code 1; `--debug` shows the traceback
@@ -220,7 +222,120 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="treat control-token text such as <fim_prefix> in the prompt as plain text",
     )
+    _add_serve(commands, fmt, debug)
     return parser
+
+
+SERVE_EXAMPLES = """\
+examples:
+  python -m runtime serve -m model.gguf
+  LLMCTL_API_KEY=secret python -m runtime serve -m model.gguf --host 0.0.0.0 --port 8080 --parallel 8
+  curl http://127.0.0.1:8080/v1/completions -d '{"prompt": "def fib(n):", "max_tokens": 32}'
+"""
+
+
+def _add_serve(commands: Any, fmt: type[argparse.HelpFormatter], debug: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser(
+        "serve",
+        parents=[debug],
+        formatter_class=fmt,
+        help="serve a GGUF model over HTTP (OpenAI and llama.cpp APIs)",
+        description=(
+            "Serve the model over HTTP: OpenAI's /v1/completions, /v1/chat/completions and /v1/models,\n"
+            "llama.cpp's /completion, /infill, /tokenize, /detokenize, /props, plus /health and /metrics.\n"
+            "Up to --parallel requests are decoded together; --max-queue more wait (then 429).\n"
+            "SIGTERM or Ctrl-C finish in-flight requests within --shutdown-timeout and exit 0."
+        ),
+        epilog=SERVE_EXAMPLES,
+    )
+    serve.add_argument("-m", "--model", required=True, metavar="FILE", help="the .gguf model file")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=_port, default=8080, help="TCP port")
+    serve.add_argument(
+        "-np",
+        "--parallel",
+        type=_int_at_least(1, "--parallel"),
+        default=4,
+        metavar="N",
+        help="slots: requests decoded together in one batched forward pass",
+    )
+    serve.add_argument(
+        "-c",
+        "--ctx",
+        "--ctx-size",
+        dest="ctx",
+        type=_int_at_least(1, "--ctx"),
+        default=None,
+        metavar="N",
+        help="context window of each slot in tokens (default: the model's training context, at most 4096)",
+    )
+    serve.add_argument(
+        "-t",
+        "--threads",
+        type=_int_at_least(1, "--threads"),
+        default=None,
+        metavar="N",
+        help="CPU threads (default: every CPU this process may use)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(default: the LLMCTL_API_KEY environment variable, which unlike this option is not visible in ps)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_int_at_least(0, "--max-queue"),
+        default=64,
+        metavar="N",
+        help="requests that may wait for a free slot; beyond that the server answers 429",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=_positive_float("--timeout"),
+        default=600.0,
+        metavar="SECONDS",
+        help="longest a request may generate for; then it ends as if it reached max_tokens",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=_positive_float("--shutdown-timeout", allow_zero=True),
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish before they are cancelled",
+    )
+    serve.add_argument(
+        "-a", "--alias", default=None, metavar="NAME", help="model id in /v1/models (default: the file name stem)"
+    )
+    serve.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="server log level"
+    )
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port must be an integer, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be in 0..65535, got {value}")
+    return value
+
+
+def _positive_float(what: str, allow_zero: bool = False) -> Any:
+    finite = _float(what)
+
+    def parse(text: str) -> float:
+        value: float = finite(text)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+
+    return parse
 
 
 # --- info --------------------------------------------------------------------------------------
@@ -402,6 +517,44 @@ def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+# --- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from runtime.config import ModelConfig
+    from runtime.gguf import read_gguf
+
+    try:
+        from runtime.server.serve import run
+        from runtime.server.state import ServerConfig
+    except ImportError as e:  # an image built without the server's dependencies
+        raise ModelError(f"the server needs fastapi, uvicorn and prometheus-client: {e}") from None
+    # Fail fast, before binding the port, on a file that is missing or not a supported model;
+    # the full load (every tensor checked, pages mapped) happens in the background while /health says "loading".
+    with read_gguf(args.model) as f:
+        ModelConfig.from_gguf(f)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LLMCTL_API_KEY") or None
+    config = ServerConfig(
+        n_parallel=args.parallel,
+        max_queue=args.max_queue,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        api_key=api_key,
+        alias=args.alias,
+        request_timeout=args.timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(
+        args.model, host=args.host, port=args.port, config=config, log_level=args.log_level, access_log=args.access_log
+    )
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -419,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return cmd_info(args, sys.stdout)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_generate(args, sys.stdout, sys.stderr)
     except ModelError as e:
         if args.debug:

@@ -209,3 +209,89 @@ async def _submit_after_stop(model: Model) -> None:
     sch.start()
     sch.stop()
     sch.submit(Request([1, 2], 1, GREEDY))
+
+
+def test_max_tokens_zero_generates_nothing(model: Model) -> None:
+    async def run() -> tuple[list[int], FinalEvent]:
+        sch = Scheduler(model, n_parallel=1)
+        sch.start()
+        try:
+            tokens, _, final = await _collect(sch, Request(_prompts(model, 1)[0], 0, GREEDY))
+            return tokens, final
+        finally:
+            sch.stop()
+
+    tokens, final = asyncio.run(run())
+    assert tokens == [] and final.completion_tokens == 0 and final.finish_reason == "length"
+
+
+def test_unrelated_request_does_not_evict_a_shared_prefix(model: Model) -> None:
+    """With a free empty slot, an unrelated prompt goes there, not over the cached shared prefix."""
+    header = model.tokenize("# Copyright the project authors\nimport os\nimport sys\n\n\n")
+
+    async def run() -> FinalEvent:
+        sch = Scheduler(model, n_parallel=2)
+        sch.start()
+        try:
+            await _collect(sch, Request(header + model.tokenize("def a():"), 4, GREEDY))
+            await _collect(sch, Request(model.tokenize("SELECT * FROM users;"), 4, GREEDY))
+            _, _, final = await _collect(sch, Request(header + model.tokenize("def b():"), 4, GREEDY))
+            return final
+        finally:
+            sch.stop()
+
+    assert asyncio.run(run()).cached_tokens >= len(header)
+
+
+def test_prefix_reuse_can_be_turned_off(model: Model) -> None:
+    prompt = _prompts(model, 1)[0]
+
+    async def run() -> FinalEvent:
+        sch = Scheduler(model, n_parallel=1)
+        sch.start()
+        try:
+            await _collect(sch, Request(prompt, 2, GREEDY))
+            _, _, final = await _collect(sch, Request(prompt, 2, GREEDY, reuse_prefix=False))
+            return final
+        finally:
+            sch.stop()
+
+    assert asyncio.run(run()).cached_tokens == 0
+
+
+def test_a_cancelled_waiting_request_gives_its_queue_place_back(model: Model) -> None:
+    async def run() -> FinalEvent:
+        sch = Scheduler(model, n_parallel=1, max_queue=1)
+        sch.start()
+        try:
+            running = sch.submit(Request(_prompts(model, 1)[0], None, GREEDY))
+            await asyncio.sleep(0.05)
+            waiting = sch.submit(Request(_prompts(model, 1)[0], 4, GREEDY))
+            waiting.cancel()
+            assert sch.stats().queue_depth == 0
+            sch.submit(Request(_prompts(model, 1)[0], 4, GREEDY))  # the place is free again
+            running.cancel()
+            return [ev async for ev in waiting.events()][-1]  # type: ignore[return-value]
+        finally:
+            sch.stop(timeout=1)
+
+    assert asyncio.run(run()).finish_reason == "cancelled"
+
+
+def test_engine_survives_a_client_whose_event_loop_is_gone(model: Model) -> None:
+    sch = Scheduler(model, n_parallel=1)
+    sch.start()
+    try:
+        loop = asyncio.new_event_loop()
+        sch.submit(Request(_prompts(model, 1)[0], 8, GREEDY), loop)
+        loop.close()  # the engine's events for it now have nowhere to go
+        time.sleep(0.5)
+        assert sch._thread.is_alive()
+
+        async def again() -> FinalEvent:
+            _, _, final = await _collect(sch, Request(_prompts(model, 1)[0], 2, GREEDY))
+            return final
+
+        assert asyncio.run(again()).completion_tokens == 2
+    finally:
+        sch.stop()

@@ -13,6 +13,7 @@ The HTTP layer talks to it only through `Scheduler.submit`, `Handle` and `Schedu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -46,6 +47,7 @@ class Request:
     stop: Sequence[str] = ()
     n_probs: int = 0  # also report the top-n alternatives' log-probabilities of each token
     time_limit: float | None = None  # seconds from admission; then it ends with finish_reason "length"
+    reuse_prefix: bool = True  # start from a slot's cached tokens when they share a prefix
 
 
 @dataclass
@@ -87,7 +89,8 @@ class Handle:
         self.submitted = time.monotonic()
 
     def _emit(self, event: Event) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the client's event loop is gone: nobody to tell
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -114,6 +117,7 @@ class _Slot:
     reused: int = 0
     started: float = 0.0
     first_token_at: float | None = None
+    last_used: float = 0.0  # when its last request ended: the least recently used slot is reused first
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Scheduler:
             )
         handle = Handle(request, loop or asyncio.get_running_loop())
         with self._cv:
+            self._drop_cancelled_locked()
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             if len(self._queue) >= self.max_queue:
@@ -168,6 +173,7 @@ class Scheduler:
 
     def stats(self) -> Stats:
         with self._cv:
+            self._drop_cancelled_locked()
             return Stats(len(self._queue), sum(s.handle is not None for s in self.slots), len(self.slots))
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -188,6 +194,12 @@ class Scheduler:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=max(1.0, timeout))
+
+    def _drop_cancelled_locked(self) -> None:
+        """Requests whose clients went away while waiting give their queue place back."""
+        for handle in [h for h in self._queue if h.cancelled.is_set()]:
+            self._queue.remove(handle)
+            handle._emit(FinalEvent("cancelled", "", len(handle.request.prompt_ids), 0, 0, None))
 
     # --- the engine thread ---
 
@@ -215,10 +227,12 @@ class Scheduler:
                 handle._emit(FinalEvent("cancelled", "", len(handle.request.prompt_ids), 0, 0, None))
                 continue
             prompt = handle.request.prompt_ids
-            # the free slot whose cache shares the longest prefix with this prompt
-            best = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            # the free slot whose cache shares the longest prefix with this prompt; among equals the
+            # least recently used, so one unrelated request does not evict everyone's shared prefix
+            best = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
             free.remove(best)
-            reuse = min(_common_prefix(best.cached, prompt), len(prompt) - 1)  # recompute >= 1 token for logits
+            shared = _common_prefix(best.cached, prompt) if handle.request.reuse_prefix else 0
+            reuse = min(shared, len(prompt) - 1)  # recompute >= 1 token for logits
             self._begin(best, handle, reuse)
 
     def _begin(self, slot: _Slot, handle: Handle, reuse: int) -> None:
@@ -278,6 +292,10 @@ class Scheduler:
         """Sample the next token of slot s from `logits` and emit it, or finish."""
         assert s.handle is not None and s.sampler is not None and s.decoder is not None and s.stops is not None
         req = s.handle.request
+        budget = self.n_ctx - len(req.prompt_ids) if req.max_tokens is None else req.max_tokens
+        if s.generated >= budget:  # max_tokens=0: the prompt is processed (and cached), nothing generated
+            self._finish(s, "length")
+            return
         token = s.sampler(logits, s.history)
         if s.first_token_at is None:
             s.first_token_at = time.monotonic()
@@ -292,7 +310,6 @@ class Scheduler:
         if hit:
             self._finish(s, "stop", flush=False)
             return
-        budget = self.n_ctx - len(req.prompt_ids) if req.max_tokens is None else req.max_tokens
         if s.generated >= budget or len(s.history) >= self.n_ctx:
             self._finish(s, "length")
 
@@ -307,6 +324,7 @@ class Scheduler:
         s.pending = []  # a prompt cut short: only what was prefilled is in the cache
         s.handle = None  # free before telling the client, so a finished request never holds a slot
         s.sampler = s.decoder = s.stops = None
+        s.last_used = time.monotonic()
         handle._emit(FinalEvent(reason, tail, len(prompt), s.generated, s.reused, ttft, error))
         with self._cv:
             self._cv.notify()

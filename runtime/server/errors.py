@@ -1,0 +1,127 @@
+"""Every 4xx/5xx answer as an OpenAI-style error object, and the exception handlers that make it so.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+Handlers raise `APIError`; FastAPI's own errors (404, 405, request validation) and anything
+unexpected (500) are converted to the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("llmctl.server")
+
+# the `type` of an error by HTTP status (llama.cpp's server uses the same names)
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed_request",
+    500: "server_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error answer: HTTP status, message, and the OpenAI `param` / `code` fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def context_error(message: str, *, param: str | None = "prompt") -> APIError:
+    return APIError(400, message, param=param, code="context_length_exceeded")
+
+
+def from_validation_error(errors: list[Any], descriptions: Mapping[str, str | None] | None = None) -> APIError:
+    """One readable 400 from pydantic's error list: the first field at fault, with what it must be."""
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    param = str(loc[0]) if loc else None
+    same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
+    hint = (descriptions or {}).get(param or "") if param else None
+    if first.get("type") == "missing":
+        message = f"'{param}' is required" + (f": {hint}" if hint else "")
+    elif len(same_field) > 1 and hint:  # a union: say what the field may be rather than why each member failed
+        message = f"'{param}' must be {hint}"
+    else:
+        where = ".".join(str(p) for p in loc if isinstance(p, int) or not _is_type_tag(str(p)))
+        message = f"'{where}': {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid"))
+    return bad_request(message, param=param)
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic names the member of a union that failed ('str', 'list[int]', 'function-after[...]')."""
+    return part in ("str", "int", "float", "bool", "dict", "list") or "[" in part
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = {404: f"no such endpoint: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return from_validation_error(list(exc.errors())).response()
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        body = error_body(500, f"internal server error: {type(exc).__name__}")
+        return JSONResponse(body, status_code=500)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
