@@ -311,6 +311,14 @@ def _add_serve(commands: Any, fmt: type[argparse.HelpFormatter], debug: argparse
         "-a", "--alias", default=None, metavar="NAME", help="model id in /v1/models (default: the file name stem)"
     )
     serve.add_argument(
+        "--sha256",
+        default=None,
+        metavar="DIGEST",
+        help="the weights file's pinned digest (or env LLMCTL_WEIGHTS_SHA256): checked before the model loads, "
+        "a mismatch refuses to serve; a record of a successful check lets the next start skip the hash",
+    )
+    serve.add_argument("--rehash", action="store_true", help="hash the weights even when a check record exists")
+    serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="server log level"
     )
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
@@ -536,6 +544,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with read_gguf(args.model) as f:
         ModelConfig.from_gguf(f)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLMCTL_API_KEY") or None
+    sha256 = args.sha256 or os.environ.get("LLMCTL_WEIGHTS_SHA256") or None
+    if sha256 is not None:
+        from runtime.verify import parse_digest
+
+        sha256 = parse_digest(sha256)  # a malformed digest fails now, not after the port is bound
     config = ServerConfig(
         n_parallel=args.parallel,
         max_queue=args.max_queue,
@@ -545,6 +558,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         alias=args.alias,
         request_timeout=args.timeout,
         shutdown_timeout=args.shutdown_timeout,
+        weights_sha256=sha256,
+        rehash=args.rehash,
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

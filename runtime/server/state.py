@@ -19,6 +19,7 @@ from runtime.server.body import MAX_BODY_BYTES
 from runtime.server.errors import APIError
 from runtime.server.metrics import Metrics
 from runtime.server.scheduler import Scheduler, Stats
+from runtime.verify import verify_weights
 
 log = logging.getLogger("llmctl.server")
 
@@ -34,6 +35,8 @@ class ServerConfig:
     request_timeout: float | None = 600.0  # seconds a request may generate for
     shutdown_timeout: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
     max_body_bytes: int = MAX_BODY_BYTES
+    weights_sha256: str | None = None  # checked before loading (runtime/verify.py); None: not pinned
+    rehash: bool = False  # hash the weights even when a check record exists
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:
@@ -81,6 +84,9 @@ class ServerState:
         def load() -> None:
             t0 = time.monotonic()
             try:
+                if cfg.weights_sha256 is not None:
+                    hashed = not verify_weights(path, cfg.weights_sha256, rehash=cfg.rehash)
+                    log.info("weights match sha256:%s (%s)", cfg.weights_sha256, "hashed" if hashed else "check record")
                 model = Model.load(path, n_threads=cfg.n_threads, n_ctx=cfg.n_ctx)
                 scheduler = self._scheduler_for(model)
             except Exception as e:  # ModelError, OSError, MemoryError...: the server cannot serve
