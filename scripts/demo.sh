@@ -36,3 +36,20 @@ say "filling in the middle between a prefix and a suffix (<fim_prefix>...<fim_su
 
 print(add(1, 2))
 ' -n 16 --seed 1
+
+say "serving it: python -m runtime serve -m $MODEL (OpenAI and llama.cpp APIs on 127.0.0.1)"
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$PY" -m runtime serve -m "$MODEL" --port "$PORT" --parallel 2 --log-level warning --no-access-log &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true; rm -f "$tmp"' EXIT
+for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+    sleep 0.2
+done
+say "POST /v1/completions with a suffix (fill-in-the-middle, as editors send it)"
+curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 12, "temperature": 0}'
+echo
+kill -TERM "$SERVER"
+wait "$SERVER"
+say "server stopped cleanly"
