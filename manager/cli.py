@@ -1,12 +1,13 @@
 """The ``llmctl`` command: parses arguments, hands the work to one place, prints errors on one line.
 
-For now the only verbs are ``llmctl model info FILE`` and ``llmctl model generate ...``, which
-delegate to the runtime's own command line (``python -m runtime``).
+Verbs: ``llmctl model info|generate`` (delegated to the runtime's own command line) and
+``llmctl cache fetch|ls|verify|gc`` (the weights cache; the work lives in `manager.cache`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -45,7 +46,130 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="...",
         help="arguments for the verb (see: llmctl model VERB --help)",
     )
+    add_cache_parser(commands)
     return parser
+
+
+CACHE_HELP = """\
+The weights cache is content-addressed: each file is stored once under its sha256 digest in
+<cache>/blobs/sha256/<hex> (<cache> is ~/.cache/llmctl, or $LLMCTL_HOME/cache). Pins
+(<cache>/pins/<name>) keep blobs from being garbage-collected.
+"""
+
+
+def add_cache_parser(commands: argparse._SubParsersAction) -> None:
+    """``llmctl cache fetch|ls|verify|gc``."""
+    cache = commands.add_parser(
+        "cache",
+        help="fetch, list, verify and clean the weights cache",
+        description="Fetch, list, verify and clean the content-addressed weights cache.",
+        epilog=CACHE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = cache.add_subparsers(dest="cache_verb", metavar="VERB", required=True)
+
+    fetch = verbs.add_parser(
+        "fetch",
+        help="download or copy a file into the cache and check its sha256",
+        description=(
+            "Download (https://, http://) or copy (file://, local path) SOURCE into the cache, hashing it "
+            "while it streams; the file is kept only if its sha256 equals --sha256. An interrupted download "
+            "resumes where it stopped; connection errors, stalls and 5xx answers are retried with backoff. "
+            "A blob already in the cache is re-verified instead of fetched. Prints the blob's path."
+        ),
+        epilog="example: llmctl cache fetch https://example.org/m.gguf --sha256 sha256:<64 hex> --pin my-model",
+    )
+    fetch.add_argument("source", metavar="SOURCE", help="https://, http:// or file:// URL, or a local path")
+    fetch.add_argument("--sha256", required=True, metavar="DIGEST", help="expected digest: sha256:<64 hex> or <64 hex>")
+    fetch.add_argument("--pin", metavar="NAME", help="pin the blob under NAME so that `cache gc` keeps it")
+    fetch.add_argument("--retries", type=int, default=5, metavar="N", help="retries after failures (default 5)")
+    fetch.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="give up on a stalled connection after this"
+    )
+    fetch.add_argument("--no-progress", action="store_true", help="print no progress")
+
+    ls = verbs.add_parser(
+        "ls",
+        help="list cached blobs",
+        description="List cached blobs: digest, size, source and the pins that keep them.",
+    )
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+
+    verify = verbs.add_parser(
+        "verify",
+        help="re-hash cached blobs; remove corrupt ones",
+        description=(
+            "Re-hash the given blobs (all blobs when none are given). A blob whose bytes no longer match "
+            "its digest is removed from the cache and named; the exit code is then 1."
+        ),
+    )
+    verify.add_argument("digests", nargs="*", metavar="DIGEST", help="blobs to check (default: all)")
+
+    gc = verbs.add_parser(
+        "gc",
+        help="remove unpinned blobs and partial downloads",
+        description="Remove partial downloads and every blob that no pin keeps. Prints what it removes.",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def run_cache(options: argparse.Namespace) -> int:
+    """Run one ``llmctl cache`` verb and print its result."""
+    from manager import cache
+
+    verb = options.cache_verb
+    if verb == "fetch":
+        path = cache.fetch_blob(
+            options.source,
+            options.sha256,
+            pin=options.pin,
+            progress=not options.no_progress,
+            retries=options.retries,
+            timeout=options.timeout,
+        )
+        print(path)
+        return 0
+    if verb == "ls":
+        blobs = cache.list_blobs()
+        if options.output == "json":
+            print(json.dumps([b.to_json() for b in blobs], indent=2))
+            return 0
+        rows = [(b.digest, _size(b.size), ",".join(b.pins) or "-", b.source or "-") for b in blobs]
+        header = ("DIGEST", "SIZE", "PINS", "SOURCE")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+        return 0
+    if verb == "verify":
+        results = cache.verify_blobs(options.digests)
+        bad = [r.digest for r in results if not r.ok]
+        for r in results:
+            print(f"{'ok' if r.ok else 'CORRUPT'}  {r.digest}")
+        for digest in bad:
+            print(
+                f"{PROG}: error: blob {digest} is corrupt and was removed from the cache; "
+                "fetch it again with `llmctl cache fetch`",
+                file=sys.stderr,
+            )
+        return 1 if bad else 0
+    if verb == "gc":
+        removed = cache.collect_garbage(dry_run=options.dry_run)
+        prefix = "would remove" if options.dry_run else "removed"
+        for path in removed:
+            print(f"{prefix} {path}")
+        if not removed:
+            print("nothing to remove")
+        return 0
+    raise AssertionError(verb)
 
 
 def run_model(verb: str, args: Sequence[str], *, debug: bool = False) -> int:
@@ -63,15 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
 
+    from manager.errors import LlmctlError
     from runtime.errors import ModelError
 
-    # "model" is the only command so far.
     try:
+        if options.command == "cache":
+            return run_cache(options)
         return run_model(options.verb, options.args, debug=options.debug)
-    except ModelError as exc:
+    except (LlmctlError, ModelError) as exc:
         if options.debug:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if options.debug:
