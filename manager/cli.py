@@ -188,13 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from manager.errors import LlmctlError
+    from registry.errors import RegistryError
     from runtime.errors import ModelError
 
     try:
         if options.command == "cache":
             return run_cache(options)
         return run_model(options.verb, options.args, debug=options.debug)
-    except (LlmctlError, ModelError) as exc:
+    except (LlmctlError, RegistryError, ModelError) as exc:  # every user-facing error family
         if options.debug:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message holds
