@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 PROG = "llmctl"
 MODEL_VERBS = ("info", "generate")
@@ -47,7 +48,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="arguments for the verb (see: llmctl model VERB --help)",
     )
     add_cache_parser(commands)
+    add_key_parser(commands)
     return parser
+
+
+def add_key_parser(commands: argparse._SubParsersAction) -> None:
+    """``llmctl key generate|import|export|ls``."""
+    key = commands.add_parser(
+        "key",
+        help="create and manage signing keys (cosign's formats)",
+        description=(
+            "Signing keys in cosign's formats: ECDSA P-256, the private key encrypted with scrypt and NaCl "
+            "secretbox (cosign.key), the public key as PEM (cosign.pub). Keys are kept in <config>/keys "
+            "(~/.config/llmctl/keys, or $LLMCTL_HOME/config/keys). The password comes from "
+            "LLMCTL_KEY_PASSWORD (or COSIGN_PASSWORD), else it is asked for on the terminal."
+        ),
+    )
+    verbs = key.add_subparsers(dest="key_verb", metavar="VERB", required=True)
+    gen = verbs.add_parser("generate", help="create a key pair", description="Create a new ECDSA P-256 key pair.")
+    imp = verbs.add_parser(
+        "import",
+        help="import an unencrypted P-256 private key",
+        description="Encrypt an unencrypted PEM P-256 private key in cosign's format (cosign import-key-pair).",
+    )
+    imp.add_argument("pem", type=Path, metavar="PEM_FILE", help="EC PRIVATE KEY or PKCS#8 PRIVATE KEY PEM file")
+    for p in (gen, imp):
+        p.add_argument("--name", default="cosign", help="key name (default: cosign)")
+        p.add_argument("--force", action="store_true", help="replace an existing key of that name")
+    exp = verbs.add_parser(
+        "export",
+        help="print a public key (or the encrypted private key)",
+        description="Print the public key PEM, to give to verifiers; --private prints the encrypted private key file.",
+    )
+    exp.add_argument("--name", default="cosign", help="key name (default: cosign)")
+    exp.add_argument("--private", action="store_true", help="the encrypted private key instead of the public key")
+    ls = verbs.add_parser("ls", help="list keys", description="List keys: name, fingerprint, files.")
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+
+
+def run_key(options: argparse.Namespace) -> int:
+    """Run one ``llmctl key`` verb and print its result."""
+    from manager import keys
+
+    verb = options.key_verb
+    if verb in ("generate", "import"):
+        if verb == "generate":
+            info = keys.generate(options.name, force=options.force)
+        else:
+            info = keys.import_pem(options.pem, options.name, force=options.force)
+        print(f"private key: {info.private_key}\npublic key:  {info.public_key}\nfingerprint: {info.fingerprint}")
+        return 0
+    if verb == "export":
+        sys.stdout.buffer.write(keys.export(options.name, private=options.private))
+        return 0
+    if verb == "ls":
+        found = keys.list_keys()
+        if options.output == "json":
+            print(
+                json.dumps(
+                    [
+                        {
+                            "name": k.name,
+                            "fingerprint": k.fingerprint,
+                            "private_key": str(k.private_key or ""),
+                            "public_key": str(k.public_key),
+                        }
+                        for k in found
+                    ],
+                    indent=2,
+                )
+            )
+        else:
+            for k in found:
+                print(f"{k.name}  {k.fingerprint}  {k.public_key}{'' if k.private_key else '  (public only)'}")
+        return 0
+    raise AssertionError(verb)
 
 
 CACHE_HELP = """\
@@ -194,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "cache":
             return run_cache(options)
+        if options.command == "key":
+            return run_key(options)
         return run_model(options.verb, options.args, debug=options.debug)
     except (LlmctlError, RegistryError, ModelError) as exc:  # every user-facing error family
         if options.debug:
