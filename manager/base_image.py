@@ -369,6 +369,18 @@ def tree_size(root: Path) -> int:
     return total
 
 
+def _dpkg_status(rootfs: Path, controls: dict[str, str]) -> None:
+    """One `var/lib/dpkg/status.d/<package>` stanza per package (the distroless convention): no dpkg
+    runs in the image, but scanners and the SBOM can still see exactly what was installed."""
+    status_d = rootfs / "var" / "lib" / "dpkg" / "status.d"
+    status_d.mkdir(parents=True, exist_ok=True)
+    for name, control in sorted(controls.items()):
+        lines = control.rstrip("\n").splitlines()
+        at = next((i for i, line in enumerate(lines) if line.startswith("Package:")), 0) + 1
+        lines.insert(at, "Status: install ok installed")
+        (status_d / name).write_text("\n".join(lines) + "\n")
+
+
 def _system_files(rootfs: Path) -> None:
     etc = rootfs / "etc"
     etc.mkdir(exist_ok=True)
@@ -458,13 +470,16 @@ def build_rootfs(
         raise BaseImageError(f"{rootfs} is not empty; the base rootfs is built into an empty directory")
 
     owners: dict[Path, str] = {}
+    controls: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="llmctl-deb-", dir=rootfs.parent) as tmp:
         for package in packages:
             staging = Path(tmp) / package.name
             _run(["dpkg-deb", "-x", str(debs[package.name]), str(staging)], f"dpkg-deb -x {debs[package.name]}")
             for rel in _merge_tree(staging, rootfs):
                 owners[rel] = package.name
+            controls[package.name] = _run(["dpkg-deb", "-f", str(debs[package.name])], "dpkg-deb -f")
     _prune_debian(rootfs)
+    _dpkg_status(rootfs, controls)
 
     report = BuildReport()
     for package in packages:

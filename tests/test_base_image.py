@@ -167,3 +167,38 @@ def test_base_image_runs_the_runtime(
         assert "generated: 4 tokens" in gen.stderr
     finally:
         subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True, timeout=60)
+
+
+def test_base_image_sbom_lists_every_package(rootfs: tuple[Path, base_image.BuildReport], tmp_path: Path) -> None:
+    """The base records its Debian packages (status.d, no dpkg in the image), so the image's SBOM
+    lists each of them and every Python distribution, and validates against CycloneDX 1.6."""
+    json_validation = pytest.importorskip("cyclonedx.validation.json", reason="pip install -r requirements-dev.txt")
+    from cyclonedx.schema import SchemaVersion
+
+    from manager.sbom_model import model_info_from_gguf, weight_file
+    from registry.sbom import build_sbom, sbom_json
+    from runtime.testing.make_model import make_model
+
+    root, _ = rootfs
+    gguf = make_model(tmp_path / "m.gguf", preset="tiny", wtype="q8_0")
+    bom = build_sbom(
+        image_name="llmctl/demo",
+        image_version="0.1.0",
+        model=model_info_from_gguf(gguf, name="demo", version="0.1.0"),
+        weights=[weight_file(gguf, image_path="/models/m.gguf")],
+        rootfs=root,
+        site_packages=[root / base_image.PYTHON_SITE],
+        runtime_version="0.1.0",
+    )
+    error = json_validation.JsonStrictValidator(SchemaVersion.V1_6).validate_str(sbom_json(bom).decode())
+    assert error is None, error
+    debs = {c["name"]: c["version"] for c in bom["components"] if c.get("purl", "").startswith("pkg:deb/")}
+    purls = {c.get("purl", "") for c in bom["components"]}
+    status_d = root / "var/lib/dpkg/status.d"
+    for package in base_image.read_packages(base_image.PACKAGES_FILE):
+        stanza = (status_d / package.name).read_text()
+        # the version actually installed (the pinned one, unless Debian dropped it: see allow_newer)
+        assert f"\nVersion: {debs[package.name]}\n" in stanza, package.name
+    for requirement in base_image.read_requirements(base_image.REQUIREMENTS_FILE):
+        name = requirement.split("==")[0].lower().replace("_", "-")
+        assert any(p.startswith(f"pkg:pypi/{name}@") for p in purls), name
