@@ -25,3 +25,7 @@ class DigestMismatchError(FetchError):
 
 class CacheError(LlmctlError):
     """The blob store is unusable or a requested blob is missing or corrupt."""
+
+
+class ImageBuildError(LlmctlError):
+    """A model image cannot be built from these inputs (nothing is built)."""
