@@ -49,7 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cache_parser(commands)
     add_key_parser(commands)
+    add_build_parser(commands)
     return parser
+
+
+def add_build_parser(commands: argparse._SubParsersAction) -> None:
+    """``llmctl build MANIFEST``."""
+    build = commands.add_parser(
+        "build",
+        help="build a model image from a manifest",
+        description=(
+            "Build the model image a manifest describes: fetch and verify the weights (cache), stack the "
+            "base, weights and runtime layers reproducibly, write it to the OCI layout in "
+            "<data>/images/layout with its CycloneDX SBOM, and load it into the Docker engine as "
+            "llmctl/NAME:VERSION. Prints the image digest. The same manifest always gives the same digest."
+        ),
+        epilog="example: llmctl build charts/demo/model.yaml",
+    )
+    build.add_argument("manifest", type=Path, metavar="MANIFEST", help="Model manifest (YAML or JSON)")
+    build.add_argument("--no-load", action="store_true", help="write the OCI layout and SBOM only")
+    build.add_argument("--dockerfile", action="store_true", help="print the equivalent Dockerfile instead of building")
+    build.add_argument("--no-progress", action="store_true", help="print no download progress")
+
+
+def run_build(options: argparse.Namespace) -> int:
+    """Run ``llmctl build`` and print its result."""
+    from manager import build
+
+    if options.dockerfile:
+        print(build.render_dockerfile(options.manifest), end="")
+        return 0
+    result = build.build(options.manifest, load=not options.no_load, progress=not options.no_progress)
+    print(f"image:  {result.tag}{'' if result.loaded else ' (not loaded)'}")
+    print(f"digest: {result.digest}")
+    print(f"id:     {result.image_id}")
+    print(f"layout: {result.layout}")
+    print(f"sbom:   {result.sbom}")
+    return 0
 
 
 def add_key_parser(commands: argparse._SubParsersAction) -> None:
@@ -271,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_cache(options)
         if options.command == "key":
             return run_key(options)
+        if options.command == "build":
+            return run_build(options)
         return run_model(options.verb, options.args, debug=options.debug)
     except (LlmctlError, RegistryError, ModelError) as exc:  # every user-facing error family
         if options.debug:

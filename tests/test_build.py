@@ -1,0 +1,110 @@
+"""`llmctl build`: a manifest becomes a verified, reproducible image in the layout and the engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from manager import base_image, build, cli
+from registry.oci.layout import read_layout
+from runtime.testing.make_model import make_model
+
+CACHE = Path.home() / ".cache" / "llmctl"
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Path:
+    root, _ = base_image.cached_rootfs(CACHE / "base-rootfs", deb_cache=CACHE / "debs", allow_newer=True)
+    return root
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLMCTL_HOME", str(tmp_path / "home"))
+    weights = make_model(tmp_path / "demo.gguf", preset="tiny", wtype="q8_0", seed=5)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "apiVersion: llmctl.dev/v1\nkind: Model\n"
+        "metadata: {name: demo-q8_0, version: 1.0.0}\n"
+        f"spec:\n  weights: {{url: ./demo.gguf, sha256: 'sha256:{digest}'}}\n  license: bigcode-openrail-m\n"
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_build_twice_gives_one_digest_layout_and_sbom(manifest: Path, rootfs: Path) -> None:
+    first = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
+    second = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
+    assert first.digest == second.digest
+    image = read_layout(first.layout, first.tag)  # every blob re-verified on the way back
+    assert image.digest == first.digest
+    bom = json.loads(first.sbom.read_text())
+    model = next(c for c in bom["components"] if c["type"] == "machine-learning-model")
+    weights_digest = image.config_json()["config"]["Labels"]["dev.llmctl.model.weights.digest"]
+    assert any("sha256:" + h["content"] == weights_digest for h in model["hashes"])
+
+
+@pytest.mark.slow
+def test_build_loads_into_the_engine(manifest: Path, rootfs: Path) -> None:
+    docker = pytest.importorskip("docker", reason="pip install -r requirements-dev.txt")
+    try:
+        docker.from_env().ping()
+    except Exception as e:
+        pytest.skip(f"the Docker engine is not reachable: {e}")
+    result = build.build(manifest, load=True, progress=False, base_rootfs=rootfs)
+    try:
+        out = subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{.Id}} {{.Config.User}}", result.tag],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert out == [result.image_id, "65532:65532"]
+    finally:
+        subprocess.run(["docker", "rmi", "-f", result.tag], capture_output=True)
+
+
+def test_dockerfile_is_rendered_from_the_manifest(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["build", str(manifest), "--dockerfile"]) == 0
+    text = capsys.readouterr().out
+    assert "USER 65532:65532" in text and "COPY --chmod=0444 demo-q8_0.gguf /models/demo-q8_0.gguf" in text
+    assert '"--sha256", "sha256:' in text and text.startswith("# llmctl build")
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda t: t.replace("kind: Model", "kind: Chart"), "field kind: 'Model' was expected"),
+        (lambda t: t.replace("version: 1.0.0", "version: ''"), "field metadata.version"),
+        (lambda t: t.replace("'sha256:", "'md5:"), "field spec.weights.sha256"),
+        (lambda t: t.replace("license: bigcode-openrail-m\n", ""), "'license' is a required property"),
+        (lambda t: t + "  extra: 1\n", "field spec: Additional properties are not allowed"),
+        (lambda t: t.replace("metadata: {", "metadata: [{"), "not valid YAML/JSON at line 4"),
+    ],
+)
+def test_bad_manifests_are_one_line_errors(
+    manifest: Path, capsys: pytest.CaptureFixture[str], change: object, expected: str
+) -> None:
+    manifest.write_text(change(manifest.read_text()))  # type: ignore[operator]
+    assert cli.main(["build", str(manifest), "--no-load"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmctl: error: ") and str(manifest) in err and expected in err, err
+    assert err.count("\n") == 1
+
+
+def test_weights_that_do_not_match_the_manifest_build_nothing(
+    manifest: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    weights = tmp_path / "demo.gguf"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cli.main(["build", str(manifest), "--no-load", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "llmctl: error: " in err and "sha256" in err
+    assert not (tmp_path / "home" / "data" / "images" / "layout").exists()
