@@ -15,6 +15,7 @@ from pathlib import Path
 from manager import paths
 from manager.base_image import PYTHON_SITE, cached_rootfs
 from manager.cache import fetch_blob
+from manager.errors import ImageBuildError
 from manager.manifest import ModelManifest, load_manifest
 from manager.model_image import HEALTHCHECK, MODELS_DIR, PORT, RUNTIME_PREFIX, ModelImageSpec, assemble
 from manager.sbom_model import model_info_from_gguf, weight_file
@@ -87,6 +88,18 @@ def build(
             load_image(image, image_tag(manifest))
             loaded = True
     return BuildResult(image_tag(manifest), image.digest, image.config_digest, layout, sbom, loaded)
+
+
+def sbom_path(image: str) -> Path:
+    """The SBOM written when `image` (llmctl/NAME:VERSION or sha256:<hex>) was built."""
+    from registry.oci.layout import resolve_ref
+
+    images = paths.data_dir() / "images"
+    digest = image if image.startswith("sha256:") else resolve_ref(images / "layout", image)
+    path = images / "sboms" / f"{digest.split(':', 1)[1]}.cdx.json"
+    if not path.is_file():
+        raise ImageBuildError(f"no SBOM for {image} ({path}); build the image with `llmctl build`")
+    return path
 
 
 def render_dockerfile(manifest_path: Path, base_image: str = "llmctl/base:bookworm") -> str:

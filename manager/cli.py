@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_parser(commands)
     add_key_parser(commands)
     add_build_parser(commands)
+    sbom = commands.add_parser(
+        "sbom",
+        help="print the CycloneDX SBOM of a built image",
+        description="Print the CycloneDX 1.6 document written when IMAGE was built (see docs/sbom.md).",
+    )
+    sbom.add_argument("image", metavar="IMAGE", help="llmctl/NAME:VERSION or the image digest sha256:<hex>")
     return parser
 
 
@@ -309,6 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_key(options)
         if options.command == "build":
             return run_build(options)
+        if options.command == "sbom":
+            from manager.build import sbom_path
+
+            sys.stdout.write(sbom_path(options.image).read_text())
+            return 0
         return run_model(options.verb, options.args, debug=options.debug)
     except (LlmctlError, RegistryError, ModelError) as exc:  # every user-facing error family
         if options.debug:

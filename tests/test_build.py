@@ -37,13 +37,18 @@ def manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.slow
-def test_build_twice_gives_one_digest_layout_and_sbom(manifest: Path, rootfs: Path) -> None:
+def test_build_twice_gives_one_digest_layout_and_sbom(
+    manifest: Path, rootfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
     second = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
     assert first.digest == second.digest
     image = read_layout(first.layout, first.tag)  # every blob re-verified on the way back
     assert image.digest == first.digest
     bom = json.loads(first.sbom.read_text())
+    for image_name in (first.tag, first.digest):  # `llmctl sbom` finds it by tag or digest
+        assert cli.main(["sbom", image_name]) == 0
+        assert json.loads(capsys.readouterr().out) == bom
     model = next(c for c in bom["components"] if c["type"] == "machine-learning-model")
     weights_digest = image.config_json()["config"]["Labels"]["dev.llmctl.model.weights.digest"]
     assert any("sha256:" + h["content"] == weights_digest for h in model["hashes"])
@@ -108,3 +113,8 @@ def test_weights_that_do_not_match_the_manifest_build_nothing(
     err = capsys.readouterr().err
     assert "llmctl: error: " in err and "sha256" in err
     assert not (tmp_path / "home" / "data" / "images" / "layout").exists()
+
+
+def test_sbom_of_an_image_never_built_is_a_clear_error(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sbom", "sha256:" + "0" * 64]) == 1
+    assert "no SBOM for sha256:" in capsys.readouterr().err

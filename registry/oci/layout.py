@@ -145,6 +145,15 @@ def list_refs(root: str | os.PathLike[str]) -> list[str]:
     ]
 
 
+def resolve_ref(root: str | os.PathLike[str], ref_name: str) -> str:
+    """The manifest digest the layout's index names `ref_name` (no blob is read: nothing verified)."""
+    index = _load_json(_read_index(Path(root)), "index.json")
+    for m in index.get("manifests", []):
+        if (m.get("annotations") or {}).get(REF_NAME) == ref_name:
+            return str(m["digest"])
+    raise LayoutError(f"{root}: no image named {ref_name!r} (it has: {', '.join(list_refs(root)) or 'none'})")
+
+
 def _read_index(root: Path) -> bytes:
     if not (root / "oci-layout").is_file() or not (root / "index.json").is_file():
         raise LayoutError(f"{root} is not an OCI image layout (no oci-layout or index.json)")
