@@ -1,4 +1,4 @@
-"""Shared fixtures: llama.cpp (llama-cpp-python) as the numerical oracle."""
+"""Shared fixtures: llama.cpp (llama-cpp-python) as the numerical oracle, and the Docker engine."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def llama_oracle() -> Iterator[Callable[..., Any]]:
         yield load
     finally:
         capi.llama_model_default_params = default
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[object]:
+    """The local Docker engine; the tests that need it are skipped, saying why, when it is absent."""
+    docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install docker)")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:  # no engine, no socket access
+        pytest.skip(f"the Docker engine is not reachable: {e}")
+    yield client
+    client.close()

@@ -10,13 +10,13 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from manager import base_image
-from registry.oci import Entry, Image, Layer
+from manager.model_image import runtime_entries
+from registry.oci import Image, Layer
 
 pytestmark = pytest.mark.slow
 
@@ -74,30 +74,6 @@ def test_rootfs_layout_and_size(rootfs: tuple[Path, base_image.BuildReport]) -> 
     assert report.total <= LIMIT_BYTES, f"base rootfs is {report.total / 1e6:.1f} MB, over 150 MB"
 
 
-@pytest.fixture(scope="module")
-def docker_client() -> Iterator[object]:
-    docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install docker)")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as e:  # no engine, no socket access
-        pytest.skip(f"the Docker engine is not reachable: {e}")
-    yield client
-    client.close()
-
-
-def _runtime_entries() -> list[Entry]:
-    entries = []
-    for path in sorted(RUNTIME_DIR.rglob("*")):
-        if "__pycache__" in path.parts or not path.is_file():
-            continue
-        if path.suffix == ".py" or (path.suffix == ".so" and path.name.startswith("_kernels")):
-            rel = path.relative_to(RUNTIME_DIR.parent).as_posix()
-            entries.append(Entry.file(f"opt/llmctl/{rel}", path, mode=0o644))
-    assert any(e.path.endswith(".so") for e in entries), "runtime/kernels/_kernels*.so is not built"
-    return entries
-
-
 def _run(tag: str, *args: str, volumes: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     cmd = ["docker", "run", "--rm", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
            "--network", "none"]  # fmt: skip
@@ -114,7 +90,7 @@ def test_base_image_runs_the_runtime(
 
     root, _ = rootfs
     base_layer = Layer.from_entries(base_image.rootfs_entries(root), tmp_path / "blobs")
-    runtime_layer = Layer.from_entries(_runtime_entries(), tmp_path / "blobs")
+    runtime_layer = Layer.from_entries(runtime_entries(), tmp_path / "blobs")
     image = (
         Image.empty()
         .with_layer(base_layer, created_by="llmctl base: Debian 12 packages + the runtime's wheels")

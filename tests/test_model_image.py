@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,22 +16,12 @@ from manager.errors import ImageBuildError
 from manager.model_image import ModelImageSpec, assemble, image_from_layers, runtime_entries
 from registry.oci import Entry, Layer
 from runtime.testing.make_model import make_model
+from tests.netutil import free_port, wait_for_health
 
 CACHE = Path.home() / ".cache" / "llmctl"
 HARDENING = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def docker_client() -> Iterator[object]:
-    docker = pytest.importorskip("docker", reason="pip install -r requirements-dev.txt")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as e:  # no engine here: these tests need one and say so
-        pytest.skip(f"the Docker engine is not reachable: {e}")
-    yield client
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +35,6 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> ModelImageSpec:
     weights = make_model(tmp_path_factory.mktemp("w") / "w.gguf", preset="tiny", wtype="q8_0", seed=4)
     digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     return ModelImageSpec(name="demo-q8_0", version="1.0.0", weights=weights, weights_sha256=digest)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_same_inputs_give_the_same_image_digest(spec: ModelImageSpec, base_rootfs: Path, tmp_path: Path) -> None:
@@ -83,7 +64,7 @@ def test_image_serves_from_a_hardened_container(
     image = assemble(spec, base_rootfs, tmp_path / "blobs")
     tag = f"llmctl-test/model-image:{image.config_digest[7:19]}"
     load(image, tag)
-    port = _free_port()
+    port = free_port()
     name = f"llmctl-test-{port}"
     try:
         subprocess.run(
@@ -92,16 +73,7 @@ def test_image_serves_from_a_hardened_container(
             capture_output=True,
             timeout=60,
         )
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.5)
+        status = wait_for_health(f"http://127.0.0.1:{port}", 90)
         logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
         assert status == 200, logs
         assert f"weights match {spec.weights_sha256}" in logs  # checked before serving

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,18 +158,6 @@ def test_layout_round_trip_and_corrupt_blob(tmp_path: Path) -> None:
 
 
 # -- the real Docker engine ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Iterator[object]:
-    docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install docker)")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as e:  # no engine, no socket access
-        pytest.skip(f"the Docker engine is not reachable: {e}")
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import pytest
 
 from runtime import Model
 from runtime.testing.make_model import make_model
+from tests.netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 8192
@@ -43,12 +43,6 @@ STARTUP_TIMEOUT = 60.0
 
 
 # --- a server subprocess -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

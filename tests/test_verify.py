@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from runtime.errors import ModelError
 from runtime.testing.make_model import make_model
 from runtime.verify import WeightsDigestError, parse_digest, verify_weights
+from tests.netutil import free_port, wait_for_health
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,16 +58,10 @@ def test_bad_digest_and_missing_file(tmp_path: Path) -> None:
         verify_weights(tmp_path / "nope.gguf", "a" * 64, record_dir=tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_refuses_a_mismatch_and_exits_1(weights: tuple[Path, str], tmp_path: Path) -> None:
     path, _ = weights
     env = {**os.environ, "LLMCTL_VERIFY_DIR": str(tmp_path / "records")}
-    cmd = [sys.executable, "-m", "runtime", "serve", "-m", str(path), "--port", str(_free_port())]
+    cmd = [sys.executable, "-m", "runtime", "serve", "-m", str(path), "--port", str(free_port())]
     p = subprocess.run([*cmd, "--sha256", "1" * 64], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert "weights digest mismatch" in p.stderr and "refusing to serve" in p.stderr
@@ -76,26 +70,13 @@ def test_serve_refuses_a_mismatch_and_exits_1(weights: tuple[Path, str], tmp_pat
 
 
 def test_serve_starts_when_the_digest_matches(weights: tuple[Path, str], tmp_path: Path) -> None:
-    import time
-
-    import httpx
-
     path, digest = weights
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LLMCTL_VERIFY_DIR": str(tmp_path / "records")}
     cmd = [sys.executable, "-m", "runtime", "serve", "-m", str(path), "--port", str(port), "--sha256", digest]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.2)
+        status = wait_for_health(f"http://127.0.0.1:{port}", 60, alive=lambda: proc.poll() is None)
         assert status == 200
     finally:
         proc.terminate()
