@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
 from manager.errors import LlmctlError
+from manager.yamlschema import load_document
 
 API_VERSION = "llmctl.dev/v1"
 
@@ -55,6 +53,8 @@ SCHEMA: dict[str, Any] = {
                     "properties": {
                         "url": {"type": "string", "pattern": "^(https?://|file://|/|\\./|\\.\\./)"},
                         "sha256": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+                        # image: baked into a layer (one artifact to carry); mount: read-only from the cache
+                        "storage": {"enum": ["image", "mount"], "default": "image"},
                     },
                 },
                 "license": {"type": "string", "minLength": 1},
@@ -78,25 +78,14 @@ class ModelManifest:
     license: str
     source: str
     path: Path
+    weights_storage: str = "image"  # image | mount
 
 
 def load_manifest(path: Path) -> ModelManifest:
-    """Read and validate a manifest; ManifestError names the file and the first offending field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read the manifest: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        doc = yaml.safe_load(text)  # JSON is YAML too
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ManifestError(f"{path}: not valid YAML/JSON{where}: {getattr(e, 'problem', e)}") from None
-    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        field = ".".join(str(p) for p in first.absolute_path) or "(top level)"
-        raise ManifestError(f"{path}: field {field}: {first.message}; see docs/images.md for the manifest format")
+    """Read and validate a manifest; ManifestError names the file, the line and the first offending field."""
+    doc = load_document(
+        path, SCHEMA, what="manifest", error=ManifestError, docs_hint="see docs/images.md for the manifest format"
+    )
     weights = doc["spec"]["weights"]
     url = weights["url"]
     if not url.startswith(("http://", "https://", "file://", "/")):
@@ -109,4 +98,5 @@ def load_manifest(path: Path) -> ModelManifest:
         license=doc["spec"]["license"],
         source=doc["spec"].get("source", weights["url"]),
         path=path,
+        weights_storage=weights.get("storage", "image"),
     )
