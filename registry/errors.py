@@ -45,3 +45,7 @@ class SignedDigestMismatchError(SignatureError):
 
 class AttestationError(SignatureError):
     """A DSSE envelope or in-toto statement is malformed or does not match what was expected."""
+
+
+class MissingSignatureError(SignatureError):
+    """An image has no signature (or no attestation of a required kind) where one is required."""

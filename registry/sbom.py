@@ -283,7 +283,8 @@ def default_timestamp() -> datetime:
         raise SbomError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {sde!r}") from e
 
 
-def _tool_version() -> str:
+def tool_version() -> str:
+    """The installed llmctl distribution's version, or ``0+unknown`` in an uninstalled tree."""
     try:
         return importlib.metadata.version("llmctl")
     except importlib.metadata.PackageNotFoundError:
@@ -327,7 +328,7 @@ def build_sbom(
         "version": 1,
         "metadata": {
             "timestamp": ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "tools": {"components": [{"type": "application", "name": "llmctl", "version": _tool_version()}]},
+            "tools": {"components": [{"type": "application", "name": "llmctl", "version": tool_version()}]},
             "component": {"type": "container", "bom-ref": image_ref, "name": image_name, "version": image_version},
         },
         "components": parts,
@@ -344,3 +345,48 @@ def sbom_json(bom: Json) -> bytes:
 
 def sbom_digest(bom: Json) -> str:
     return "sha256:" + hashlib.sha256(sbom_json(bom)).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelClaims:
+    """What an SBOM says about its model: name, version, licences and each weight file's digest."""
+
+    name: str
+    version: str
+    licenses: tuple[str, ...]
+    weights: tuple[WeightFile, ...]
+
+
+def _sha256_of(hashes: object) -> str | None:
+    for h in hashes if isinstance(hashes, list) else []:
+        if isinstance(h, dict) and h.get("alg") == "SHA-256" and isinstance(h.get("content"), str):
+            return str(h["content"])
+    return None
+
+
+def model_claims(bom: Json, where: str = "SBOM") -> ModelClaims:
+    """Read the `machine-learning-model` component back (for verifiers); SbomError if it is absent or
+    does not pin every weight file with a SHA-256."""
+    models = [
+        c for c in bom.get("components") or [] if isinstance(c, dict) and c.get("type") == "machine-learning-model"
+    ]
+    if len(models) != 1:
+        raise SbomError(f"{where} lists {len(models)} machine-learning-model components, expected exactly one")
+    model = models[0]
+    licenses = tuple(
+        str(entry["license"].get("name") or entry["license"].get("id"))
+        for entry in model.get("licenses") or []
+        if isinstance(entry, dict) and isinstance(entry.get("license"), dict)
+    )
+    files = []
+    for f in model.get("components") or []:
+        if not isinstance(f, dict) or f.get("type") != "file":
+            continue
+        digest = _sha256_of(f.get("hashes"))
+        if digest is None or not isinstance(f.get("name"), str):
+            raise SbomError(f"{where}: weight file component {f.get('bom-ref')!r} has no name or SHA-256 hash")
+        size = next((p.get("value") for p in f.get("properties") or [] if p.get("name") == "llmctl:size"), "0")
+        files.append(WeightFile(path=str(f["name"]), sha256=digest, size=int(size) if str(size).isdigit() else 0))
+    if not files:
+        raise SbomError(f"{where}: model {model.get('name')!r} pins no weight files")
+    return ModelClaims(str(model.get("name")), str(model.get("version")), licenses, tuple(files))

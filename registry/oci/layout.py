@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from registry.oci.artifact import Attachment, parse_attachment
 from registry.oci.errors import BlobVerificationError, LayoutError
 from registry.oci.image import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Image, canonical_json
 from registry.oci.layer import CHUNK, Layer
@@ -114,17 +115,47 @@ def write_layout(root: str | os.PathLike[str], image: Image, ref_name: str) -> d
     manifest = image.manifest_bytes()
     _put_blob_bytes(root, image.digest, manifest)
 
+    return _name_manifest(root, image.manifest_descriptor(), ref_name)
+
+
+def _name_manifest(root: Path, manifest_descriptor: dict[str, Any], ref_name: str) -> dict[str, Any]:
+    """Point `ref_name` in index.json at the manifest (written last, so a reader never sees a name
+    whose blobs are not all there)."""
     _write_atomic(root / "oci-layout", canonical_json(LAYOUT_FILE))
     index_path = root / "index.json"
     index: dict[str, Any] = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []}
     if index_path.is_file():
         index = _load_json(index_path.read_bytes(), str(index_path))
-    descriptor = {**image.manifest_descriptor(), "annotations": {REF_NAME: ref_name}}
+    descriptor = {**manifest_descriptor, "annotations": {REF_NAME: ref_name}}
     index["manifests"] = [
         m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(REF_NAME) != ref_name
     ] + [descriptor]
     _write_atomic(index_path, canonical_json(index))
     return descriptor
+
+
+def write_attachment(root: str | os.PathLike[str], attachment: Attachment, ref_name: str) -> dict[str, Any]:
+    """Write a signature/attestation/SBOM attachment and name it `ref_name` (replacing an older one)."""
+    root = Path(root)
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    for digest, data in attachment.blobs().items():
+        _put_blob_bytes(root, digest, data)
+    _put_blob_bytes(root, attachment.digest, attachment.manifest)
+    descriptor = {"mediaType": MANIFEST_MEDIA_TYPE, "digest": attachment.digest, "size": len(attachment.manifest)}
+    return _name_manifest(root, descriptor, ref_name)
+
+
+def read_attachment(root: str | os.PathLike[str], ref_name: str) -> Attachment | None:
+    """The attachment named `ref_name`, every blob verified; None when the layout has no such name."""
+    root = Path(root)
+    if not (root / "index.json").is_file():
+        return None
+    index = _load_json(_read_index(root), "index.json")
+    found = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(REF_NAME) == ref_name]
+    if not found:
+        return None
+    manifest = _read_verified(root, found[0])
+    return parse_attachment(manifest, lambda desc: _read_verified(root, desc), f"{root}: {ref_name}")
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
