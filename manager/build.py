@@ -11,14 +11,19 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from manager import paths
+from manager import images, paths, signing
 from manager.base_image import PYTHON_SITE, cached_rootfs
 from manager.cache import fetch_blob
 from manager.errors import ImageBuildError
 from manager.manifest import ModelManifest, load_manifest
 from manager.model_image import HEALTHCHECK, MODELS_DIR, PORT, RUNTIME_PREFIX, ModelImageSpec, assemble
+from manager.policy import TrustPolicy, check_license, load_policy
 from manager.sbom_model import model_info_from_gguf, weight_file
+from manager.verify_image import verify_image
+from registry.keys import fingerprint
+from registry.oci import Image, source_date_epoch
 from registry.oci.layout import write_layout
 from registry.sbom import build_sbom, sbom_json
 
@@ -33,13 +38,14 @@ class BuildResult:
     layout: Path
     sbom: Path
     loaded: bool
+    signer: str | None = None  # fingerprint of the signing key
 
 
 def image_tag(m: ModelManifest) -> str:
     return f"llmctl/{m.name}:{m.version}"
 
 
-def spec_for(m: ModelManifest, weights: Path) -> ModelImageSpec:
+def spec_for(m: ModelManifest, weights: Path, storage: str | None = None) -> ModelImageSpec:
     return ModelImageSpec(
         name=m.name,
         version=m.version,
@@ -48,21 +54,84 @@ def spec_for(m: ModelManifest, weights: Path) -> ModelImageSpec:
         license=m.license,
         source=m.source,
         runtime_version=RUNTIME_VERSION,
+        mounted=(storage or m.weights_storage) == "mount",
+    )
+
+
+def _signing_key(manifest: ModelManifest, policy: TrustPolicy, key: str | None, sign: bool) -> Any:
+    """Apply the policy before any work: the licence, and a key when the policy wants signed images.
+    Returns the decrypted key (asked for now, not after minutes of building) or None."""
+    rule = policy.rule_for(f"llmctl/{manifest.name}")
+    check_license(policy, rule, manifest.license)
+    key_file = signing.signing_key_file(key) if sign else None
+    if key_file is None:
+        if rule.requires_keys:
+            how = "drop --no-sign" if not sign else "create one with `llmctl key generate` or pass --key"
+            raise ImageBuildError(
+                f"the trust policy ({policy.source}) requires signed images from llmctl/{manifest.name} "
+                f"but there is no signing key: {how}"
+            )
+        return None
+    return signing.load_signing_key(key_file)
+
+
+def _provenance(manifest: ModelManifest, image: Image, spec: ModelImageSpec, started: str) -> dict[str, Any]:
+    layers = {"base": image.layers[0], "runtime": image.layers[-1]}
+    deps = [
+        {
+            "uri": manifest.source,
+            "name": spec.file_name,
+            "digest": {"sha256": manifest.weights_sha256.split(":", 1)[1]},
+        },
+        *(
+            {"uri": f"llmctl:{name}-layer", "name": name, "digest": {"sha256": layer.diff_id.split(":", 1)[1]}}
+            for name, layer in layers.items()
+        ),
+    ]
+    params = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "license": manifest.license,
+        "weights": {
+            "url": manifest.source,
+            "sha256": manifest.weights_sha256,
+            "storage": "mount" if spec.mounted else "image",
+        },
+    }
+    return signing.provenance(
+        manifest=params,
+        dependencies=deps,
+        started=started,
+        finished=signing.utc_now(),
+        source_date_epoch=source_date_epoch(),
     )
 
 
 def build(
-    manifest_path: Path, *, load: bool = True, progress: bool = True, base_rootfs: Path | None = None
+    manifest_path: Path,
+    *,
+    load: bool = True,
+    progress: bool = True,
+    base_rootfs: Path | None = None,
+    key: str | None = None,
+    sign: bool = True,
+    policy_file: Path | None = None,
+    weights_storage: str | None = None,
 ) -> BuildResult:
-    """Build the image of `manifest_path`. `base_rootfs` defaults to the cached base for the pinned
-    package lists (built on first use)."""
+    """Build the image of `manifest_path`, sign it and attach its SBOM and provenance with `key` (a
+    name in the key store or a path; default: the store's `cosign` key), then check the result
+    against the trust policy before loading it into the engine. `base_rootfs` defaults to the cached
+    base for the pinned package lists (built on first use)."""
     manifest = load_manifest(manifest_path)
+    policy = load_policy(policy_file)
+    private_key = _signing_key(manifest, policy, key, sign)
+    started = signing.utc_now()
     weights = fetch_blob(manifest.weights_url, manifest.weights_sha256, pin=f"model-{manifest.name}", progress=progress)
-    spec = spec_for(manifest, weights)
+    spec = spec_for(manifest, weights, weights_storage)
     rootfs = base_rootfs if base_rootfs is not None else cached_rootfs()[0]
-    images = paths.data_dir() / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="llmctl-build-", dir=images) as tmp:
+    store = paths.data_dir() / "images"
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llmctl-build-", dir=store) as tmp:
         image = assemble(spec, rootfs, Path(tmp) / "blobs")
         bom = build_sbom(
             image_name=f"llmctl/{manifest.name}",
@@ -73,30 +142,43 @@ def build(
             site_packages=[rootfs / PYTHON_SITE],
             runtime_version=RUNTIME_VERSION,
         )
-        layout = images / "layout"
+        layout = images.layout_dir()
         write_layout(layout, image, image_tag(manifest))
-        sbom_dir = images / "sboms"
+        sbom_dir = store / "sboms"
         sbom_dir.mkdir(exist_ok=True)
         sbom = sbom_dir / f"{image.digest.split(':', 1)[1]}.cdx.json"
         tmp_sbom = sbom.with_suffix(".tmp")
         tmp_sbom.write_bytes(sbom_json(bom))
         tmp_sbom.replace(sbom)
+        signer = None
+        if private_key is not None:
+            ref = images.ImageRef(image_tag(manifest), f"llmctl/{manifest.name}", image.digest)
+            signing.sign_and_attest(
+                ref,
+                private_key,
+                sbom=bom,
+                sbom_bytes=sbom_json(bom),
+                provenance_predicate=_provenance(manifest, image, spec, started),
+            )
+            signer = fingerprint(private_key)
+        # the build passes its own policy before the engine ever sees the image
+        verify_image(image_tag(manifest), policy=policy, enforce_policy=True)
         loaded = False
         if load:
             from registry.oci.daemon import load as load_image
 
             load_image(image, image_tag(manifest))
             loaded = True
-    return BuildResult(image_tag(manifest), image.digest, image.config_digest, layout, sbom, loaded)
+    return BuildResult(image_tag(manifest), image.digest, image.config_digest, layout, sbom, loaded, signer)
 
 
 def sbom_path(image: str) -> Path:
     """The SBOM written when `image` (llmctl/NAME:VERSION or sha256:<hex>) was built."""
     from registry.oci.layout import resolve_ref
 
-    images = paths.data_dir() / "images"
-    digest = image if image.startswith("sha256:") else resolve_ref(images / "layout", image)
-    path = images / "sboms" / f"{digest.split(':', 1)[1]}.cdx.json"
+    store = paths.data_dir() / "images"
+    digest = image if image.startswith("sha256:") else resolve_ref(store / "layout", image)
+    path = store / "sboms" / f"{digest.split(':', 1)[1]}.cdx.json"
     if not path.is_file():
         raise ImageBuildError(f"no SBOM for {image} ({path}); build the image with `llmctl build`")
     return path

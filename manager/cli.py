@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 PROG = "llmctl"
@@ -19,10 +18,9 @@ MODEL_VERBS = ("info", "generate")
 
 def version() -> str:
     """The installed distribution's version, or ``0+unknown`` when running from an uninstalled tree."""
-    try:
-        return metadata.version("llmctl")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    from registry.sbom import tool_version
+
+    return tool_version()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_parser(commands)
     add_key_parser(commands)
     add_build_parser(commands)
+    add_verify_parsers(commands)
     sbom = commands.add_parser(
         "sbom",
         help="print the CycloneDX SBOM of a built image",
@@ -76,6 +75,19 @@ def add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--no-load", action="store_true", help="write the OCI layout and SBOM only")
     build.add_argument("--dockerfile", action="store_true", help="print the equivalent Dockerfile instead of building")
     build.add_argument("--no-progress", action="store_true", help="print no download progress")
+    build.add_argument(
+        "--key",
+        metavar="KEY",
+        help="sign with this key: a name in the key store or a cosign.key path (default: the store's 'cosign' key)",
+    )
+    build.add_argument("--no-sign", action="store_true", help="do not sign (only if the trust policy allows it)")
+    build.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
+    build.add_argument(
+        "--weights",
+        choices=("image", "mount"),
+        help="bake the weights into the image, or mount them read-only from the cache at run time "
+        "(default: the manifest's spec.weights.storage, else image)",
+    )
 
 
 def run_build(options: argparse.Namespace) -> int:
@@ -85,12 +97,85 @@ def run_build(options: argparse.Namespace) -> int:
     if options.dockerfile:
         print(build.render_dockerfile(options.manifest), end="")
         return 0
-    result = build.build(options.manifest, load=not options.no_load, progress=not options.no_progress)
+    result = build.build(
+        options.manifest,
+        load=not options.no_load,
+        progress=not options.no_progress,
+        key=options.key,
+        sign=not options.no_sign,
+        policy_file=options.policy,
+        weights_storage=options.weights,
+    )
     print(f"image:  {result.tag}{'' if result.loaded else ' (not loaded)'}")
     print(f"digest: {result.digest}")
     print(f"id:     {result.image_id}")
     print(f"layout: {result.layout}")
     print(f"sbom:   {result.sbom}")
+    print(f"signed: {result.signer or 'no'}")
+    return 0
+
+
+def add_verify_parsers(commands: argparse._SubParsersAction) -> None:
+    """``llmctl verify IMAGE`` and ``llmctl policy check IMAGE``."""
+    verify = commands.add_parser(
+        "verify",
+        help="verify an image's signature, attestations and weights",
+        description=(
+            "Verify a built image from the local store: every blob against its digest, the cosign signature, "
+            "the signed attestations (CycloneDX SBOM, SLSA provenance), and the SBOM's weight digests against "
+            "the bytes in the image. With --key, like `cosign verify --key`; without, the trust policy decides "
+            "which keys are trusted and what is required. Exit 1 on any failure."
+        ),
+        epilog="example: llmctl verify llmctl/demo:1.0.0 --key cosign.pub",
+    )
+    verify.add_argument("image", metavar="IMAGE", help="llmctl/NAME:VERSION or sha256:<hex>")
+    verify.add_argument(
+        "--key", type=Path, action="append", default=[], metavar="PUB", help="trusted public key (repeatable)"
+    )
+    verify.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
+    verify.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    policy = commands.add_parser(
+        "policy",
+        help="check images against the trust policy",
+        description=(
+            "The trust policy (<config>/policy.yaml, or --policy; docs/policy.md) says which keys are trusted "
+            "for which repositories, whether signatures, SBOMs and provenance are required, and which licences "
+            "are allowed. It is enforced by build and before anything runs."
+        ),
+    )
+    verbs = policy.add_subparsers(dest="policy_verb", metavar="VERB", required=True)
+    check = verbs.add_parser(
+        "check", help="check an image against the policy", description="Exit 1 if the policy rejects IMAGE."
+    )
+    check.add_argument("image", metavar="IMAGE", help="llmctl/NAME:VERSION or sha256:<hex>")
+    show = verbs.add_parser(
+        "show", help="print the policy in effect", description="Print the rules of the policy in effect."
+    )
+    for p in (check, show):
+        p.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
+        p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+
+
+def run_verify(options: argparse.Namespace) -> int:
+    """Run ``llmctl verify`` or ``llmctl policy check|show``."""
+    from manager import policy, verify_image
+
+    if options.command == "policy" and options.policy_verb == "show":
+        loaded = policy.load_policy(options.policy)
+        if options.output == "json":
+            print(json.dumps({"source": loaded.source, "rules": [policy.rule_json(r) for r in loaded.rules]}, indent=2))
+        else:
+            print(f"# {loaded.source}")
+            for rule in loaded.rules:
+                print(policy.describe_rule(rule))
+        return 0
+    result = verify_image.verify_image(
+        options.image,
+        key_files=options.key if options.command == "verify" else (),
+        policy=policy.load_policy(options.policy),
+        enforce_policy=options.command == "policy",
+    )
+    print(verify_image.as_json(result) if options.output == "json" else verify_image.report(result))
     return 0
 
 
@@ -315,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_key(options)
         if options.command == "build":
             return run_build(options)
+        if options.command in ("verify", "policy"):
+            return run_verify(options)
         if options.command == "sbom":
             from manager.build import sbom_path
 

@@ -46,6 +46,7 @@ class ModelImageSpec:
     license: str = "bigcode-openrail-m"
     source: str = ""  # where the weights came from (URL), for the labels
     runtime_version: str = "0.1.0"
+    mounted: bool = False  # weights not in the image: mounted read-only at MODELS_DIR when it runs
 
     @property
     def file_name(self) -> str:
@@ -75,8 +76,9 @@ def _sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def image_from_layers(spec: ModelImageSpec, base: Layer, weights: Layer, runtime: Layer) -> Image:
-    """Stack the three layers and set how the container runs. Checks nothing: see `assemble`."""
+def image_from_layers(spec: ModelImageSpec, base: Layer, weights: Layer | None, runtime: Layer) -> Image:
+    """Stack the layers (no weights layer for mounted weights) and set how the container runs.
+    Checks nothing: see `assemble`."""
     model_path = f"/{MODELS_DIR}/{spec.file_name}"
     labels = {
         "org.opencontainers.image.title": spec.name,
@@ -88,26 +90,24 @@ def image_from_layers(spec: ModelImageSpec, base: Layer, weights: Layer, runtime
         "dev.llmctl.model.weights.path": model_path,
         "dev.llmctl.model.weights.digest": spec.weights_sha256,
         "dev.llmctl.runtime.version": spec.runtime_version,
+        "dev.llmctl.model.weights.mounted": "true" if spec.mounted else "false",
     }
-    return (
-        Image.empty()
-        .with_layer(base, created_by="llmctl base: Debian packages and Python wheels")
-        .with_layer(weights, created_by=f"weights {spec.file_name} {spec.weights_sha256}")
-        .with_layer(runtime, created_by=f"llmctl runtime {spec.runtime_version}")
-        .with_config(
-            user=f"{USER_ID}:{USER_ID}",
-            env={
-                "PYTHONPATH": f"/{RUNTIME_PREFIX}",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "LLMCTL_VERIFY_DIR": "/tmp/llmctl-verified",  # a writable tmpfs, if the container has one
-            },
-            entrypoint=["/usr/bin/python3", "-m", "runtime", "serve", "-m", model_path],
-            cmd=["--host", "0.0.0.0", "--port", str(PORT), "--sha256", spec.weights_sha256],
-            exposed_ports=[f"{PORT}/tcp"],
-            labels=labels,
-            healthcheck=HEALTHCHECK,
-            stop_signal="SIGTERM",
-        )
+    image = Image.empty().with_layer(base, created_by="llmctl base: Debian packages and Python wheels")
+    if weights is not None:
+        image = image.with_layer(weights, created_by=f"weights {spec.file_name} {spec.weights_sha256}")
+    return image.with_layer(runtime, created_by=f"llmctl runtime {spec.runtime_version}").with_config(
+        user=f"{USER_ID}:{USER_ID}",
+        env={
+            "PYTHONPATH": f"/{RUNTIME_PREFIX}",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "LLMCTL_VERIFY_DIR": "/tmp/llmctl-verified",  # a writable tmpfs, if the container has one
+        },
+        entrypoint=["/usr/bin/python3", "-m", "runtime", "serve", "-m", model_path],
+        cmd=["--host", "0.0.0.0", "--port", str(PORT), "--sha256", spec.weights_sha256],
+        exposed_ports=[f"{PORT}/tcp"],
+        labels=labels,
+        healthcheck=HEALTHCHECK,
+        stop_signal="SIGTERM",
     )
 
 
@@ -121,6 +121,8 @@ def assemble(spec: ModelImageSpec, base_rootfs: Path, workdir: Path) -> Image:
         )
     workdir.mkdir(parents=True, exist_ok=True)
     base = Layer.from_entries(rootfs_entries(base_rootfs), workdir)
-    weights = Layer.from_entries([Entry.file(f"{MODELS_DIR}/{spec.file_name}", spec.weights, mode=0o444)], workdir)
+    weights = None
+    if not spec.mounted:
+        weights = Layer.from_entries([Entry.file(f"{MODELS_DIR}/{spec.file_name}", spec.weights, mode=0o444)], workdir)
     runtime = Layer.from_entries(runtime_entries(), workdir)
     return image_from_layers(spec, base, weights, runtime)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from manager import base_image, build, cli
+from manager import base_image, build, cli, keys
+from manager.cache import open_store
 from registry.oci.layout import read_layout
 from runtime.testing.make_model import make_model
 
+WEIGHTS = "dev.llmctl.model.weights.digest"
 CACHE = Path.home() / ".cache" / "llmctl"
 
 
@@ -25,6 +27,8 @@ def rootfs() -> Path:
 @pytest.fixture
 def manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LLMCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMCTL_KEY_PASSWORD", "test")
+    keys.generate()  # the default trust policy wants signed images
     weights = make_model(tmp_path / "demo.gguf", preset="tiny", wtype="q8_0", seed=5)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     path = tmp_path / "model.yaml"
@@ -89,7 +93,7 @@ def test_dockerfile_is_rendered_from_the_manifest(manifest: Path, capsys: pytest
         (lambda t: t.replace("'sha256:", "'md5:"), "field spec.weights.sha256"),
         (lambda t: t.replace("license: bigcode-openrail-m\n", ""), "'license' is a required property"),
         (lambda t: t + "  extra: 1\n", "field spec: Additional properties are not allowed"),
-        (lambda t: t.replace("metadata: {", "metadata: [{"), "not valid YAML/JSON at line 4"),
+        (lambda t: t.replace("metadata: {", "metadata: [{"), ":4:1: not valid YAML/JSON"),
     ],
 )
 def test_bad_manifests_are_one_line_errors(
@@ -118,3 +122,41 @@ def test_weights_that_do_not_match_the_manifest_build_nothing(
 def test_sbom_of_an_image_never_built_is_a_clear_error(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sbom", "sha256:" + "0" * 64]) == 1
     assert "no SBOM for sha256:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mounted_weights_image_serves_the_cache_file_read_only_and_refuses_another(
+    manifest: Path, rootfs: Path, tmp_path: Path, docker_client: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--weights mount`: no weights layer; the container gets the cached file read-only and still
+    re-checks it at start, so a different file mounted in its place never serves."""
+    from tests.netutil import free_port, wait_for_health
+
+    baked = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
+    baked_layers = len(read_layout(baked.layout, baked.tag).layers)
+    result = build.build(manifest, load=True, progress=False, base_rootfs=rootfs, weights_storage="mount")
+    assert len(read_layout(result.layout, result.tag).layers) == baked_layers - 1
+    assert cli.main(["verify", result.tag]) == 0  # SBOM, label and --sha256 agree
+    capsys.readouterr()
+    cached = open_store().path(read_layout(result.layout, result.tag).config_json()["config"]["Labels"][WEIGHTS])
+    other = make_model(tmp_path / "other.gguf", preset="tiny", wtype="q8_0", seed=6)
+    hardening = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]
+    port = free_port()
+    name = f"llmctl-test-mount-{port}"
+    try:
+        subprocess.run(
+            ["docker", "run", "-d", "--name", name, *hardening, "-p", f"127.0.0.1:{port}:8080",
+             "-v", f"{cached}:/models/demo-q8_0.gguf:ro", result.tag],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        status = wait_for_health(f"http://127.0.0.1:{port}", 90)
+        assert status == 200, subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
+        run = subprocess.run(
+            ["docker", "run", "--rm", *hardening, "--network", "none",
+             "-v", f"{other}:/models/demo-q8_0.gguf:ro", result.tag],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 1 and "weights digest mismatch" in run.stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", result.tag], capture_output=True)
