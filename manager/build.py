@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from manager import images, paths, signing
 from manager.base_image import PYTHON_SITE, cached_rootfs
@@ -25,7 +26,7 @@ from manager.verify_image import verify_image
 from registry.keys import fingerprint
 from registry.oci import Image, source_date_epoch
 from registry.oci.layout import write_layout
-from registry.sbom import build_sbom, sbom_json
+from registry.sbom import ModelInfo, build_sbom, sbom_json
 
 RUNTIME_VERSION = "0.1.0"
 
@@ -45,12 +46,47 @@ def image_tag(m: ModelManifest) -> str:
     return f"llmctl/{m.name}:{m.version}"
 
 
-def spec_for(m: ModelManifest, weights: Path, storage: str | None = None) -> ModelImageSpec:
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The file the image serves: the pinned download, or what was derived from it here."""
+
+    path: Path
+    sha256: str  # sha256:<hex> of `path`
+    source_sha256: str  # the pinned file's digest
+    derivation: str | None = None  # e.g. "requantize Q4_0"
+
+
+def resolve_weights(m: ModelManifest, *, progress: bool) -> ResolvedWeights:
+    """Fetch (or reuse) the pinned file; derive from it if the manifest says so."""
+    source = fetch_blob(m.weights_url, m.weights_sha256, pin=f"model-{m.name}", progress=progress)
+    if m.requantize is None:
+        return ResolvedWeights(source, m.weights_sha256, m.weights_sha256)
+    from manager.derive import requantized
+
+    path, digest = requantized(source, m.weights_sha256, m.requantize, pin=f"model-{m.name}-derived", progress=progress)
+    return ResolvedWeights(path, digest, m.weights_sha256, f"requantize {m.requantize}")
+
+
+def check_weights_match_manifest(m: ModelManifest, info: ModelInfo, weights: ResolvedWeights) -> None:
+    """What the manifest claims about the model must be what the GGUF header says."""
+    for what, claimed, actual in (
+        ("architecture", m.architecture, info.architecture),
+        ("quantization", m.quantization, info.quantization),
+        ("contextLength", m.context_length, info.context_length),
+    ):
+        if claimed is not None and claimed != actual:
+            raise ImageBuildError(
+                f"{m.path or m.name}: spec.{what} is {claimed!r} but the weights ({weights.sha256}) say {actual!r}; "
+                "fix the manifest or the chart values"
+            )
+
+
+def spec_for(m: ModelManifest, weights: ResolvedWeights, storage: str | None = None) -> ModelImageSpec:
     return ModelImageSpec(
         name=m.name,
         version=m.version,
-        weights=weights,
-        weights_sha256=m.weights_sha256,
+        weights=weights.path,
+        weights_sha256=weights.sha256,
         license=m.license,
         source=m.source,
         runtime_version=RUNTIME_VERSION,
@@ -75,27 +111,39 @@ def _signing_key(manifest: ModelManifest, policy: TrustPolicy, key: str | None, 
     return signing.load_signing_key(key_file)
 
 
-def _provenance(manifest: ModelManifest, image: Image, spec: ModelImageSpec, started: str) -> dict[str, Any]:
+def _provenance(
+    manifest: ModelManifest, image: Image, spec: ModelImageSpec, weights: ResolvedWeights, started: str
+) -> dict[str, Any]:
     layers = {"base": image.layers[0], "runtime": image.layers[-1]}
-    deps = [
+    deps: list[dict[str, Any]] = [
         {
-            "uri": manifest.source,
-            "name": spec.file_name,
-            "digest": {"sha256": manifest.weights_sha256.split(":", 1)[1]},
+            "uri": manifest.weights_url,
+            "name": PurePosixPath(urlsplit(manifest.weights_url).path).name,
+            "digest": {"sha256": weights.source_sha256.split(":", 1)[1]},
         },
-        *(
-            {"uri": f"llmctl:{name}-layer", "name": name, "digest": {"sha256": layer.diff_id.split(":", 1)[1]}}
-            for name, layer in layers.items()
-        ),
+    ]
+    if weights.derivation is not None:  # derived here: the served file, and what it was made from
+        deps.append(
+            {
+                "uri": f"llmctl:derived/{weights.sha256}",
+                "name": spec.file_name,
+                "digest": {"sha256": weights.sha256.split(":", 1)[1]},
+                "annotations": {"derivedFrom": weights.source_sha256, "process": weights.derivation},
+            }
+        )
+    deps += [
+        {"uri": f"llmctl:{name}-layer", "name": name, "digest": {"sha256": layer.diff_id.split(":", 1)[1]}}
+        for name, layer in layers.items()
     ]
     params = {
         "name": manifest.name,
         "version": manifest.version,
         "license": manifest.license,
         "weights": {
-            "url": manifest.source,
+            "url": manifest.weights_url,
             "sha256": manifest.weights_sha256,
             "storage": "mount" if spec.mounted else "image",
+            "derive": weights.derivation,
         },
     }
     return signing.provenance(
@@ -107,8 +155,13 @@ def _provenance(manifest: ModelManifest, image: Image, spec: ModelImageSpec, sta
     )
 
 
-def build(
-    manifest_path: Path,
+def build(manifest_path: Path, **options: Any) -> BuildResult:
+    """`build_model` for a manifest file."""
+    return build_model(load_manifest(manifest_path), **options)
+
+
+def build_model(
+    manifest: ModelManifest,
     *,
     load: bool = True,
     progress: bool = True,
@@ -118,15 +171,16 @@ def build(
     policy_file: Path | None = None,
     weights_storage: str | None = None,
 ) -> BuildResult:
-    """Build the image of `manifest_path`, sign it and attach its SBOM and provenance with `key` (a
+    """Build the image of `manifest`, sign it and attach its SBOM and provenance with `key` (a
     name in the key store or a path; default: the store's `cosign` key), then check the result
     against the trust policy before loading it into the engine. `base_rootfs` defaults to the cached
     base for the pinned package lists (built on first use)."""
-    manifest = load_manifest(manifest_path)
     policy = load_policy(policy_file)
     private_key = _signing_key(manifest, policy, key, sign)
     started = signing.utc_now()
-    weights = fetch_blob(manifest.weights_url, manifest.weights_sha256, pin=f"model-{manifest.name}", progress=progress)
+    weights = resolve_weights(manifest, progress=progress)
+    info = model_info_from_gguf(weights.path, name=manifest.name, version=manifest.version)
+    check_weights_match_manifest(manifest, info, weights)
     spec = spec_for(manifest, weights, weights_storage)
     rootfs = base_rootfs if base_rootfs is not None else cached_rootfs()[0]
     store = paths.data_dir() / "images"
@@ -136,8 +190,8 @@ def build(
         bom = build_sbom(
             image_name=f"llmctl/{manifest.name}",
             image_version=manifest.version,
-            model=model_info_from_gguf(weights, name=manifest.name, version=manifest.version),
-            weights=[weight_file(weights, image_path=f"/{MODELS_DIR}/{spec.file_name}")],
+            model=info,
+            weights=[weight_file(weights.path, image_path=f"/{MODELS_DIR}/{spec.file_name}")],
             rootfs=rootfs,
             site_packages=[rootfs / PYTHON_SITE],
             runtime_version=RUNTIME_VERSION,
@@ -158,7 +212,7 @@ def build(
                 private_key,
                 sbom=bom,
                 sbom_bytes=sbom_json(bom),
-                provenance_predicate=_provenance(manifest, image, spec, started),
+                provenance_predicate=_provenance(manifest, image, spec, weights, started),
             )
             signer = fingerprint(private_key)
         # the build passes its own policy before the engine ever sees the image
@@ -188,7 +242,7 @@ def render_dockerfile(manifest_path: Path, base_image: str = "llmctl/base:bookwo
     """A Dockerfile with the same layers and settings, for users who build with their own tools
     (not reproducible by itself: the legacy builder stamps times into layers)."""
     m = load_manifest(manifest_path)
-    spec = spec_for(m, Path(f"{m.name}.gguf"))
+    spec = spec_for(m, ResolvedWeights(Path(f"{m.name}.gguf"), m.weights_sha256, m.weights_sha256))
     model_path = f"/{MODELS_DIR}/{spec.file_name}"
     health = json.dumps(HEALTHCHECK.test[1:])
     lines = [

@@ -35,7 +35,7 @@ def manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.write_text(
         "apiVersion: llmctl.dev/v1\nkind: Model\n"
         "metadata: {name: demo-q8_0, version: 1.0.0}\n"
-        f"spec:\n  weights: {{url: ./demo.gguf, sha256: 'sha256:{digest}'}}\n  license: bigcode-openrail-m\n"
+        f"spec:\n  files: [{{path: ./demo.gguf, sha256: 'sha256:{digest}'}}]\n  license: bigcode-openrail-m\n"
     )
     return path
 
@@ -90,7 +90,7 @@ def test_dockerfile_is_rendered_from_the_manifest(manifest: Path, capsys: pytest
     [
         (lambda t: t.replace("kind: Model", "kind: Chart"), "field kind: 'Model' was expected"),
         (lambda t: t.replace("version: 1.0.0", "version: ''"), "field metadata.version"),
-        (lambda t: t.replace("'sha256:", "'md5:"), "field spec.weights.sha256"),
+        (lambda t: t.replace("'sha256:", "'md5:"), "field spec.files[0].sha256"),
         (lambda t: t.replace("license: bigcode-openrail-m\n", ""), "'license' is a required property"),
         (lambda t: t + "  extra: 1\n", "field spec: Additional properties are not allowed"),
         (lambda t: t.replace("metadata: {", "metadata: [{"), ":4:1: not valid YAML/JSON"),

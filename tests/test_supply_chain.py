@@ -49,7 +49,7 @@ def write_manifest(directory: Path, *, name: str = "demo", license: str = "bigco
     path.write_text(
         "apiVersion: llmctl.dev/v1\nkind: Model\n"
         f"metadata: {{name: {name}, version: 1.0.0}}\n"
-        f"spec:\n  weights: {{url: ./{name}.gguf, sha256: 'sha256:{digest}'}}\n  license: {license}\n"
+        f"spec:\n  files: [{{path: ./{name}.gguf, sha256: 'sha256:{digest}'}}]\n  license: {license}\n"
     )
     return path
 
