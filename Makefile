@@ -19,7 +19,7 @@ BOOTSTRAP_INPUTS := scripts/bootstrap.sh requirements-dev.txt \
 .PHONY: help bootstrap test demo lint bench clean distclean
 
 help:
-	@echo "make demo       build a tiny demo model and complete code with it"
+	@echo "make demo       generate, build, sign, verify, install, query, upgrade, roll back a demo model"
 	@echo "make test       run the whole test suite"
 	@echo "make lint       ruff + mypy"
 	@echo "make bench      runtime speed benchmark"

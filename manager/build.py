@@ -7,6 +7,7 @@ at any step leaves no image and no layout entry behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -16,19 +17,30 @@ from urllib.parse import urlsplit
 
 from manager import images, paths, signing
 from manager.base_image import PYTHON_SITE, cached_rootfs
+from manager.base_image import inputs_digest as base_inputs_digest
 from manager.cache import fetch_blob
-from manager.errors import ImageBuildError
+from manager.errors import ImageBuildError, LlmctlError
 from manager.manifest import ModelManifest, load_manifest
-from manager.model_image import HEALTHCHECK, MODELS_DIR, PORT, RUNTIME_PREFIX, ModelImageSpec, assemble
+from manager.model_image import (
+    HEALTHCHECK,
+    MODELS_DIR,
+    PORT,
+    RUNTIME_PREFIX,
+    ModelImageSpec,
+    assemble,
+    runtime_digest,
+)
 from manager.policy import TrustPolicy, check_license, load_policy
 from manager.sbom_model import model_info_from_gguf, weight_file
 from manager.verify_image import verify_image
+from registry.errors import RegistryError
 from registry.keys import fingerprint
 from registry.oci import Image, source_date_epoch
-from registry.oci.layout import write_layout
+from registry.oci.layout import read_config, write_layout
 from registry.sbom import ModelInfo, build_sbom, sbom_json
 
 RUNTIME_VERSION = "0.1.0"
+BUILD_INPUTS_LABEL = "dev.llmctl.build.inputs"
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,36 @@ def check_weights_match_manifest(m: ModelManifest, info: ModelInfo, weights: Res
             )
 
 
+def inputs_digest(m: ModelManifest, storage: str | None = None) -> str:
+    """A digest of everything the image is made from: the pinned weights (and how they are derived),
+    what the labels say, the base image's pinned inputs and the runtime's code. Equal digests give
+    the same image, so an install can reuse an image built before instead of rebuilding it."""
+    inputs = {
+        "name": m.name,
+        "version": m.version,
+        "license": m.license,
+        "source": m.source,
+        "weights": m.weights_sha256,
+        "derive": m.requantize,
+        "storage": storage or m.weights_storage,
+        "base": base_inputs_digest(),
+        "runtime": runtime_digest(),
+        "runtime_version": RUNTIME_VERSION,
+        "epoch": source_date_epoch(),
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def find_built(m: ModelManifest, storage: str | None = None) -> str | None:
+    """The digest of the image in the local store built from exactly these inputs, if there is one."""
+    try:
+        ref = images.resolve(m.tag)
+        labels = (read_config(images.layout_dir(), ref.name)[1].get("config") or {}).get("Labels") or {}
+    except (LlmctlError, RegistryError):
+        return None
+    return ref.digest if labels.get(BUILD_INPUTS_LABEL) == inputs_digest(m, storage) else None
+
+
 def spec_for(m: ModelManifest, weights: ResolvedWeights, storage: str | None = None) -> ModelImageSpec:
     return ModelImageSpec(
         name=m.name,
@@ -91,6 +133,7 @@ def spec_for(m: ModelManifest, weights: ResolvedWeights, storage: str | None = N
         source=m.source,
         runtime_version=RUNTIME_VERSION,
         mounted=(storage or m.weights_storage) == "mount",
+        build_inputs=inputs_digest(m, storage),
     )
 
 

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_parser(commands)
     add_build_parser(commands)
     add_verify_parsers(commands)
+    from manager.cli_release import add_release_parsers
+
+    add_release_parsers(commands)
     sbom = commands.add_parser(
         "sbom",
         help="print the CycloneDX SBOM of a built image",
@@ -400,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_key(options)
         if options.command == "build":
             return run_build(options)
+        from manager.cli_release import RELEASE_VERBS, run_release
+
+        if options.command in (*RELEASE_VERBS, "ls"):
+            return run_release(options)
         if options.command in ("verify", "policy"):
             return run_verify(options)
         if options.command == "sbom":

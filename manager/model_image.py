@@ -47,6 +47,7 @@ class ModelImageSpec:
     source: str = ""  # where the weights came from (URL), for the labels
     runtime_version: str = "0.1.0"
     mounted: bool = False  # weights not in the image: mounted read-only at MODELS_DIR when it runs
+    build_inputs: str = ""  # digest of everything the image is made from (see manager.build.inputs_digest)
 
     @property
     def file_name(self) -> str:
@@ -66,6 +67,16 @@ def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
     if not any(e.path.endswith(".so") for e in entries):
         raise ImageBuildError(f"{package}/kernels has no compiled _kernels module: run `make bootstrap` first")
     return entries
+
+
+def runtime_digest(package: Path = RUNTIME_PACKAGE) -> str:
+    """sha256 over the runtime files the image carries (paths and contents): changes with the code."""
+    h = hashlib.sha256()
+    for entry in runtime_entries(package):
+        h.update(entry.path.encode() + b"\0")
+        assert entry.source is not None
+        h.update(Path(entry.source).read_bytes())
+    return "sha256:" + h.hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
@@ -91,6 +102,7 @@ def image_from_layers(spec: ModelImageSpec, base: Layer, weights: Layer | None, 
         "dev.llmctl.model.weights.digest": spec.weights_sha256,
         "dev.llmctl.runtime.version": spec.runtime_version,
         "dev.llmctl.model.weights.mounted": "true" if spec.mounted else "false",
+        "dev.llmctl.build.inputs": spec.build_inputs,
     }
     image = Image.empty().with_layer(base, created_by="llmctl base: Debian packages and Python wheels")
     if weights is not None:

@@ -1,55 +1,83 @@
 #!/usr/bin/env bash
-# The demo: make a tiny StarCoder2-architecture model (random weights, real tokenizer), show what is
-# in it, and complete a line of code with llmctl's own runtime. Run through `make demo`, which
-# installs everything first.
+# The demo, end to end on the embedded default: generate a tiny StarCoder2-shaped model (random
+# weights, a tokenizer trained on real code), build its image, sign it, verify it, install it as a
+# release, complete code through the OpenAI client with fill-in-the-middle, upgrade it with new
+# values, roll it back and uninstall it. Run through `make demo`, which installs everything first.
+#
+# It keeps its own llmctl home (keys, images, releases) so it never touches yours:
+# DEMO_HOME (default ~/.local/share/llmctl-demo). The driver is docker when the engine answers,
+# else a supervised local process; DEMO_DRIVER=process|docker chooses.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PY="$ROOT/.venv/bin/python"
-DEMO_DIR="${DEMO_DIR:-${LLMCTL_HOME:-$HOME/.local/share/llmctl}/demo}"
-MODEL="$DEMO_DIR/demo-q8_0.gguf"
+LLMCTL="$ROOT/.venv/bin/llmctl"
+export LLMCTL_HOME="${DEMO_HOME:-$HOME/.local/share/llmctl-demo}"
+export LLMCTL_KEY_PASSWORD="${LLMCTL_KEY_PASSWORD:-llmctl-demo}"  # the demo key's password, demo only
+MODEL="$LLMCTL_HOME/demo-q8_0.gguf"
+RELEASE=demo
+DRIVER=(${DEMO_DRIVER:+--driver "$DEMO_DRIVER"})
 
-say() { printf '==> %s\n' "$*"; }
+step=0
+say() { step=$((step + 1)); printf '\n==> %d. %s\n' "$step" "$*"; }
+run() { printf '$ %s\n' "$*" >&2; "$@"; }
 
-[ -x "$PY" ] || { echo "demo: .venv is missing; run 'make demo'" >&2; exit 1; }
+[ -x "$LLMCTL" ] || { echo "demo: .venv is missing; run 'make demo'" >&2; exit 1; }
+mkdir -p "$LLMCTL_HOME"
+# a release left by an interrupted earlier run goes first, so the demo always starts clean
+"$LLMCTL" uninstall "$RELEASE" >/dev/null 2>&1 || true
 
-mkdir -p "$DEMO_DIR"
-# Made afresh each run (it is tiny), so it always matches the runtime in this checkout. Written
-# beside the target and renamed, so an interrupted run never leaves half a model behind.
-say "making the demo model: $MODEL"
-tmp="$DEMO_DIR/.demo-q8_0.$$.gguf"
+say "generate the demo weights (tiny StarCoder2 shape, Q8_0, seed 1): $MODEL"
+tmp="$LLMCTL_HOME/.demo-q8_0.$$.gguf"
 trap 'rm -f "$tmp"' EXIT
 "$PY" -m runtime.testing.make_model --arch starcoder2 --preset tiny --type q8_0 --seed 1 -o "$tmp"
 mv -f "$tmp" "$MODEL"
+DIGEST="sha256:$(sha256sum "$MODEL" | cut -d' ' -f1)"
+VALUES=(--set "weights.path=$MODEL" --set "weights.sha256=$DIGEST")
+run "$LLMCTL" model info "$MODEL"
 
-say "python -m runtime info $MODEL"
-"$PY" -m runtime info "$MODEL"
+say "a signing key in cosign's format (once)"
+if [ -f "$LLMCTL_HOME/config/keys/cosign.pub" ]; then
+    run "$LLMCTL" key ls
+else
+    run "$LLMCTL" key generate
+fi
 
-say "completing 'def fibonacci(n):' (the weights are random, so the text is too)"
-"$PY" -m runtime generate -m "$MODEL" -p 'def fibonacci(n):' -n 32 --seed 1
+say "render the demo chart's Model manifest"
+run "$LLMCTL" template demo "${VALUES[@]}" | tee "$LLMCTL_HOME/demo-manifest.yaml"
 
-say "filling in the middle between a prefix and a suffix (<fim_prefix>...<fim_suffix>...<fim_middle>)"
-"$PY" -m runtime generate -m "$MODEL" -p 'def add(a, b):
-    return ' --infill-suffix '
+say "build the image, sign it, attest its SBOM and SLSA provenance (reproducible: same digest every time)"
+run "$LLMCTL" build "$LLMCTL_HOME/demo-manifest.yaml" --no-load --no-progress
 
-print(add(1, 2))
-' -n 16 --seed 1
+say "verify it like cosign would: signature, attestations, weights in the image vs the signed SBOM"
+run "$LLMCTL" verify llmctl/demo:1.0.0 --key "$LLMCTL_HOME/config/keys/cosign.pub"
 
-say "serving it: python -m runtime serve -m $MODEL (OpenAI and llama.cpp APIs on 127.0.0.1)"
-PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$PY" -m runtime serve -m "$MODEL" --port "$PORT" --parallel 2 --log-level warning --no-access-log &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true; rm -f "$tmp"' EXIT
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
-    sleep 0.2
-done
-say "POST /v1/completions with a suffix (fill-in-the-middle, as editors send it)"
-curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 12, "temperature": 0}'
-echo
-kill -TERM "$SERVER"
-wait "$SERVER"
-say "server stopped cleanly"
+say "install it as release '$RELEASE' (the verified image is reused; waits for /health)"
+run "$LLMCTL" install "$RELEASE" demo "${VALUES[@]}" "${DRIVER[@]}"
+ENDPOINT="$("$LLMCTL" status "$RELEASE" -o json | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["endpoint"])')"
+
+say "fill in the middle through the OpenAI client (the weights are random, so the text is too)"
+"$PY" - "$ENDPOINT" <<'EOF'
+import sys
+
+from openai import OpenAI
+
+client = OpenAI(base_url=f"{sys.argv[1]}/v1", api_key="not-needed")
+prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+r = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+print(f"prompt:  {prefix!r}\nsuffix:  {suffix!r}\nmiddle:  {r.choices[0].text!r} ({r.usage.completion_tokens} tokens)")
+EOF
+
+say "upgrade with new values (4 parallel requests): the new revision starts, passes /health, then replaces the old"
+run "$LLMCTL" upgrade "$RELEASE" demo --reuse-values --set server.parallel=4
+run "$LLMCTL" history "$RELEASE"
+
+say "roll back to revision 1"
+run "$LLMCTL" rollback "$RELEASE" 1
+run "$LLMCTL" list
+
+say "uninstall"
+run "$LLMCTL" uninstall "$RELEASE"
+printf '\ndemo complete: built, signed, verified, installed, queried, upgraded, rolled back and uninstalled.\n'

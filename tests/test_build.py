@@ -160,3 +160,36 @@ def test_mounted_weights_image_serves_the_cache_file_read_only_and_refuses_anoth
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
         subprocess.run(["docker", "rmi", "-f", result.tag], capture_output=True)
+
+
+@pytest.mark.slow
+def test_derived_q4_weights_are_built_once_verified_and_recorded_in_the_provenance(
+    manifest: Path, rootfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`derive: {requantize: Q4_0}`: the pinned Q8_0 file is requantized here; the image serves the
+    Q4_0 file, its SBOM pins it, and the provenance lists both digests."""
+    import base64
+
+    from manager import images
+    from registry.attachments import ATT, SLSA_PROVENANCE_V1
+
+    text = manifest.read_text().replace("metadata: {name: demo-q8_0", "metadata: {name: demo-q4")
+    manifest.write_text(text + "  derive: {requantize: Q4_0}\n  quantization: Q4_0\n")
+    source = "sha256:" + hashlib.sha256((manifest.parent / "demo.gguf").read_bytes()).hexdigest()
+    result = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
+    labels = read_layout(result.layout, result.tag).config_json()["config"]["Labels"]
+    served = labels[WEIGHTS]
+    assert served != source
+    assert cli.main(["verify", result.tag]) == 0  # the SBOM's digest is the Q4_0 file's
+    capsys.readouterr()
+    att = images.read(images.resolve(result.tag), ATT)
+    assert att is not None
+    envelope = next(b for b in att.layers if b.annotations["predicateType"] == SLSA_PROVENANCE_V1)
+    statement = json.loads(base64.b64decode(json.loads(envelope.data)["payload"]))
+    deps = {d["name"]: d for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]}
+    assert "sha256:" + deps["demo.gguf"]["digest"]["sha256"] == source
+    derived = deps["demo-q4.gguf"]
+    assert "sha256:" + derived["digest"]["sha256"] == served
+    assert derived["annotations"] == {"derivedFrom": source, "process": "requantize Q4_0"}
+    again = build.build(manifest, load=False, progress=False, base_rootfs=rootfs)
+    assert again.digest == result.digest  # deterministic requantizer: the same image

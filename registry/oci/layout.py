@@ -253,3 +253,16 @@ def read_layout(root: str | os.PathLike[str], ref_name: str | None = None, *, ch
         raw_config=raw_config,
         raw_manifest=raw_manifest,
     )
+
+
+def read_config(root: str | os.PathLike[str], ref_name: str) -> tuple[str, dict[str, Any]]:
+    """(config digest = Docker's image ID, config JSON) of image `ref_name`: manifest and config
+    verified, layers not read (cheap)."""
+    root = Path(root)
+    index = _load_json(_read_index(root), "index.json")
+    found = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(REF_NAME) == ref_name]
+    if not found:
+        raise LayoutError(f"{root}: no image named {ref_name!r}")
+    manifest = _load_json(_read_verified(root, found[0]), f"manifest {found[0].get('digest')}")
+    descriptor = manifest.get("config") or {}
+    return str(descriptor.get("digest")), _load_json(_read_verified(root, descriptor), "config")

@@ -1,0 +1,470 @@
+"""Release actions: install, upgrade, rollback, uninstall (the work behind the Helm-like verbs).
+
+Every action on a release holds that release's lock (`ReleaseStore.operation`), first recovers what
+a killed llmctl left behind (pending revisions become failed, their instances are removed), and
+records each step in the store before it is taken, so that no crash leaves a release stuck.
+
+The path of one revision: chart + values -> Model manifest -> image (reused when built from the same
+inputs, else built and signed) -> verified against the trust policy -> the driver starts an
+instance -> health check -> deployed. An upgrade starts the new revision beside the old one and
+retires the old one only once the new one is healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manager import build, chart_repos, charts, images, policy
+from manager.cache import open_store
+from manager.drivers import Driver, Instance, InstanceSpec, get_driver
+from manager.errors import LlmctlError
+from manager.manifest import ModelManifest, parse_manifest
+from manager.releases import HISTORY_MAX, ReleaseNotFoundError, ReleaseStore, Revision
+from manager.verify_image import verify_image
+from registry.oci.layout import read_config
+
+BUILTIN_CHARTS = Path(__file__).resolve().parent.parent / "charts"
+WEIGHTS_PATH_LABEL = "dev.llmctl.model.weights.path"
+MOUNTED_LABEL = "dev.llmctl.model.weights.mounted"
+
+
+class ActionError(LlmctlError):
+    """An install, upgrade, rollback or uninstall that cannot go ahead (nothing was changed)."""
+
+
+@dataclass
+class Options:
+    """What the verbs take beside the release name and chart (Helm's flags)."""
+
+    values_files: Sequence[Path] = ()
+    sets: Sequence[str] = ()
+    set_strings: Sequence[str] = ()
+    version: str | None = None
+    timeout: float = 300.0  # seconds to wait for the instance to become healthy
+    atomic: bool = False
+    dry_run: bool = False
+    reuse_values: bool = False
+    driver: str | None = None  # docker | process; default: docker when the engine answers
+    key: str | None = None  # signing key for images built on the way
+    policy_file: Path | None = None
+    history_max: int = HISTORY_MAX
+    progress: bool = True
+    say: Callable[[str], None] = field(default=lambda message: None)
+
+
+@dataclass
+class Rendered:
+    chart: charts.Chart
+    values: dict[str, Any]
+    manifest_text: str
+    manifest: ModelManifest
+
+
+# --- chart -> manifest ------------------------------------------------------------------------------
+
+
+def render(
+    chart_ref: str, opts: Options, *, name: str, revision: int, upgrade: bool, base: dict[str, Any] | None = None
+) -> Rendered:
+    """Resolve the chart, merge values (Helm's precedence) and render its Model manifest."""
+    chart = charts.load_chart(chart_repos.resolve(chart_ref, opts.version, BUILTIN_CHARTS))
+    # what the user asked for is stored (and reused by --reuse-values); the chart's defaults are not
+    user_values = charts.merge_values(
+        dataclasses.replace(chart, values={}), opts.values_files, opts.sets, opts.set_strings, base=base
+    )
+    values = charts.merge_values(chart, opts.values_files, opts.sets, opts.set_strings, base=base)
+    text, _ = charts.render_manifest(chart, values, charts.ReleaseInfo(name, revision, upgrade))
+    source = f"chart {chart.meta.name} {chart.meta.version}: templates/model.yaml (rendered)"
+    manifest = parse_manifest(text, source, Path.cwd())
+    return Rendered(chart, user_values, text, manifest)
+
+
+def template(chart_ref: str, opts: Options, name: str = "release") -> str:
+    """`llmctl template CHART`: the manifest an install would use."""
+    return render(chart_ref, opts, name=name, revision=1, upgrade=False).manifest_text
+
+
+# --- manifest -> verified image -> instance ---------------------------------------------------------
+
+
+def ensure_image(manifest: ModelManifest, opts: Options) -> str:
+    """The verified image digest for `manifest`: reused if the store holds one built from the same
+    inputs, otherwise built (and signed) now. Either way the trust policy decides before anything
+    runs."""
+    digest = build.find_built(manifest)
+    if digest is None:
+        opts.say(f"building image {manifest.tag} (weights, base, runtime; signed)")
+        result = build.build_model(
+            manifest, load=False, progress=opts.progress, key=opts.key, policy_file=opts.policy_file
+        )
+        digest = result.digest
+    verified = verify_image(manifest.tag, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
+    opts.say(f"verified {manifest.tag} ({verified.digest}): " + "; ".join(verified.checks[1:]))
+    return verified.digest
+
+
+def _engine_has(tag: str, image_id: str) -> bool:
+    run = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", tag], capture_output=True, text=True)
+    return run.returncode == 0 and run.stdout.strip() == image_id
+
+
+def instance_spec(name: str, revision: int, manifest: ModelManifest, digest: str, driver: Driver) -> InstanceSpec:
+    """How the driver runs this revision: the verified image (docker) or its weights from the cache
+    (process), with the manifest's server, resource, network and security settings."""
+    ref = images.resolve(manifest.tag)
+    if ref.digest != digest:
+        raise ActionError(
+            f"{manifest.tag} changed while installing ({digest} became {ref.digest}); run the command again"
+        )
+    image_id, config = read_config(images.layout_dir(), ref.name)
+    labels = (config.get("config") or {}).get("Labels") or {}
+    weights_digest = labels["dev.llmctl.model.weights.digest"]
+    weights_file = open_store().path(weights_digest)
+    mounted = labels.get(MOUNTED_LABEL) == "true"
+    if driver.name == "docker" and not _engine_has(manifest.tag, image_id):
+        from registry.oci.daemon import load
+        from registry.oci.layout import read_layout
+
+        load(read_layout(images.layout_dir(), ref.name, check_diff_ids=False), manifest.tag)
+    api_key = None
+    if manifest.api_key_env:
+        api_key = os.environ.get(manifest.api_key_env)
+        if not api_key:
+            raise ActionError(
+                f"the chart asks for an API key in ${manifest.api_key_env} (security.apiKeyEnv), but it is not set"
+            )
+    return InstanceSpec(
+        release=name,
+        revision=revision,
+        image=manifest.tag,
+        image_id=image_id,
+        weights=weights_file if (driver.name == "process" or mounted) else None,
+        weights_in_image=labels[WEIGHTS_PATH_LABEL],
+        weights_sha256=weights_digest,
+        port=manifest.port,
+        host=manifest.host,
+        threads=manifest.threads,
+        ctx=manifest.context,
+        parallel=manifest.parallel,
+        cpus=manifest.cpus,
+        memory=manifest.memory,
+        api_key=api_key,
+    )
+
+
+def _start_healthy(driver: Driver, spec: InstanceSpec, timeout: float, say: Callable[[str], None]) -> Instance:
+    """Start an instance and wait for its health check; on failure it is removed and the error says
+    why (with the end of its log)."""
+    instance = driver.start(spec)
+    say(f"started {driver.name} instance {instance.id} at {instance.endpoint}; waiting for /health")
+    if driver.wait_healthy(instance, timeout):
+        return instance
+    tail = " | ".join(line.strip() for line in driver.logs(instance, tail=5).splitlines() if line.strip())
+    _retire(driver, instance)
+    raise ActionError(f"revision {spec.revision} did not become healthy within {timeout:.0f} s: {tail or 'no output'}")
+
+
+def _retire(driver: Driver, instance: Instance) -> None:
+    try:
+        driver.stop(instance, timeout=30)
+    finally:
+        driver.remove(instance)
+
+
+def _driver_for(rev: Revision | None, opts: Options) -> Driver:
+    """A release keeps its driver; a new one gets the asked-for driver or the default."""
+    return get_driver(rev.driver if rev is not None and opts.driver is None else opts.driver)
+
+
+def _clean_orphans(store: ReleaseStore, name: str, driver: Driver, say: Callable[[str], None]) -> None:
+    """Instances of this release that no deployed revision owns (left by a killed llmctl) go."""
+    deployed = store.deployed(name)
+    for inst in driver.list(name):
+        if deployed is None or inst.revision != deployed.revision:
+            say(f"removing instance {inst.id} of revision {inst.revision}: no deployed revision owns it")
+            _retire(driver, inst)
+
+
+def _begin(store: ReleaseStore, name: str, opts: Options, driver: Driver | None) -> None:
+    for note in store.recover(name):
+        opts.say(f"recovered: {note}")
+    if driver is not None:
+        _clean_orphans(store, name, driver, opts.say)
+
+
+def _latest(store: ReleaseStore, name: str) -> Revision | None:
+    try:
+        return store.get(name)
+    except ReleaseNotFoundError:
+        return None
+
+
+# --- the verbs --------------------------------------------------------------------------------------
+
+
+def install(name: str, chart_ref: str, opts: Options) -> Revision:
+    """`llmctl install NAME CHART`."""
+    store = ReleaseStore()
+    with store.operation(name, "install"):
+        _begin(store, name, opts, None)
+        latest = _latest(store, name)
+        if latest is not None and latest.status not in ("uninstalled", "failed"):
+            raise ActionError(
+                f"release '{name}' already exists (revision {latest.revision}, {latest.status}); "
+                f"use `llmctl upgrade {name} {chart_ref}`, or pick another name"
+            )
+        if latest is not None and latest.status == "failed" and store.deployed(name) is not None:
+            raise ActionError(f"release '{name}' has a deployed revision; use `llmctl upgrade {name} {chart_ref}`")
+        revision = store.next_revision(name)
+        rendered = render(chart_ref, opts, name=name, revision=revision, upgrade=False)
+        if opts.dry_run:
+            return _dry_run(name, revision, rendered, opts)
+        driver = _driver_for(None, opts)
+        _clean_orphans(store, name, driver, opts.say)
+        return _deploy(store, name, revision, rendered, driver, opts, previous=None, verb="install")
+
+
+def upgrade(name: str, chart_ref: str, opts: Options, *, install_missing: bool = False) -> Revision:
+    """`llmctl upgrade NAME CHART [--install] [--reuse-values]`."""
+    store = ReleaseStore()
+    with store.operation(name, "upgrade"):
+        _begin(store, name, opts, None)
+        current = store.deployed(name)
+        if current is None:
+            if not install_missing:
+                raise ActionError(
+                    f"release '{name}' has no deployed revision; use `llmctl install` or `upgrade --install`"
+                )
+            revision = store.next_revision(name)
+            rendered = render(chart_ref, opts, name=name, revision=revision, upgrade=False)
+            if opts.dry_run:
+                return _dry_run(name, revision, rendered, opts)
+            driver = _driver_for(None, opts)
+            _clean_orphans(store, name, driver, opts.say)
+            return _deploy(store, name, revision, rendered, driver, opts, previous=None, verb="install")
+        driver = _driver_for(current, opts)
+        _clean_orphans(store, name, driver, opts.say)
+        revision = store.next_revision(name)
+        base = current.values if opts.reuse_values else None
+        rendered = render(chart_ref, opts, name=name, revision=revision, upgrade=True, base=base)
+        if opts.dry_run:
+            return _dry_run(name, revision, rendered, opts)
+        return _deploy(store, name, revision, rendered, driver, opts, previous=current, verb="upgrade")
+
+
+def rollback(name: str, target: int | None, opts: Options) -> Revision:
+    """`llmctl rollback NAME [REVISION]`: a new revision with an older one's chart, values and manifest."""
+    store = ReleaseStore()
+    with store.operation(name, "rollback"):
+        _begin(store, name, opts, None)
+        current = store.deployed(name)
+        history = store.history(name)
+        if target is None:
+            older = [r for r in history if current is None or r.revision < current.revision]
+            older = [r for r in older if r.status in ("superseded", "deployed")]
+            if not older:
+                raise ActionError(f"release '{name}' has no earlier revision to roll back to")
+            target = older[-1].revision
+        old = store.get(name, target)
+        driver = _driver_for(current or old, opts)
+        _clean_orphans(store, name, driver, opts.say)
+        revision = store.next_revision(name)
+        manifest = parse_manifest(old.manifest, f"release {name} revision {target} (stored manifest)", Path.cwd())
+        rendered = Rendered(
+            charts.load_chart(chart_repos.resolve(old.chart, old.chart_version, BUILTIN_CHARTS)),
+            old.values,
+            old.manifest,
+            manifest,
+        )
+        if opts.dry_run:
+            return _dry_run(name, revision, rendered, opts)
+        return _deploy(
+            store,
+            name,
+            revision,
+            rendered,
+            driver,
+            opts,
+            previous=current,
+            verb="rollback",
+            note=f"Rollback to {target}",
+        )
+
+
+def uninstall(
+    name: str, *, keep_history: bool = False, driver_name: str | None = None, say: Callable[[str], None] = print
+) -> str:
+    """`llmctl uninstall NAME [--keep-history]`: stop and remove its instances, then its records."""
+    store = ReleaseStore()
+    with store.operation(name, "uninstall"):
+        store.recover(name)
+        latest = store.get(name)
+        if latest.status == "uninstalled":
+            raise ActionError(f"release '{name}' is already uninstalled; `llmctl list -a` shows it")
+        store.set_status(name, latest.revision, "uninstalling", "Uninstalling")
+        driver = get_driver(driver_name or latest.driver)
+        for inst in driver.list(name):
+            say(f"stopping {driver.name} instance {inst.id} (revision {inst.revision})")
+            _retire(driver, inst)
+        if keep_history:
+            for rev in store.history(name):
+                if rev.status == "deployed":
+                    store.set_status(name, rev.revision, "superseded")
+            store.set_status(name, latest.revision, "uninstalled", "Uninstallation complete")
+        else:
+            store.delete(name)
+    return f'release "{name}" uninstalled'
+
+
+def _dry_run(name: str, revision: int, rendered: Rendered, opts: Options) -> Revision:
+    opts.say("dry run: nothing was built, started or recorded")
+    return _record(name, revision, rendered, "pending-install", "Dry run", image_digest="", driver="process")
+
+
+def _record(
+    name: str, revision: int, rendered: Rendered, status: str, description: str, *, image_digest: str, driver: str
+) -> Revision:
+    meta = rendered.chart.meta
+    return Revision(
+        name=name,
+        revision=revision,
+        status=status,
+        chart=meta.name,
+        chart_version=meta.version,
+        app_version=meta.app_version,
+        values=rendered.values,
+        manifest=rendered.manifest_text,
+        image=rendered.manifest.tag,
+        image_digest=image_digest,
+        driver=driver,
+        description=description,
+    )
+
+
+def _deploy(
+    store: ReleaseStore,
+    name: str,
+    revision: int,
+    rendered: Rendered,
+    driver: Driver,
+    opts: Options,
+    *,
+    previous: Revision | None,
+    verb: str,
+    note: str | None = None,
+) -> Revision:
+    """Record the revision as pending, make and verify the image, start it beside the previous one,
+    wait for health, then retire the previous revision. On failure the new revision is `failed`,
+    its instance is gone and the previous one still serves; `--atomic` also removes a failed
+    install and records a rollback revision for a failed upgrade."""
+    pending = {"install": "pending-install", "upgrade": "pending-upgrade", "rollback": "pending-rollback"}[verb]
+    rev = _record(
+        name, revision, rendered, pending, f"{verb.capitalize()} in progress", image_digest="", driver=driver.name
+    )
+    store.add(rev)
+    try:
+        digest = ensure_image(rendered.manifest, opts)
+        store.set_status(name, revision, pending, image_digest=digest)
+        spec = instance_spec(name, revision, rendered.manifest, digest, driver)
+        old_instances = driver.list(name)
+        if previous is not None and spec.port and any(i.endpoint.endswith(f":{spec.port}") for i in old_instances):
+            # a fixed port cannot serve two revisions at once: the old one steps aside first
+            opts.say(f"port {spec.port} is fixed: stopping revision {previous.revision} first")
+            for inst in old_instances:
+                _retire(driver, inst)
+            old_instances = []
+        instance = _start_healthy(driver, spec, opts.timeout, opts.say)
+    except (LlmctlError, Exception) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        store.set_status(name, revision, "failed", f"{verb.capitalize()} failed: {message}")
+        if opts.atomic:
+            _atomic_undo(store, name, revision, previous, driver, opts)
+        if isinstance(e, LlmctlError):
+            raise
+        raise ActionError(f"{verb} of release '{name}' failed: {message}") from e
+    for inst in old_instances:
+        if inst.revision != revision:
+            _retire(driver, inst)
+    if previous is not None:
+        store.set_status(name, previous.revision, "superseded", previous.description)
+    description = (
+        note or {"install": "Install complete", "upgrade": "Upgrade complete", "rollback": "Rollback complete"}[verb]
+    )
+    store.set_status(name, revision, "deployed", description, endpoint=instance.endpoint, instance_id=instance.id)
+    store.prune(name, opts.history_max)
+    return store.get(name, revision)
+
+
+def _atomic_undo(
+    store: ReleaseStore, name: str, failed: int, previous: Revision | None, driver: Driver, opts: Options
+) -> None:
+    if previous is None:  # a failed atomic install leaves no release behind
+        for inst in driver.list(name):
+            _retire(driver, inst)
+        store.delete(name)
+        opts.say(f"--atomic: install failed, release '{name}' removed")
+        return
+    # the previous revision never stopped serving: record the rollback to it as a new revision
+    back = store.next_revision(name)
+    store.add(
+        Revision(
+            **{
+                **previous.__dict__,
+                "revision": back,
+                "status": "deployed",
+                "description": f"Rollback to {previous.revision} (--atomic: revision {failed} failed)",
+            }
+        )
+    )
+    store.set_status(name, previous.revision, "superseded", previous.description)
+    opts.say(f"--atomic: upgrade failed, rolled back to revision {previous.revision} as revision {back}")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def status(name: str) -> dict[str, Any]:
+    """`llmctl status NAME`: the latest revision and its instance as the driver sees it now."""
+    store = ReleaseStore()
+    rev = store.get(name)
+    out: dict[str, Any] = {k: v for k, v in rev.to_json().items() if k not in ("manifest", "values")}
+    out["instance"] = None
+    if rev.status == "deployed":
+        try:
+            driver = get_driver(rev.driver)
+            found = [i for i in driver.list(name) if i.revision == rev.revision]
+            if found:
+                inst = found[0]
+                inst.health = driver.health(inst)
+                out["instance"] = inst.to_json()
+        except LlmctlError as e:
+            out["instance"] = {"error": str(e)}
+    return out
+
+
+def instances(driver_name: str | None = None) -> list[Instance]:
+    """`llmctl ps`: every instance of every driver that answers."""
+    found: list[Instance] = []
+    names = [driver_name] if driver_name else ["docker", "process"]
+    for n in names:
+        try:
+            driver = get_driver(n)
+        except LlmctlError:
+            if driver_name:
+                raise
+            continue
+        for inst in driver.list():
+            inst.health = driver.health(inst)
+            found.append(inst)
+    return found
+
+
+def values_json(rev: Revision) -> str:
+    return json.dumps(rev.values, indent=2)
