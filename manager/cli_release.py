@@ -272,7 +272,8 @@ def _print_revision(rev: Any, dry_run: bool) -> None:
     print(f"IMAGE: {rev.image}@{rev.image_digest}\nDRIVER: {rev.driver}\nENDPOINT: {rev.endpoint}")
     print(f"DESCRIPTION: {rev.description}")
     if rev.endpoint:
-        print(f'\ntry it:  curl -s {rev.endpoint}/v1/completions -d \'{{"prompt": "def fib(n):", "max_tokens": 16}}\'')
+        body = '{"prompt": "def fib(n):", "max_tokens": 16}'
+        print(f"\ntry it:  curl -s {rev.endpoint}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
 
 
 def _deploy(o: argparse.Namespace) -> int:
