@@ -26,7 +26,7 @@ from manager.cache import open_store
 from manager.drivers import Driver, Instance, InstanceSpec, get_driver
 from manager.errors import LlmctlError
 from manager.manifest import ModelManifest, parse_manifest
-from manager.releases import HISTORY_MAX, ReleaseNotFoundError, ReleaseStore, Revision
+from manager.releases import HISTORY_MAX, ReleaseNotFoundError, ReleaseStore, Revision, utc_now
 from manager.verify_image import verify_image
 from registry.oci.layout import read_config
 
@@ -420,6 +420,8 @@ def _atomic_undo(
                 "revision": back,
                 "status": "deployed",
                 "description": f"Rollback to {previous.revision} (--atomic: revision {failed} failed)",
+                "created": utc_now(),
+                "updated": utc_now(),
             }
         )
     )

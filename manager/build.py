@@ -281,17 +281,21 @@ def sbom_path(image: str) -> Path:
     return path
 
 
-def render_dockerfile(manifest_path: Path, base_image: str = "llmctl/base:bookworm") -> str:
+def render_dockerfile(m: ModelManifest, base_image: str = "llmctl/base:bookworm") -> str:
     """A Dockerfile with the same layers and settings, for users who build with their own tools
     (not reproducible by itself: the legacy builder stamps times into layers)."""
-    m = load_manifest(manifest_path)
     spec = spec_for(m, ResolvedWeights(Path(f"{m.name}.gguf"), m.weights_sha256, m.weights_sha256))
     model_path = f"/{MODELS_DIR}/{spec.file_name}"
     health = json.dumps(HEALTHCHECK.test[1:])
     lines = [
-        f"# llmctl build {manifest_path} --dockerfile",
+        f"# llmctl build {m.path or m.name} --dockerfile",
         f"# weights: {m.weights_url} ({m.weights_sha256}); fetch and check them first:",
         f"#   llmctl cache fetch {m.weights_url} --sha256 {m.weights_sha256}",
+        *(
+            [f"#   then requantize: python -m runtime.requantize FILE {spec.file_name} --type {m.requantize}"]
+            if m.requantize
+            else []
+        ),
         f"FROM {base_image}",
         f"COPY --chmod=0444 {spec.file_name} {model_path}",
         f"COPY runtime /{RUNTIME_PREFIX}/runtime",

@@ -62,19 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_build_parser(commands: argparse._SubParsersAction) -> None:
-    """``llmctl build MANIFEST``."""
+    """``llmctl build CHART_OR_MANIFEST``."""
+    from manager.cli_release import values_flags
+
     build = commands.add_parser(
         "build",
-        help="build a model image from a manifest",
+        help="build a model image from a chart or a manifest",
         description=(
-            "Build the model image a manifest describes: fetch and verify the weights (cache), stack the "
-            "base, weights and runtime layers reproducibly, write it to the OCI layout in "
-            "<data>/images/layout with its CycloneDX SBOM, and load it into the Docker engine as "
-            "llmctl/NAME:VERSION. Prints the image digest. The same manifest always gives the same digest."
+            "Build the model image a Model manifest (or the one a chart renders with your values) describes: "
+            "check the trust policy, fetch and verify the weights (cache), stack the base, weights and runtime "
+            "layers reproducibly, sign the image and attest its SBOM and provenance, write it to the OCI layout "
+            "in <data>/images/layout, verify it, and load it into the Docker engine as llmctl/NAME:VERSION. "
+            "Prints the image digest. The same inputs always give the same digest."
         ),
-        epilog="example: llmctl build charts/demo/model.yaml",
+        epilog="examples: llmctl build model.yaml; llmctl build starcoder2-7b-q4 --set weights.url=https://mirror/...",
     )
-    build.add_argument("manifest", type=Path, metavar="MANIFEST", help="Model manifest (YAML or JSON)")
+    build.add_argument(
+        "source",
+        metavar="CHART_OR_MANIFEST",
+        help="a Model manifest file (YAML or JSON), or a chart (name, REPO/NAME, dir, .tgz)",
+    )
+    values_flags(build)
     build.add_argument("--no-load", action="store_true", help="write the OCI layout and SBOM only")
     build.add_argument("--dockerfile", action="store_true", help="print the equivalent Dockerfile instead of building")
     build.add_argument("--no-progress", action="store_true", help="print no download progress")
@@ -95,13 +103,22 @@ def add_build_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_build(options: argparse.Namespace) -> int:
     """Run ``llmctl build`` and print its result."""
-    from manager import build
+    from manager import actions, build
+    from manager.cli_release import options_from
+    from manager.manifest import load_manifest
 
+    source = Path(options.source)
+    if source.is_file() and not source.name.endswith((".tgz", ".tar.gz")):
+        manifest = load_manifest(source)
+    else:
+        manifest = actions.render(
+            options.source, options_from(options), name="build", revision=1, upgrade=False
+        ).manifest
     if options.dockerfile:
-        print(build.render_dockerfile(options.manifest), end="")
+        print(build.render_dockerfile(manifest), end="")
         return 0
-    result = build.build(
-        options.manifest,
+    result = build.build_model(
+        manifest,
         load=not options.no_load,
         progress=not options.no_progress,
         key=options.key,

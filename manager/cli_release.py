@@ -34,7 +34,7 @@ def say(message: str) -> None:
     print(f"==> {message}", file=sys.stderr, flush=True)
 
 
-def _values_flags(p: argparse.ArgumentParser) -> None:
+def values_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-f",
         "--values",
@@ -54,7 +54,7 @@ def _values_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _deploy_flags(p: argparse.ArgumentParser) -> None:
-    _values_flags(p)
+    values_flags(p)
     p.add_argument("--wait", action="store_true", help="accepted for Helm users: llmctl always waits for health")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="health-check wait (default 300)")
     p.add_argument(
@@ -165,7 +165,7 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("chart", metavar="CHART")
     p.add_argument("--name", default="release", help="release name the templates see")
-    _values_flags(p)
+    values_flags(p)
 
     p = commands.add_parser(
         "lint", help="check a chart", description="Report what would stop CHART from installing, and what is missing."
@@ -232,7 +232,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
-def _options(o: argparse.Namespace) -> Any:
+def options_from(o: argparse.Namespace) -> Any:
     from manager.actions import Options
 
     return Options(
@@ -279,7 +279,7 @@ def _print_revision(rev: Any, dry_run: bool) -> None:
 def _deploy(o: argparse.Namespace) -> int:
     from manager import actions
 
-    opts = _options(o)
+    opts = options_from(o)
     if o.command == "install":
         rev = actions.install(o.name, o.chart, opts)
     elif o.command == "upgrade":
@@ -372,7 +372,7 @@ def _get(o: argparse.Namespace) -> int:
 def _template(o: argparse.Namespace) -> int:
     from manager import actions
 
-    print(actions.template(o.chart, _options(o), name=o.name), end="")
+    print(actions.template(o.chart, options_from(o), name=o.name), end="")
     return 0
 
 

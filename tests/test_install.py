@@ -268,3 +268,15 @@ def test_install_upgrade_uninstall_on_the_docker_engine(
     ok(capsys, "uninstall", "dk")
     assert subprocess.run(["docker", "inspect", str(second.instance_id)], capture_output=True).returncode != 0
     assert ReleaseStore().list(all=True) == []
+
+
+def test_build_from_a_chart_gives_the_image_install_verified(
+    home: Path, demo: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from manager import images
+
+    before = images.resolve("llmctl/demo:1.0.0").digest  # built by the first install of this module
+    out = ok(capsys, "build", "demo", *demo, "--no-load", "--no-progress")
+    assert f"digest: {before}" in out  # the chart, rendered the same way, builds the same bytes
+    dockerfile = ok(capsys, "build", "starcoder2-7b-q4", "--dockerfile")
+    assert "python -m runtime.requantize" in dockerfile and "72a8a59486cdcc85" in dockerfile

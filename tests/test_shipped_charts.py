@@ -65,3 +65,24 @@ def test_a_mirror_moves_the_file_but_never_changes_the_pin() -> None:
     assert m.weights_url == mirror and m.weights_sha256 == f"sha256:{CATALOG['starcoder2-7b']}"
     with pytest.raises(charts.ChartError, match="weights"):
         charts.validate_values(chart, charts.merge_values(chart, sets=["weights.sha256=sha256:" + "0" * 64]))
+
+
+@pytest.mark.parametrize(
+    "name,schema",
+    [
+        ("model-v1", "manager.manifest:SCHEMA"),
+        ("trust-policy-v1", "manager.policy:POLICY_SCHEMA"),
+        ("chart-v1", "manager.charts:CHART_SCHEMA"),
+    ],
+)
+def test_published_schemas_are_the_ones_in_force(name: str, schema: str) -> None:
+    import importlib
+    import json
+
+    import jsonschema
+
+    module, attr = schema.split(":")
+    live = getattr(importlib.import_module(module), attr)
+    published = json.loads((CHARTS.parent / "docs" / "schemas" / f"{name}.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(published)
+    assert published == live, f"docs/schemas/{name}.json is stale: run scripts/write_schemas.py"
