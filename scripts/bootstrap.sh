@@ -21,7 +21,8 @@ LLAMA_VERSION="0.3.36"
 # path, which crashes on batched Q8_0/Q4_0 matmuls on AMX CPUs (ggml-org/llama.cpp issue 20824).
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF"
 WHEEL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llmctl/wheels-avx2"
-APT_PACKAGES=(build-essential cmake ninja-build git curl)
+# docker-registry (distribution) and apache2-utils (htpasswd -B) let the tests run a real registry on loopback
+APT_PACKAGES=(build-essential cmake ninja-build git curl docker-registry apache2-utils)
 
 export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1
