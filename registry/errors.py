@@ -49,3 +49,58 @@ class AttestationError(SignatureError):
 
 class MissingSignatureError(SignatureError):
     """An image has no signature (or no attestation of a required kind) where one is required."""
+
+
+# -- references, credentials and the distribution client (registry/reference.py, credentials.py,
+#    distribution.py, copy.py). Messages name the registry URL, never a password or token.
+
+
+class InvalidReferenceError(RegistryError):
+    """An image reference (``host[:port]/repo[:tag][@digest]`` or ``oci-layout:PATH[:REF]``) does not parse."""
+
+
+class CredentialsError(RegistryError):
+    """The credentials file is unreadable or too open, or a Docker credential helper failed or is missing."""
+
+
+class RegistryTLSError(RegistryError):
+    """TLS to a registry failed: unknown CA, wrong host name, or plain HTTP where TLS was expected."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry cannot be reached (connection refused, DNS, timeout) or answered 502/503/504."""
+
+
+class RegistryHTTPError(RegistryError):
+    """The registry answered with an error status; `status` and `code` (from its JSON error body) say which."""
+
+    def __init__(self, message: str, *, url: str = "", status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.code = code
+
+
+class RegistryAuthError(RegistryHTTPError):
+    """The registry (or its token server) refused the credentials, or gave none of the access asked for."""
+
+
+class ManifestUnknownError(RegistryHTTPError):
+    """The registry has no manifest (or no repository) of that tag or digest."""
+
+
+class BlobUnknownError(RegistryHTTPError):
+    """The registry has no blob of that digest in that repository."""
+
+
+class ManifestFormatError(RegistryError):
+    """A manifest is not JSON, too big, or of a media type llmctl does not copy (for example Docker schema 1)."""
+
+
+class UploadInterruptedError(RegistryError):
+    """A chunked blob upload stopped part way; `location` and `offset` say where ``resume_upload`` continues."""
+
+    def __init__(self, message: str, *, location: str, offset: int) -> None:
+        super().__init__(message)
+        self.location = location
+        self.offset = offset

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
+from typing import BinaryIO
 
 from registry.oci.errors import BlobVerificationError
 from registry.oci.image import Image
@@ -19,9 +20,9 @@ def _member_key(name: str) -> str:
     return posixpath.normpath(name.lstrip("/")).removeprefix("./")
 
 
-def sha256_of_file(image: Image, path: str) -> str | None:
-    """``sha256:<hex>`` of the regular file at `path` as the container sees it; None when no layer
-    has it (or an upper layer deletes it)."""
+def sha256_of_file(image: Image, path: str, copy_to: BinaryIO | None = None) -> str | None:
+    """``sha256:<hex>`` of the regular file at `path` as the container sees it (its bytes also
+    written to `copy_to` when given); None when no layer has it (or an upper layer deletes it)."""
     want = _member_key(path)
     whiteout = posixpath.join(posixpath.dirname(want), ".wh." + posixpath.basename(want))
     for layer in reversed(image.layers):
@@ -40,6 +41,8 @@ def sha256_of_file(image: Image, path: str) -> str | None:
                     sha = hashlib.sha256()
                     while chunk := f.read(CHUNK):
                         sha.update(chunk)
+                        if copy_to is not None:
+                            copy_to.write(chunk)
                     return f"sha256:{sha.hexdigest()}"
         except (tarfile.TarError, OSError, EOFError) as e:
             raise BlobVerificationError(f"layer {layer.digest} is not a readable tar: {e}") from None

@@ -16,7 +16,7 @@ from typing import Any
 
 from registry.oci.artifact import Attachment, parse_attachment
 from registry.oci.errors import BlobVerificationError, LayoutError
-from registry.oci.image import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Image, canonical_json
+from registry.oci.image import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Image, canonical_json, sha256_digest
 from registry.oci.layer import CHUNK, Layer
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -266,3 +266,63 @@ def read_config(root: str | os.PathLike[str], ref_name: str) -> tuple[str, dict[
     manifest = _load_json(_read_verified(root, found[0]), f"manifest {found[0].get('digest')}")
     descriptor = manifest.get("config") or {}
     return str(descriptor.get("digest")), _load_json(_read_verified(root, descriptor), "config")
+
+
+# -- by-digest access for copies (registry/copy.py): any manifest or blob, named or not ------------
+
+
+def blob_path(root: str | os.PathLike[str], digest: str) -> Path:
+    """Where the layout at `root` keeps blob `digest` (``blobs/sha256/<hex>``); it may not exist. Not verified."""
+    return _blob_path(Path(root), digest)
+
+
+def read_blob(root: str | os.PathLike[str], digest: str, size: int | None = None) -> bytes:
+    """The bytes of blob `digest` (a manifest, a config: something small), verified against `digest`
+    and `size` when given; BlobVerificationError when missing or different."""
+    root = Path(root)
+    if size is None:
+        path = _blob_path(root, digest)
+        if not path.is_file():
+            raise BlobVerificationError(f"blob {digest} is missing: {path} does not exist")
+        size = path.stat().st_size
+    return _read_verified(root, {"digest": digest, "size": size})
+
+
+def write_blob(root: str | os.PathLike[str], data: bytes) -> str:
+    """Store `data` as a blob (atomically; kept when already there); its digest. Names nothing."""
+    root = Path(root)
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    digest = sha256_digest(data)
+    _put_blob_bytes(root, digest, data)
+    return digest
+
+
+def name_manifest(root: str | os.PathLike[str], descriptor: dict[str, Any], ref_name: str) -> dict[str, Any]:
+    """Point `ref_name` in index.json at the manifest `descriptor` describes (its blob must already be
+    written); an older entry of that name is replaced. Returns the index entry."""
+    return _name_manifest(Path(root), descriptor, ref_name)
+
+
+def index_entries(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The descriptors of index.json ([] when `root` holds no layout yet)."""
+    root = Path(root)
+    if not (root / "index.json").is_file():
+        return []
+    index = _load_json(_read_index(root), "index.json")
+    return [m for m in index.get("manifests", []) if isinstance(m, dict)]
+
+
+def remove_ref(root: str | os.PathLike[str], ref_name: str) -> bool:
+    """Drop `ref_name` from index.json; False when it was not there. Blobs stay (nothing is
+    garbage-collected here)."""
+    root = Path(root)
+    if not (root / "index.json").is_file():
+        return False
+    index = _load_json(_read_index(root), "index.json")
+    manifests = index.get("manifests", [])
+    kept = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) != ref_name]
+    if len(kept) == len(manifests):
+        return False
+    index["manifests"] = kept
+    _write_atomic(root / "index.json", canonical_json(index))
+    return True
