@@ -122,3 +122,19 @@ def parse_attachment(manifest: bytes, fetch: Any, where: str) -> Attachment:
             raise LayoutError(f"{where}: layers[{i}].annotations must map strings to strings")
         layers.append(Blob(str(desc.get("mediaType", "")), fetch(desc), annotations))
     return Attachment(manifest, fetch(config_desc), tuple(layers))
+
+
+def artifact_manifest(
+    artifact_type: str, config_media_type: str, config: bytes, layers: Sequence[Mapping[str, Any]]
+) -> bytes:
+    """An OCI 1.1 artifact manifest (an image manifest with `artifactType`), compact JSON in
+    go-containerregistry's struct order; `layers` are descriptors (mediaType, digest, size, annotations)."""
+    return _go_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "artifactType": artifact_type,
+            "config": {"mediaType": config_media_type, "digest": sha256_digest(config), "size": len(config)},
+            "layers": [dict(layer) for layer in layers],
+        }
+    )
