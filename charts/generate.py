@@ -110,6 +110,7 @@ spec:
   resources: {{ Values.resources | tojson }}
   network: {{ Values.network | tojson }}
   security: {{ Values.security | tojson }}
+  image: {{ Values.image | tojson }}
 """
 
 # the digest is part of the chart, not of its values: a mirror may move the file, never change it
@@ -142,6 +143,9 @@ network:
   port: 0            # host port; 0 picks a free one (llmctl status shows it)
 security:
   apiKeyEnv: null    # name of an environment variable holding an API key clients must send
+# a signed image of this model in your registry (registry:port/repo:tag or @sha256:...), built once
+# by your platform team: install pulls and verifies it instead of building one here
+image: null
 """
 
 
@@ -188,6 +192,7 @@ def values_schema(demo: bool) -> dict[str, object]:
                     }
                 ),
                 "security": obj({"apiKeyEnv": {"type": ["string", "null"], "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}}),
+                "image": {"type": ["string", "null"], "minLength": 1},
             },
             ["weights", "server", "resources", "network", "security"],
         ),

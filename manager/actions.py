@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manager import build, chart_repos, charts, images, policy
+from manager import audit, build, chart_repos, charts, images, policy
 from manager.cache import open_store
 from manager.drivers import Driver, Instance, InstanceSpec, get_driver
 from manager.errors import LlmctlError
@@ -56,12 +56,13 @@ class Options:
     policy_file: Path | None = None
     history_max: int = HISTORY_MAX
     progress: bool = True
+    connection: Any = None  # manager.transfer.Connection for registries (None: the defaults)
     say: Callable[[str], None] = field(default=lambda message: None)
 
 
 @dataclass
 class Rendered:
-    chart: charts.Chart
+    chart: charts.ChartMeta
     values: dict[str, Any]
     manifest_text: str
     manifest: ModelManifest
@@ -70,11 +71,22 @@ class Rendered:
 # --- chart -> manifest ------------------------------------------------------------------------------
 
 
+def resolve_chart(chart_ref: str, opts: Options) -> Path:
+    """A chart reference as install takes it; `oci://` charts are pulled and their signature checked
+    against the trust policy first."""
+    if chart_ref.startswith("oci://"):
+        from manager import transfer
+
+        conn = opts.connection or transfer.Connection()
+        return transfer.chart_pull(chart_ref, opts.version, conn, policy_file=opts.policy_file)
+    return chart_repos.resolve(chart_ref, opts.version, BUILTIN_CHARTS)
+
+
 def render(
     chart_ref: str, opts: Options, *, name: str, revision: int, upgrade: bool, base: dict[str, Any] | None = None
 ) -> Rendered:
     """Resolve the chart, merge values (Helm's precedence) and render its Model manifest."""
-    chart = charts.load_chart(chart_repos.resolve(chart_ref, opts.version, BUILTIN_CHARTS))
+    chart = charts.load_chart(resolve_chart(chart_ref, opts))
     # what the user asked for is stored (and reused by --reuse-values); the chart's defaults are not
     user_values = charts.merge_values(
         dataclasses.replace(chart, values={}), opts.values_files, opts.sets, opts.set_strings, base=base
@@ -83,7 +95,21 @@ def render(
     text, _ = charts.render_manifest(chart, values, charts.ReleaseInfo(name, revision, upgrade))
     source = f"chart {chart.meta.name} {chart.meta.version}: templates/model.yaml (rendered)"
     manifest = parse_manifest(text, source, Path.cwd())
-    return Rendered(chart, user_values, text, manifest)
+    return Rendered(chart.meta, user_values, text, manifest)
+
+
+def served_weights_digest(manifest: ModelManifest) -> str:
+    """The digest of the file the image serves: the pinned one, or for derived weights the one the
+    locally built image carries (derived weights are only known once made)."""
+    if manifest.requantize is None:
+        return manifest.weights_sha256
+    if build.find_built(manifest) is not None:
+        _, config = read_config(images.layout_dir(), manifest.tag)
+        return str(((config.get("config") or {}).get("Labels") or {})["dev.llmctl.model.weights.digest"])
+    raise ActionError(
+        f"{manifest.name} serves weights derived here ({manifest.requantize}); build the image first "
+        f"(`llmctl build {manifest.name} ...`) so that their digest is known"
+    )
 
 
 def template(chart_ref: str, opts: Options, name: str = "release") -> str:
@@ -94,10 +120,19 @@ def template(chart_ref: str, opts: Options, name: str = "release") -> str:
 # --- manifest -> verified image -> instance ---------------------------------------------------------
 
 
-def ensure_image(manifest: ModelManifest, opts: Options) -> str:
-    """The verified image digest for `manifest`: reused if the store holds one built from the same
-    inputs, otherwise built (and signed) now. Either way the trust policy decides before anything
-    runs."""
+def ensure_image(manifest: ModelManifest, opts: Options) -> tuple[str, str]:
+    """(image ref, verified digest) for `manifest`: the image it names in a registry (`spec.image`),
+    pulled; or the one the local store holds built from the same inputs; or one built (and signed)
+    now. Whichever it is, the trust policy decides before anything runs."""
+    if manifest.image:
+        from manager import transfer
+
+        opts.say(f"pulling {manifest.image}")
+        conn = opts.connection or transfer.Connection()
+        ref = transfer.pull(manifest.image, conn, policy_file=opts.policy_file).name
+        verified = verify_image(ref, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
+        opts.say(f"verified {ref} ({verified.digest}): " + "; ".join(verified.checks[1:]))
+        return ref, verified.digest
     digest = build.find_built(manifest)
     if digest is None:
         opts.say(f"building image {manifest.tag} (weights, base, runtime; signed)")
@@ -107,7 +142,7 @@ def ensure_image(manifest: ModelManifest, opts: Options) -> str:
         digest = result.digest
     verified = verify_image(manifest.tag, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
     opts.say(f"verified {manifest.tag} ({verified.digest}): " + "; ".join(verified.checks[1:]))
-    return verified.digest
+    return manifest.tag, verified.digest
 
 
 def _engine_has(tag: str, image_id: str) -> bool:
@@ -115,24 +150,26 @@ def _engine_has(tag: str, image_id: str) -> bool:
     return run.returncode == 0 and run.stdout.strip() == image_id
 
 
-def instance_spec(name: str, revision: int, manifest: ModelManifest, digest: str, driver: Driver) -> InstanceSpec:
+def instance_spec(
+    name: str, revision: int, manifest: ModelManifest, image: str, digest: str, driver: Driver
+) -> InstanceSpec:
     """How the driver runs this revision: the verified image (docker) or its weights from the cache
     (process), with the manifest's server, resource, network and security settings."""
-    ref = images.resolve(manifest.tag)
+    ref = images.resolve(image)
     if ref.digest != digest:
-        raise ActionError(
-            f"{manifest.tag} changed while installing ({digest} became {ref.digest}); run the command again"
-        )
+        raise ActionError(f"{image} changed while installing ({digest} became {ref.digest}); run the command again")
     image_id, config = read_config(images.layout_dir(), ref.name)
     labels = (config.get("config") or {}).get("Labels") or {}
     weights_digest = labels["dev.llmctl.model.weights.digest"]
     weights_file = open_store().path(weights_digest)
     mounted = labels.get(MOUNTED_LABEL) == "true"
-    if driver.name == "docker" and not _engine_has(manifest.tag, image_id):
+    if driver.name == "process" and not mounted and not weights_file.is_file():
+        weights_file = _weights_from_image(ref.name, labels[WEIGHTS_PATH_LABEL], weights_digest)
+    if driver.name == "docker" and not _engine_has(image, image_id):
         from registry.oci.daemon import load
         from registry.oci.layout import read_layout
 
-        load(read_layout(images.layout_dir(), ref.name, check_diff_ids=False), manifest.tag)
+        load(read_layout(images.layout_dir(), ref.name, check_diff_ids=False), image)
     api_key = None
     if manifest.api_key_env:
         api_key = os.environ.get(manifest.api_key_env)
@@ -143,7 +180,7 @@ def instance_spec(name: str, revision: int, manifest: ModelManifest, digest: str
     return InstanceSpec(
         release=name,
         revision=revision,
-        image=manifest.tag,
+        image=image,
         image_id=image_id,
         weights=weights_file if (driver.name == "process" or mounted) else None,
         weights_in_image=labels[WEIGHTS_PATH_LABEL],
@@ -159,10 +196,28 @@ def instance_spec(name: str, revision: int, manifest: ModelManifest, digest: str
     )
 
 
+def _weights_from_image(image: str, path: str, digest: str) -> Path:
+    """The process driver serves files, not images: take the weights out of a verified image (pulled
+    from a registry, say) into the cache, checking their digest on the way."""
+    from registry.oci.contents import sha256_of_file
+    from registry.oci.layout import read_layout
+
+    store = open_store()
+    store.blob_dir.mkdir(parents=True, exist_ok=True)
+    stored = read_layout(images.layout_dir(), image, check_diff_ids=False)
+    with open(store.partial_path(digest), "wb") as out:
+        actual = sha256_of_file(stored, path, copy_to=out)
+    if actual != digest:
+        store.partial_path(digest).unlink(missing_ok=True)
+        raise ActionError(f"{image}: {path} in the image has {actual}, not {digest}; refusing it")
+    return store.commit(digest, source=f"{image} {path}")
+
+
 def _start_healthy(driver: Driver, spec: InstanceSpec, timeout: float, say: Callable[[str], None]) -> Instance:
     """Start an instance and wait for its health check; on failure it is removed and the error says
     why (with the end of its log)."""
     instance = driver.start(spec)
+    audit.record("start", spec.release, "ok", revision=spec.revision, instance=instance.id, driver=driver.name)
     say(f"started {driver.name} instance {instance.id} at {instance.endpoint}; waiting for /health")
     if driver.wait_healthy(instance, timeout):
         return instance
@@ -187,7 +242,9 @@ def _clean_orphans(store: ReleaseStore, name: str, driver: Driver, say: Callable
     """Instances of this release that no deployed revision owns (left by a killed llmctl) go."""
     deployed = store.deployed(name)
     for inst in driver.list(name):
-        if deployed is None or inst.revision != deployed.revision:
+        # an --atomic rollback revision is served by the previous revision's instance: owned by id
+        owned = deployed is not None and (inst.revision == deployed.revision or inst.id == deployed.instance_id)
+        if not owned:
             say(f"removing instance {inst.id} of revision {inst.revision}: no deployed revision owns it")
             _retire(driver, inst)
 
@@ -277,8 +334,9 @@ def rollback(name: str, target: int | None, opts: Options) -> Revision:
         _clean_orphans(store, name, driver, opts.say)
         revision = store.next_revision(name)
         manifest = parse_manifest(old.manifest, f"release {name} revision {target} (stored manifest)", Path.cwd())
+        meta = charts.ChartMeta(charts.API_VERSION, old.chart, old.chart_version, old.app_version)
         rendered = Rendered(
-            charts.load_chart(chart_repos.resolve(old.chart, old.chart_version, BUILTIN_CHARTS)),
+            meta,
             old.values,
             old.manifest,
             manifest,
@@ -320,6 +378,7 @@ def uninstall(
             store.set_status(name, latest.revision, "uninstalled", "Uninstallation complete")
         else:
             store.delete(name)
+        audit.record("uninstall", name, "ok", keep_history=keep_history)
     return f'release "{name}" uninstalled'
 
 
@@ -331,7 +390,7 @@ def _dry_run(name: str, revision: int, rendered: Rendered, opts: Options) -> Rev
 def _record(
     name: str, revision: int, rendered: Rendered, status: str, description: str, *, image_digest: str, driver: str
 ) -> Revision:
-    meta = rendered.chart.meta
+    meta = rendered.chart
     return Revision(
         name=name,
         revision=revision,
@@ -341,7 +400,7 @@ def _record(
         app_version=meta.app_version,
         values=rendered.values,
         manifest=rendered.manifest_text,
-        image=rendered.manifest.tag,
+        image=rendered.manifest.image or rendered.manifest.tag,
         image_digest=image_digest,
         driver=driver,
         description=description,
@@ -370,9 +429,9 @@ def _deploy(
     )
     store.add(rev)
     try:
-        digest = ensure_image(rendered.manifest, opts)
+        image, digest = ensure_image(rendered.manifest, opts)
         store.set_status(name, revision, pending, image_digest=digest)
-        spec = instance_spec(name, revision, rendered.manifest, digest, driver)
+        spec = instance_spec(name, revision, rendered.manifest, image, digest, driver)
         old_instances = driver.list(name)
         if previous is not None and spec.port and any(i.endpoint.endswith(f":{spec.port}") for i in old_instances):
             # a fixed port cannot serve two revisions at once: the old one steps aside first
@@ -384,6 +443,7 @@ def _deploy(
     except (LlmctlError, Exception) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         store.set_status(name, revision, "failed", f"{verb.capitalize()} failed: {message}")
+        audit.record(verb, name, "failed", revision=revision, chart=rev.chart, reason=message)
         if opts.atomic:
             _atomic_undo(store, name, revision, previous, driver, opts)
         if isinstance(e, LlmctlError):
@@ -398,6 +458,17 @@ def _deploy(
         note or {"install": "Install complete", "upgrade": "Upgrade complete", "rollback": "Rollback complete"}[verb]
     )
     store.set_status(name, revision, "deployed", description, endpoint=instance.endpoint, instance_id=instance.id)
+    audit.record(
+        verb,
+        name,
+        "ok",
+        revision=revision,
+        chart=f"{rev.chart}-{rev.chart_version}",
+        image=image,
+        digest=digest,
+        driver=driver.name,
+        endpoint=instance.endpoint,
+    )
     store.prune(name, opts.history_max)
     return store.get(name, revision)
 
@@ -409,6 +480,7 @@ def _atomic_undo(
         for inst in driver.list(name):
             _retire(driver, inst)
         store.delete(name)
+        audit.record("rollback", name, "ok", atomic=True, removed=True)
         opts.say(f"--atomic: install failed, release '{name}' removed")
         return
     # the previous revision never stopped serving: record the rollback to it as a new revision
@@ -426,6 +498,7 @@ def _atomic_undo(
         )
     )
     store.set_status(name, previous.revision, "superseded", previous.description)
+    audit.record("rollback", name, "ok", atomic=True, revision=back, to=previous.revision)
     opts.say(f"--atomic: upgrade failed, rolled back to revision {previous.revision} as revision {back}")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROG = "llmctl"
-MODEL_VERBS = ("info", "generate")
+MODEL_VERBS = ("info", "generate", "push", "pull")
 
 
 def version() -> str:
@@ -35,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser(
         "model",
-        help="inspect a GGUF model file or generate text with it",
-        description="Inspect a GGUF model file or generate text with it (llmctl's own runtime).",
+        help="inspect or run a GGUF file; push or pull weights as OCI artifacts",
+        description=(
+            "info|generate: inspect a GGUF model file or generate text with it (llmctl's own runtime). "
+            "push|pull: weights as signed CNCF ModelPack OCI artifacts (see llmctl model push --help)."
+        ),
     )
     model.add_argument("verb", choices=MODEL_VERBS, help="what to do with the model")
     model.add_argument(
@@ -49,9 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_parser(commands)
     add_build_parser(commands)
     add_verify_parsers(commands)
+    add_audit_parser(commands)
     from manager.cli_release import add_release_parsers
 
     add_release_parsers(commands)
+    from manager.cli_stack import add_stack_parsers
+
+    add_stack_parsers(commands)
+    from manager.cli_registry import add_registry_parsers
+
+    add_registry_parsers(commands)
     sbom = commands.add_parser(
         "sbom",
         help="print the CycloneDX SBOM of a built image",
@@ -174,6 +184,60 @@ def add_verify_parsers(commands: argparse._SubParsersAction) -> None:
     for p in (check, show):
         p.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
         p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+
+
+def add_audit_parser(commands: argparse._SubParsersAction) -> None:
+    """``llmctl audit show|verify|checkpoint``."""
+    audit = commands.add_parser(
+        "audit",
+        help="the append-only audit log",
+        description=(
+            "Every build, verification, policy decision, push, pull, install, upgrade, rollback, start and "
+            "uninstall is appended to a hash-chained log (<data>/audit.log): each entry carries the hash of the "
+            "one before, so an edited, removed or reordered entry is detected. Signed checkpoints (with an llmctl "
+            "key) also catch a rewritten or truncated history up to the checkpoint."
+        ),
+    )
+    verbs = audit.add_subparsers(dest="audit_verb", metavar="VERB", required=True)
+    show = verbs.add_parser("show", help="list the entries", description="List the audit log's entries, oldest first.")
+    show.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    check = verbs.add_parser(
+        "verify", help="check the chain", description="Check the hash chain and the checkpoints; exit 1 on tampering."
+    )
+    check.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="checkpoint public key (default: the key store's)",
+    )
+    check.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    cp = verbs.add_parser(
+        "checkpoint", help="sign the log's head", description="Sign the current head of the log with an llmctl key."
+    )
+    cp.add_argument("--key", metavar="KEY", help="key name in the store or a cosign.key path (default: cosign)")
+
+
+def run_audit(options: argparse.Namespace) -> int:
+    """Run one ``llmctl audit`` verb."""
+    from manager import audit
+
+    if options.audit_verb == "show":
+        print(audit.show(as_json=options.output == "json"))
+        return 0
+    if options.audit_verb == "checkpoint":
+        cp = audit.checkpoint(options.key)
+        print(f"checkpoint at entry {cp.seq}: {cp.hash}, signed by {cp.key}")
+        return 0
+    report = audit.verify(options.key or None)
+    if options.output == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        print(f"ok: {report.entries} entries, chain intact; {report.checkpoints_verified} checkpoint(s) verified")
+    for problem in report.problems if options.output != "json" else []:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def run_verify(options: argparse.Namespace) -> int:
@@ -424,6 +488,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if options.command in (*RELEASE_VERBS, "ls"):
             return run_release(options)
+        from manager.cli_stack import STACK_VERBS, run_stack
+
+        if options.command in STACK_VERBS:
+            return run_stack(options)
+        from manager.cli_registry import REGISTRY_VERBS, run_registry
+
+        if options.command in REGISTRY_VERBS:
+            return run_registry(options)
+        if options.command == "audit":
+            return run_audit(options)
         if options.command in ("verify", "policy"):
             return run_verify(options)
         if options.command == "sbom":
@@ -431,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sys.stdout.write(sbom_path(options.image).read_text())
             return 0
+        if options.verb in ("push", "pull"):
+            from manager.cli_registry import run_model_artifact
+
+            return run_model_artifact(options.verb, list(options.args))
         return run_model(options.verb, options.args, debug=options.debug)
     except (LlmctlError, RegistryError, ModelError) as exc:  # every user-facing error family
         if options.debug:

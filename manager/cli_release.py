@@ -74,6 +74,16 @@ def _deploy_flags(p: argparse.ArgumentParser) -> None:
         "--history-max", type=int, default=10, metavar="N", help="revisions kept per release (default 10, 0: all)"
     )
     p.add_argument("--no-progress", action="store_true", help="print no download progress")
+    connection_flags(p)
+
+
+def connection_flags(p: argparse.ArgumentParser) -> None:
+    """How to reach registries (oci:// charts, images pulled by `image`)."""
+    p.add_argument("--ca-file", type=Path, metavar="PEM", help="CA bundle for registries' TLS certificates")
+    p.add_argument(
+        "--insecure", action="store_true", help="do not verify registries' TLS certificates (only if you must)"
+    )
+    p.add_argument("--plain-http", action="store_true", help="plain HTTP to loopback registries")
 
 
 def _output_flag(p: argparse.ArgumentParser, choices: tuple[str, ...] = ("table", "json")) -> None:
@@ -166,6 +176,16 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("chart", metavar="CHART")
     p.add_argument("--name", default="release", help="release name the templates see")
     values_flags(p)
+    p.add_argument(
+        "--target",
+        choices=("manifest", "kubernetes"),
+        default="manifest",
+        help="manifest: the Model manifest; kubernetes: Deployment, Service (+ PodDisruptionBudget, NetworkPolicy)",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="kubernetes: pods (a PodDisruptionBudget when > 1)")
+    p.add_argument("--namespace", help="kubernetes: namespace of the objects")
+    p.add_argument("--network-policy", action="store_true", help="kubernetes: admit only labelled clients, no egress")
+    connection_flags(p)
 
     p = commands.add_parser(
         "lint", help="check a chart", description="Report what would stop CHART from installing, and what is missing."
@@ -234,6 +254,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 def options_from(o: argparse.Namespace) -> Any:
     from manager.actions import Options
+    from manager.transfer import Connection
 
     return Options(
         values_files=getattr(o, "values", []),
@@ -249,6 +270,11 @@ def options_from(o: argparse.Namespace) -> Any:
         policy_file=getattr(o, "policy", None),
         history_max=getattr(o, "history_max", 10),
         progress=not getattr(o, "no_progress", False),
+        connection=Connection(
+            ca_file=getattr(o, "ca_file", None),
+            insecure=getattr(o, "insecure", False),
+            plain_http=getattr(o, "plain_http", False),
+        ),
         say=say,
     )
 
@@ -372,7 +398,21 @@ def _get(o: argparse.Namespace) -> int:
 def _template(o: argparse.Namespace) -> int:
     from manager import actions
 
-    print(actions.template(o.chart, options_from(o), name=o.name), end="")
+    if o.target == "manifest":
+        print(actions.template(o.chart, options_from(o), name=o.name), end="")
+        return 0
+    from manager import kubernetes
+
+    m = actions.render(o.chart, options_from(o), name=o.name, revision=1, upgrade=False).manifest
+    target = kubernetes.Target(
+        release=o.name,
+        image=m.image or m.tag,
+        weights_sha256=actions.served_weights_digest(m),
+        replicas=o.replicas,
+        namespace=o.namespace,
+        network_policy=o.network_policy,
+    )
+    print(kubernetes.to_yaml(kubernetes.render_objects(m, target)), end="")
     return 0
 
 

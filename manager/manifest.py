@@ -80,6 +80,11 @@ SCHEMA: dict[str, Any] = {
                 },
                 # image: baked into a layer (one artifact to carry); mount: read-only from the cache
                 "storage": {"enum": ["image", "mount"]},
+                # run this signed image from a registry (built once elsewhere) instead of building one here
+                "image": {
+                    "type": ["string", "null"],
+                    "pattern": "^[a-z0-9.-]+(:[0-9]+)?/[^ @]+(:[A-Za-z0-9_.-]+|@sha256:[0-9a-f]{64})$",
+                },
                 # weights made here from the pinned file, deterministically (the provenance keeps both digests)
                 "derive": {
                     "type": "object",
@@ -166,6 +171,7 @@ class ModelManifest:
     host: str = "127.0.0.1"
     port: int = 0
     api_key_env: str | None = None
+    image: str | None = None  # a registry image to pull and verify instead of building
     doc: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -207,6 +213,7 @@ def from_document(doc: dict[str, Any], base_dir: Path, path: Path | None = None)
         host=network.get("host") or "127.0.0.1",
         port=network.get("port") or 0,
         api_key_env=(spec.get("security") or {}).get("apiKeyEnv"),
+        image=spec.get("image"),
         doc=doc,
     )
 

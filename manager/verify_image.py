@@ -25,6 +25,7 @@ from manager.errors import LlmctlError
 from manager.policy import Rule, TrustPolicy, check_license, load_policy, resolve_keys
 from registry import attachments
 from registry.attachments import ATT, CYCLONEDX_PREDICATE, SIG, SLSA_PROVENANCE_V1
+from registry.errors import RegistryError
 from registry.keys import fingerprint, load_public_key
 from registry.oci.contents import sha256_of_file
 from registry.oci.image import Image
@@ -121,6 +122,27 @@ def _provenance_pins(statement: dict[str, Any], weights: dict[str, str], where: 
 
 
 def verify_image(
+    image: str,
+    *,
+    key_files: Sequence[Path] = (),
+    policy: TrustPolicy | None = None,
+    enforce_policy: bool = False,
+    layout: Path | None = None,
+) -> Verification:
+    """`check_image`, with the outcome (pass or the reason it failed) appended to the audit log."""
+    from manager import audit
+
+    event = "policy" if enforce_policy else "verify"
+    try:
+        result = check_image(image, key_files=key_files, policy=policy, enforce_policy=enforce_policy, layout=layout)
+    except (LlmctlError, RegistryError) as e:
+        audit.record(event, image, "denied", reason=" ".join(str(e).split()))
+        raise
+    audit.record(event, result.image, "ok", digest=result.digest, signer=result.signer, policy=result.policy)
+    return result
+
+
+def check_image(
     image: str,
     *,
     key_files: Sequence[Path] = (),

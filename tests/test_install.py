@@ -131,6 +131,19 @@ def test_install_upgrade_rollback_uninstall_with_the_process_driver(
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{third.endpoint}/health", timeout=2)
 
+    # every step is in the audit log, chained; an edited entry is detected
+    entries = [
+        e for e in json.loads(ok(capsys, "audit", "show", "-o", "json")) if e["subject"] in ("sc", "llmctl/demo:1.0.0")
+    ]
+    events = [(e["event"], e["outcome"]) for e in entries]
+    for expected in ("install", "upgrade", "rollback", "uninstall", "start", "policy"):
+        assert (expected, "ok") in events, events
+    assert "chain intact" in ok(capsys, "audit", "verify")
+    log = home / "data" / "audit.log"
+    log.write_text(log.read_text().replace('"event":"upgrade"', '"event":"install"', 1))
+    code, _, err = llmctl(capsys, "audit", "verify")
+    assert code == 1 and "audit.log" in err
+
 
 def test_atomic_upgrade_that_never_gets_healthy_rolls_back_and_keeps_serving(
     home: Path, demo: list[str], capsys: pytest.CaptureFixture[str]
