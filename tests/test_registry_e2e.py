@@ -227,3 +227,21 @@ def test_model_and_chart_artifacts_travel_signed(
     )  # fmt: skip
     assert code == 0, err
     assert "kind: Model" in out
+
+
+def test_an_image_whose_signature_was_deleted_is_refused_by_the_policy(
+    team: dict[str, object], registry: RegistryServer, site: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from manager import transfer
+    from registry.attachments import SIG, attachment_tag
+
+    ref = push_demo(team, registry, monkeypatch, "llm/unsigned")
+    digest = images.resolve("llmctl/demo:1.0.0").digest
+    c = transfer.client(registry.host, transfer.Connection(ca_file=registry.ca_file))
+    sig_digest = c.head_manifest("llm/unsigned", attachment_tag(digest, SIG))
+    assert sig_digest is not None
+    c.delete_manifest("llm/unsigned", sig_digest)  # someone removed the signature in the registry
+    use(site, monkeypatch)
+    code, _, err = run(capsys, "pull", ref, *tls(registry))
+    assert code == 1 and "has no signature" in err
