@@ -1,7 +1,8 @@
 """The ``llmctl`` command: parses arguments, hands the work to one place, prints errors on one line.
 
-Verbs: ``llmctl model info|generate`` (delegated to the runtime's own command line) and
-``llmctl cache fetch|ls|verify|gc`` (the weights cache; the work lives in `manager.cache`).
+Here: ``model``, ``cache``, ``key``, ``build``, ``verify``, ``policy``, ``audit`` and ``sbom``. The
+release and chart verbs are in `manager.cli_release`, the stack verbs in `manager.cli_stack`, the
+registry verbs in `manager.cli_registry`. Each verb's work lives in one module of `manager`.
 """
 
 from __future__ import annotations
