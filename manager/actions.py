@@ -51,7 +51,8 @@ class Options:
     atomic: bool = False
     dry_run: bool = False
     reuse_values: bool = False
-    driver: str | None = None  # docker | process; default: docker when the engine answers
+    driver: str | None = None  # docker | process | swarm; default: docker when the engine answers
+    replicas: int | None = None  # swarm: tasks of the service (None: keep the current count, 1 when new)
     key: str | None = None  # signing key for images built on the way
     policy_file: Path | None = None
     history_max: int = HISTORY_MAX
@@ -165,7 +166,7 @@ def instance_spec(
     mounted = labels.get(MOUNTED_LABEL) == "true"
     if driver.name == "process" and not mounted and not weights_file.is_file():
         weights_file = _weights_from_image(ref.name, labels[WEIGHTS_PATH_LABEL], weights_digest)
-    if driver.name == "docker" and not _engine_has(image, image_id):
+    if driver.name in ("docker", "swarm") and not _engine_has(image, image_id):
         from registry.oci.daemon import load
         from registry.oci.layout import read_layout
 
@@ -423,6 +424,8 @@ def _deploy(
     wait for health, then retire the previous revision. On failure the new revision is `failed`,
     its instance is gone and the previous one still serves; `--atomic` also removes a failed
     install and records a rollback revision for a failed upgrade."""
+    if opts.replicas not in (None, 1) and driver.name != "swarm":
+        raise ActionError(f"--replicas needs --driver swarm: the {driver.name} driver runs one instance per revision")
     pending = {"install": "pending-install", "upgrade": "pending-upgrade", "rollback": "pending-rollback"}[verb]
     rev = _record(
         name, revision, rendered, pending, f"{verb.capitalize()} in progress", image_digest="", driver=driver.name
@@ -431,7 +434,9 @@ def _deploy(
     try:
         image, digest = ensure_image(rendered.manifest, opts)
         store.set_status(name, revision, pending, image_digest=digest)
-        spec = instance_spec(name, revision, rendered.manifest, image, digest, driver)
+        spec = dataclasses.replace(
+            instance_spec(name, revision, rendered.manifest, image, digest, driver), replicas=opts.replicas
+        )
         old_instances = driver.list(name)
         if previous is not None and spec.port and any(i.endpoint.endswith(f":{spec.port}") for i in old_instances):
             # a fixed port cannot serve two revisions at once: the old one steps aside first

@@ -65,8 +65,11 @@ def _deploy_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--driver",
-        choices=("docker", "process"),
+        choices=("docker", "process", "swarm"),
         help="where it runs (default: docker when the engine answers, else process)",
+    )
+    p.add_argument(
+        "--replicas", type=int, metavar="N", help="swarm: tasks of the release's service (default: keep; 1 when new)"
     )
     p.add_argument("--key", metavar="KEY", help="signing key for an image built on the way (store name or path)")
     p.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
@@ -242,7 +245,7 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
         help="list running model instances",
         description="Every instance: release, endpoint, model digest, uptime, health.",
     )
-    p.add_argument("--driver", choices=("docker", "process"))
+    p.add_argument("--driver", choices=("docker", "process", "swarm"))
     _output_flag(p)
 
 
@@ -266,6 +269,7 @@ def options_from(o: argparse.Namespace) -> Any:
         dry_run=getattr(o, "dry_run", False),
         reuse_values=getattr(o, "reuse_values", False),
         driver=getattr(o, "driver", None),
+        replicas=getattr(o, "replicas", None) if getattr(o, "command", None) in ("install", "upgrade") else None,
         key=getattr(o, "key", None),
         policy_file=getattr(o, "policy", None),
         history_max=getattr(o, "history_max", 10),

@@ -66,6 +66,7 @@ class InstanceSpec:
     parallel: int | None = None
     cpus: float | None = None  # docker: CPU quota; process: ignored
     memory: str | None = None  # docker: memory limit such as "4g"; process: ignored
+    replicas: int | None = None  # swarm: the service's tasks (None: keep its count, 1 for a new one); others: 1
     # passed in the environment (LLMCTL_API_KEY), never on a command line; not in repr (logs)
     api_key: str | None = field(default=None, repr=False)
 
@@ -218,8 +219,8 @@ def health_from_probe(status: int | None, running_for: float) -> str:
 
 def get_driver(name: str | None = None) -> Driver:
     """The driver called `name`; None: "docker" when the Docker engine answers a ping within a few
-    seconds, else "process". `DriverUnavailableError` if "docker" is asked for and the engine does
-    not answer; `DriverError` for an unknown name."""
+    seconds, else "process". `DriverUnavailableError` if "docker" or "swarm" is asked for and the
+    engine does not answer (or, for "swarm", is not a swarm manager); `DriverError` for an unknown name."""
     from manager.drivers.docker import DockerDriver, connect
     from manager.drivers.process import ProcessDriver
 
@@ -227,9 +228,13 @@ def get_driver(name: str | None = None) -> Driver:
         return ProcessDriver()
     if name == "docker":
         return DockerDriver(connect())
+    if name == "swarm":
+        from manager.drivers.swarm import SwarmDriver
+
+        return SwarmDriver(connect())
     if name is None:
         try:
             return DockerDriver(connect())
         except DriverUnavailableError:
             return ProcessDriver()
-    raise DriverError(f"unknown driver {name!r}: use docker or process")
+    raise DriverError(f"unknown driver {name!r}: use docker, process or swarm")
