@@ -532,7 +532,7 @@ def status(name: str) -> dict[str, Any]:
 def instances(driver_name: str | None = None) -> list[Instance]:
     """`llmctl ps`: every instance of every driver that answers."""
     found: list[Instance] = []
-    names = [driver_name] if driver_name else ["docker", "process"]
+    names = [driver_name] if driver_name else ["docker", "swarm", "process"]
     for n in names:
         try:
             driver = get_driver(n)
