@@ -91,7 +91,7 @@ STACK_SCHEMA: dict[str, Any] = {
                         "description": "values files relative to the stack file, in order (later wins)",
                     },
                     "driver": {
-                        "enum": ["docker", "process"],
+                        "enum": ["docker", "process", "swarm"],
                         "description": "default: a new release gets llmctl's default, an existing one keeps its driver",
                     },
                 },

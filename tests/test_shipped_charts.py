@@ -73,6 +73,7 @@ def test_a_mirror_moves_the_file_but_never_changes_the_pin() -> None:
         ("model-v1", "manager.manifest:SCHEMA"),
         ("trust-policy-v1", "manager.policy:POLICY_SCHEMA"),
         ("chart-v1", "manager.charts:CHART_SCHEMA"),
+        ("stack-v1", "manager.stack:STACK_SCHEMA"),
     ],
 )
 def test_published_schemas_are_the_ones_in_force(name: str, schema: str) -> None:
