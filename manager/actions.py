@@ -26,13 +26,11 @@ from manager.cache import open_store
 from manager.drivers import Driver, Instance, InstanceSpec, get_driver
 from manager.errors import LlmctlError
 from manager.manifest import ModelManifest, parse_manifest
+from manager.model_image import WEIGHTS_DIGEST_LABEL, WEIGHTS_MOUNTED_LABEL, WEIGHTS_PATH_LABEL
 from manager.releases import HISTORY_MAX, ReleaseNotFoundError, ReleaseStore, Revision, utc_now
 from manager.verify_image import verify_image
-from registry.oci.layout import read_config
 
 BUILTIN_CHARTS = Path(__file__).resolve().parent.parent / "charts"
-WEIGHTS_PATH_LABEL = "dev.llmctl.model.weights.path"
-MOUNTED_LABEL = "dev.llmctl.model.weights.mounted"
 
 
 class ActionError(LlmctlError):
@@ -105,8 +103,7 @@ def served_weights_digest(manifest: ModelManifest) -> str:
     if manifest.requantize is None:
         return manifest.weights_sha256
     if build.find_built(manifest) is not None:
-        _, config = read_config(images.layout_dir(), manifest.tag)
-        return str(((config.get("config") or {}).get("Labels") or {})["dev.llmctl.model.weights.digest"])
+        return images.config_labels(manifest.tag)[1][WEIGHTS_DIGEST_LABEL]
     raise ActionError(
         f"{manifest.name} serves weights derived here ({manifest.requantize}); build the image first "
         f"(`llmctl build {manifest.name} ...`) so that their digest is known"
@@ -159,11 +156,10 @@ def instance_spec(
     ref = images.resolve(image)
     if ref.digest != digest:
         raise ActionError(f"{image} changed while installing ({digest} became {ref.digest}); run the command again")
-    image_id, config = read_config(images.layout_dir(), ref.name)
-    labels = (config.get("config") or {}).get("Labels") or {}
-    weights_digest = labels["dev.llmctl.model.weights.digest"]
+    image_id, labels = images.config_labels(ref.name)
+    weights_digest = labels[WEIGHTS_DIGEST_LABEL]
     weights_file = open_store().path(weights_digest)
-    mounted = labels.get(MOUNTED_LABEL) == "true"
+    mounted = labels.get(WEIGHTS_MOUNTED_LABEL) == "true"
     if driver.name == "process" and not mounted and not weights_file.is_file():
         weights_file = _weights_from_image(ref.name, labels[WEIGHTS_PATH_LABEL], weights_digest)
     if driver.name in ("docker", "swarm") and not _engine_has(image, image_id):

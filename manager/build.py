@@ -22,6 +22,7 @@ from manager.cache import fetch_blob
 from manager.errors import ImageBuildError, LlmctlError
 from manager.manifest import ModelManifest, load_manifest
 from manager.model_image import (
+    BUILD_INPUTS_LABEL,
     HEALTHCHECK,
     MODELS_DIR,
     PORT,
@@ -36,11 +37,10 @@ from manager.verify_image import verify_image
 from registry.errors import RegistryError
 from registry.keys import fingerprint
 from registry.oci import Image, source_date_epoch
-from registry.oci.layout import read_config, write_layout
+from registry.oci.layout import write_layout
 from registry.sbom import ModelInfo, build_sbom, sbom_json
 
 RUNTIME_VERSION = "0.1.0"
-BUILD_INPUTS_LABEL = "dev.llmctl.build.inputs"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def find_built(m: ModelManifest, storage: str | None = None) -> str | None:
     """The digest of the image in the local store built from exactly these inputs, if there is one."""
     try:
         ref = images.resolve(m.tag)
-        labels = (read_config(images.layout_dir(), ref.name)[1].get("config") or {}).get("Labels") or {}
+        _, labels = images.config_labels(ref.name)
     except (LlmctlError, RegistryError):
         return None
     return ref.digest if labels.get(BUILD_INPUTS_LABEL) == inputs_digest(m, storage) else None

@@ -11,7 +11,7 @@ from manager.errors import LlmctlError
 from registry.attachments import attachment_tag
 from registry.oci.artifact import Attachment
 from registry.oci.errors import LayoutError
-from registry.oci.layout import list_refs, read_attachment, resolve_ref, write_attachment
+from registry.oci.layout import list_refs, read_attachment, read_config, resolve_ref, write_attachment
 
 
 class ImageNotFoundError(LlmctlError):
@@ -56,6 +56,12 @@ def resolve(image: str, layout: Path | None = None) -> ImageRef:
         return ImageRef(image, repository_of(image), resolve_ref(layout, image))
     except LayoutError:
         raise ImageNotFoundError(f"no image {image!r} in {layout}; build it with `llmctl build`") from None
+
+
+def config_labels(ref_name: str, layout: Path | None = None) -> tuple[str, dict[str, str]]:
+    """(config digest = Docker's image ID, config labels) of a stored image; its layers are not read."""
+    image_id, config = read_config(layout or layout_dir(), ref_name)
+    return image_id, dict((config.get("config") or {}).get("Labels") or {})
 
 
 def attachment_ref(ref: ImageRef, kind: str) -> str:

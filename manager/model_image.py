@@ -20,6 +20,13 @@ RUNTIME_PREFIX = "opt/llmctl"
 MODELS_DIR = "models"
 PORT = 8080
 
+# the labels verifiers and drivers read back: where the weights are, which bytes they are, whether
+# they are mounted rather than in a layer, and what the image was built from
+WEIGHTS_PATH_LABEL = "dev.llmctl.model.weights.path"
+WEIGHTS_DIGEST_LABEL = "dev.llmctl.model.weights.digest"
+WEIGHTS_MOUNTED_LABEL = "dev.llmctl.model.weights.mounted"
+BUILD_INPUTS_LABEL = "dev.llmctl.build.inputs"
+
 HEALTHCHECK = Healthcheck(
     test=[
         "CMD",
@@ -98,11 +105,11 @@ def image_from_layers(spec: ModelImageSpec, base: Layer, weights: Layer | None, 
         "org.opencontainers.image.description": f"{spec.name} served by the llmctl runtime",
         "org.opencontainers.image.source": spec.source,
         "dev.llmctl.model.name": spec.name,
-        "dev.llmctl.model.weights.path": model_path,
-        "dev.llmctl.model.weights.digest": spec.weights_sha256,
+        WEIGHTS_PATH_LABEL: model_path,
+        WEIGHTS_DIGEST_LABEL: spec.weights_sha256,
         "dev.llmctl.runtime.version": spec.runtime_version,
-        "dev.llmctl.model.weights.mounted": "true" if spec.mounted else "false",
-        "dev.llmctl.build.inputs": spec.build_inputs,
+        WEIGHTS_MOUNTED_LABEL: "true" if spec.mounted else "false",
+        BUILD_INPUTS_LABEL: spec.build_inputs,
     }
     image = Image.empty().with_layer(base, created_by="llmctl base: Debian packages and Python wheels")
     if weights is not None:

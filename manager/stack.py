@@ -35,6 +35,7 @@ from manager import actions, audit, build, paths
 from manager.drivers import Driver, Instance, get_driver
 from manager.errors import LlmctlError
 from manager.manifest import ModelManifest, parse_manifest
+from manager.model_image import BUILD_INPUTS_LABEL, WEIGHTS_DIGEST_LABEL
 from manager.releases import ReleaseNotFoundError, ReleaseStore, Revision, utc_now
 from manager.yamlschema import format_path, parse_file
 
@@ -43,7 +44,6 @@ DOCS_HINT = "see docs/gitops.md for the stack format"
 RELEASE_NAME = r"^[a-z0-9]([a-z0-9-]{0,51}[a-z0-9])?$"  # as releases.validate_name
 STACK_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # also a file name under data_dir()/stacks
 ACTIONS = ("install", "upgrade", "repair", "uninstall", "none")
-WEIGHTS_DIGEST_LABEL = "dev.llmctl.model.weights.digest"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 STACK_SCHEMA: dict[str, Any] = {
@@ -656,7 +656,7 @@ def _image_differences(deployed: Revision, desired: ModelManifest) -> list[Diffe
     if built == deployed.image_digest:
         return []
     labels = image_labels(deployed.image_digest)
-    if labels and labels.get(build.BUILD_INPUTS_LABEL) == new_inputs:
+    if labels and labels.get(BUILD_INPUTS_LABEL) == new_inputs:
         return []  # the running image is exactly what would be built (the tag names another one now)
     return [Difference("image", "image", deployed.image_digest, built or "(rebuilt: llmctl's runtime or base changed)")]
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from manager import images
 from manager.errors import LlmctlError
+from manager.model_image import WEIGHTS_DIGEST_LABEL, WEIGHTS_MOUNTED_LABEL
 from manager.policy import Rule, TrustPolicy, check_license, load_policy, resolve_keys
 from registry import attachments
 from registry.attachments import ATT, CYCLONEDX_PREDICATE, SIG, SLSA_PROVENANCE_V1
@@ -31,9 +32,6 @@ from registry.oci.contents import sha256_of_file
 from registry.oci.image import Image
 from registry.oci.layout import read_layout
 from registry.sbom import ModelClaims, SbomError, model_claims
-
-WEIGHTS_DIGEST_LABEL = "dev.llmctl.model.weights.digest"
-WEIGHTS_MOUNT_LABEL = "dev.llmctl.model.weights.mounted"
 
 
 class ContentMismatchError(LlmctlError):
@@ -83,7 +81,7 @@ def check_contents(image: Image, claims: ModelClaims, where: str) -> dict[str, s
     """Each weight file the SBOM pins against the image: its bytes (or, for mounted weights, the
     digest the runtime enforces at start) and the label."""
     labels = _run_config(image).get("Labels") or {}
-    mounted = labels.get(WEIGHTS_MOUNT_LABEL) == "true"
+    mounted = labels.get(WEIGHTS_MOUNTED_LABEL) == "true"
     pinned = _pinned_at_start(image)
     found: dict[str, str] = {}
     for w in claims.weights:

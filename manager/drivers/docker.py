@@ -50,12 +50,9 @@ from manager.drivers.base import (
     instance_name,
     probe_health,
 )
-from manager.model_image import PORT
+from manager.model_image import PORT, WEIGHTS_DIGEST_LABEL, WEIGHTS_MOUNTED_LABEL, WEIGHTS_PATH_LABEL
 
 LABEL_IMAGE = "dev.llmctl.image"  # the tag it was started from (the container runs the image by ID)
-IMAGE_WEIGHTS_PATH = "dev.llmctl.model.weights.path"
-IMAGE_WEIGHTS_DIGEST = "dev.llmctl.model.weights.digest"
-IMAGE_WEIGHTS_MOUNTED = "dev.llmctl.model.weights.mounted"
 
 PING_TIMEOUT = 3.0  # seconds for the engine to answer when choosing a driver
 ENGINE_TIMEOUT = 120.0  # seconds for any other engine request
@@ -189,14 +186,14 @@ class DockerDriver:
                 f"{spec.image_id}); rebuild or pull it"
             )
         labels = image.attrs["Config"].get("Labels") or {}
-        if labels.get(IMAGE_WEIGHTS_DIGEST) != spec.weights_sha256:
+        if labels.get(WEIGHTS_DIGEST_LABEL) != spec.weights_sha256:
             raise DriverError(
-                f"image {spec.image} serves weights {labels.get(IMAGE_WEIGHTS_DIGEST)}, "
+                f"image {spec.image} serves weights {labels.get(WEIGHTS_DIGEST_LABEL)}, "
                 f"not the release's {spec.weights_sha256}"
             )
-        if labels.get(IMAGE_WEIGHTS_PATH) != spec.weights_in_image:
+        if labels.get(WEIGHTS_PATH_LABEL) != spec.weights_in_image:
             raise DriverError(
-                f"image {spec.image} reads its weights from {labels.get(IMAGE_WEIGHTS_PATH)}, "
+                f"image {spec.image} reads its weights from {labels.get(WEIGHTS_PATH_LABEL)}, "
                 f"not {spec.weights_in_image}"
             )
         return image
@@ -265,7 +262,7 @@ class DockerDriver:
             image = self._verified_image(spec)
             config = image.attrs["Config"]
             mounts = []
-            if (config.get("Labels") or {}).get(IMAGE_WEIGHTS_MOUNTED) == "true":
+            if (config.get("Labels") or {}).get(WEIGHTS_MOUNTED_LABEL) == "true":
                 if spec.weights is None or not spec.weights.is_file():
                     raise DriverError(
                         f"image {spec.image} serves mounted weights: the weights file "

@@ -59,7 +59,6 @@ from manager.drivers.base import (
     probe_health,
 )
 from manager.drivers.docker import (
-    IMAGE_WEIGHTS_MOUNTED,
     LABEL_IMAGE,
     PIDS_LIMIT,
     DockerDriver,
@@ -69,7 +68,7 @@ from manager.drivers.docker import (
     _iso,
     connect,
 )
-from manager.model_image import PORT
+from manager.model_image import PORT, WEIGHTS_MOUNTED_LABEL
 
 LABEL_HOST = "dev.llmctl.endpoint.host"  # the address the endpoint is reached on (the mesh binds all)
 PUBLISH_ENV = "LLMCTL_SWARM_PUBLISH"
@@ -272,7 +271,7 @@ class SwarmDriver:
         mounts: list[dict[str, Any]] = [
             {"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": TMPFS_BYTES, "Mode": 0o1777}}
         ]
-        if (config.get("Labels") or {}).get(IMAGE_WEIGHTS_MOUNTED) == "true":
+        if (config.get("Labels") or {}).get(WEIGHTS_MOUNTED_LABEL) == "true":
             if spec.weights is None or not spec.weights.is_file():
                 raise DriverError(
                     f"image {spec.image} serves mounted weights: the weights file "
