@@ -28,7 +28,6 @@ Attachments of the children of an index are not copied (cosign signs the digest 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,6 +49,7 @@ from registry.distribution import (
     RegistryClient,
     VerifyingReader,
     index_manifest,
+    json_object,
     referrers_tag,
 )
 from registry.errors import ManifestFormatError, ManifestUnknownError, RegistryError
@@ -128,16 +128,6 @@ class Store(Protocol):
         ...
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ManifestFormatError(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise ManifestFormatError(f"{what} is not a JSON object")
-    return doc
-
-
 def _guess_media_type(doc: Mapping[str, Any]) -> str:
     if doc.get("mediaType"):
         return str(doc["mediaType"])
@@ -186,7 +176,7 @@ class LayoutStore:
         if path.is_file() and path.stat().st_size > MAX_MANIFEST_SIZE:
             raise ManifestFormatError(f"{self}: manifest {digest} is larger than {MAX_MANIFEST_SIZE} bytes")
         data = layout.read_blob(self.root, digest)
-        doc = _json(data, f"{self}: manifest {digest}")
+        doc = json_object(data, f"{self}: manifest {digest}")
         media_type = doc.get("mediaType")
         if not media_type:
             listed = [e for e in layout.index_entries(self.root) if e.get("digest") == digest]
@@ -289,7 +279,9 @@ class LayoutStore:
         if digest is None:
             return []
         data, _ = self.get_manifest(digest)
-        return [dict(m) for m in _json(data, f"{self}: referrers index").get("manifests") or [] if isinstance(m, dict)]
+        return [
+            dict(m) for m in json_object(data, f"{self}: referrers index").get("manifests") or [] if isinstance(m, dict)
+        ]
 
     def referrers(self, digest: str) -> list[dict[str, Any]]:
         return self._fallback_index(digest)
@@ -447,7 +439,7 @@ class _Copier:
             raise BlobVerificationError(f"{where} has {len(data)} bytes, its descriptor says {size}")
         if media_type in DOCKER_SCHEMA1:
             raise ManifestFormatError(f"{where} is a Docker schema 1 manifest; llmctl copies only schema 2 and OCI")
-        doc = _json(data, where)
+        doc = json_object(data, where)
         if media_type in INDEX_MEDIA_TYPES:
             for child in doc.get("manifests") or []:
                 if not isinstance(child, dict) or not is_digest(str(child.get("digest", ""))):

@@ -119,7 +119,7 @@ def _media_type(content_type: str | None) -> str:
 
 def referrer_descriptor(manifest: bytes, media_type: str) -> dict[str, Any]:
     """The descriptor a referrers index lists for `manifest`: with artifactType and annotations."""
-    doc = _json_object(manifest, "referrer manifest")
+    doc = json_object(manifest, "referrer manifest")
     descriptor: dict[str, Any] = {"mediaType": media_type, "digest": sha256_digest(manifest), "size": len(manifest)}
     artifact_type = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
     if artifact_type:
@@ -129,7 +129,8 @@ def referrer_descriptor(manifest: bytes, media_type: str) -> dict[str, Any]:
     return descriptor
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """`data` as a JSON object; ManifestFormatError naming `what` otherwise."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -988,7 +989,7 @@ class RegistryClient:
             )
         media_type = _media_type(resp.headers.get("Content-Type"))
         if media_type not in MANIFEST_MEDIA_TYPES:
-            media_type = str(_json_object(body, f"manifest {digest}").get("mediaType") or media_type)
+            media_type = str(json_object(body, f"manifest {digest}").get("mediaType") or media_type)
         return body, media_type, digest
 
     def head_manifest(self, repo: str, reference: str, accept: Sequence[str] = MANIFEST_MEDIA_TYPES) -> str | None:
@@ -1049,7 +1050,7 @@ class RegistryClient:
             self._referrers_api[repo] = True
             filtered = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
             try:
-                manifests = _json_object(resp.content, f"referrers of {digest}").get("manifests") or []
+                manifests = json_object(resp.content, f"referrers of {digest}").get("manifests") or []
             finally:
                 resp.close()
         else:
@@ -1059,7 +1060,7 @@ class RegistryClient:
                 body, _, _ = self.get_manifest(repo, referrers_tag(digest), (OCI_INDEX,))
             except ManifestUnknownError:
                 return []
-            manifests = _json_object(body, f"referrers index {referrers_tag(digest)}").get("manifests") or []
+            manifests = json_object(body, f"referrers index {referrers_tag(digest)}").get("manifests") or []
         found = [dict(m) for m in manifests if isinstance(m, dict)]
         if artifact_type and not filtered:
             found = [m for m in found if m.get("artifactType") == artifact_type]
@@ -1078,7 +1079,7 @@ class RegistryClient:
         tag = referrers_tag(subject_digest)
         try:
             body, _, digest = self.get_manifest(repo, tag, (OCI_INDEX,))
-            manifests = list(_json_object(body, f"referrers index {tag}").get("manifests") or [])
+            manifests = list(json_object(body, f"referrers index {tag}").get("manifests") or [])
         except ManifestUnknownError:
             body, digest, manifests = b"", "", []
         if any(isinstance(m, dict) and m.get("digest") == descriptor.get("digest") for m in manifests):
@@ -1088,7 +1089,7 @@ class RegistryClient:
     def push_referrer(self, repo: str, manifest: bytes, media_type: str) -> str:
         """Push a manifest that has a `subject` (by digest) and make it findable: the registry indexes
         it itself when it answers with ``OCI-Subject``, else the fallback index is updated. Its digest."""
-        subject = _json_object(manifest, "referrer manifest").get("subject")
+        subject = json_object(manifest, "referrer manifest").get("subject")
         if not isinstance(subject, dict) or not is_digest(str(subject.get("digest", ""))):
             raise ManifestFormatError("referrer manifest has no subject descriptor")
         digest, resp = self._put_manifest(repo, sha256_digest(manifest), manifest, media_type)
