@@ -7,7 +7,6 @@ image (reused afterwards: same build inputs, same image).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,12 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from manager import base_image, cli, keys
 from manager.releases import ReleaseStore
-from runtime.testing.make_model import make_model
 from tests.netutil import free_port
+from tests.releasehome import demo_sets, demo_weights, fails, home_copy, llmctl, ok, prepared_home
 
-CACHE = Path.home() / ".cache" / "llmctl"
 PASSWORD = "release tests"
 
 pytestmark = pytest.mark.slow
@@ -34,60 +31,21 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
-    """A home with a key and the demo image already built (by a first install), plus the --set
-    flags that point the demo chart at its generated weights."""
-    base_image.cached_rootfs(CACHE / "base-rootfs", deb_cache=CACHE / "debs", allow_newer=True)
+    """A home with a key and the demo image already built, and the demo chart's --set flags."""
     work = tmp_path_factory.mktemp("releases")
-    weights = make_model(work / "demo.gguf", preset="tiny", wtype="q8_0", seed=1)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    sets = ["--set", f"weights.path={weights}", "--set", f"weights.sha256=sha256:{digest}"]
-    home = work / "home"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "base-rootfs").symlink_to(CACHE / "base-rootfs")  # built once per machine
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMCTL_HOME", str(home))
-        mp.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
-        keys.generate()
-        assert cli.main(["install", "prepare", "demo", *sets, "--driver", "process"]) == 0
-        assert cli.main(["uninstall", "prepare"]) == 0
+    sets = demo_sets(*demo_weights(work))
+    with prepared_home(work, PASSWORD, sets) as home:
         yield home, sets
 
 
 @pytest.fixture
 def home(prepared: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    copy = tmp_path / "home"
-    shutil.copytree(prepared[0], copy, symlinks=True)
-    monkeypatch.setenv("LLMCTL_HOME", str(copy))
-    monkeypatch.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
-    yield copy
-    for rev in ReleaseStore().list():  # never leave a model server behind
-        cli.main(["uninstall", rev.name])
+    yield from home_copy(prepared[0], tmp_path, monkeypatch, PASSWORD)
 
 
 @pytest.fixture
 def demo(prepared: tuple[Path, list[str]]) -> list[str]:
     return prepared[1]
-
-
-def llmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out, err = llmctl(capsys, *args)
-    assert code == 0, err
-    return out
-
-
-def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out, err = llmctl(capsys, *args)
-    assert code == 1, out
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("llmctl: error: ")
-    return last
 
 
 def complete(endpoint: str) -> dict[str, object]:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from manager import base_image, cli, images, keys
+from manager import cli, images, keys
 from manager.releases import ReleaseStore
-from runtime.testing.make_model import make_model
 from tests.registry_server import RegistryServer, TamperProxy
+from tests.releasehome import demo_sets, demo_weights, llmctl, new_home
 
-CACHE = Path.home() / ".cache" / "llmctl"
 PASSWORD = "registry tests"
 USER, SECRET = "platform", "s3cret-pass"
 
@@ -36,14 +35,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServer) -> Iterator[dict[str, object]]:
     """The platform team's home: a key, a built and signed demo image, logged in to the registry."""
-    base_image.cached_rootfs(CACHE / "base-rootfs", deb_cache=CACHE / "debs", allow_newer=True)
     work = tmp_path_factory.mktemp("team")
-    weights = make_model(work / "demo.gguf", preset="tiny", wtype="q8_0", seed=1)
-    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
-    sets = ["--set", f"weights.path={weights}", "--set", f"weights.sha256={digest}"]
-    home = work / "home"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "base-rootfs").symlink_to(CACHE / "base-rootfs")
+    weights, digest = demo_weights(work)
+    sets = demo_sets(weights, digest)
+    home = new_home(work)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMCTL_HOME", str(home))
         mp.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
@@ -63,10 +58,8 @@ def use(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def site(team: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: RegistryServer) -> Path:
     """Another machine: trusts only the team's public key for the registry's repositories."""
-    home = tmp_path / "site"
-    (home / "config").mkdir(parents=True)
-    (home / "cache").mkdir()
-    (home / "cache" / "base-rootfs").symlink_to(CACHE / "base-rootfs")
+    home = new_home(tmp_path / "site")
+    (home / "config").mkdir()
     team_pub = Path(str(team["home"])) / "config" / "keys" / "cosign.pub"
     shutil.copy(team_pub, home / "config" / "team.pub")
     shutil.copy(Path(str(team["home"])) / "config" / "auth.json", home / "config" / "auth.json")
@@ -76,13 +69,6 @@ def site(team: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
     use(home, monkeypatch)
     return home
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def tls(registry: RegistryServer) -> list[str]:
@@ -105,20 +91,20 @@ def test_push_pull_verify_and_install_exactly_those_bytes(
     out = capsys.readouterr().out
     assert f"{built}" in out and ".sig" in out and ".att" in out
     use(site, monkeypatch)
-    code, out, err = run(capsys, "pull", ref, *tls(registry))
+    code, out, err = llmctl(capsys, "pull", ref, *tls(registry))
     assert code == 0, err
     assert images.resolve(ref).digest == built  # the same digest on both machines
     # install runs the pulled image (no build here: the site has no weights and no key)
-    code, out, err = run(
+    code, out, err = llmctl(
         capsys, "install", "sc", "demo", *[str(s) for s in team["sets"]], "--set", f"image={ref}",
         "--driver", "process", *tls(registry),
     )  # fmt: skip
     assert code == 0, err
     rev = ReleaseStore().get("sc")
     assert rev.image == ref and rev.image_digest == built and rev.status == "deployed"
-    events = [(e["event"], e["outcome"]) for e in json.loads(run(capsys, "audit", "show", "-o", "json")[1])]
+    events = [(e["event"], e["outcome"]) for e in json.loads(llmctl(capsys, "audit", "show", "-o", "json")[1])]
     assert ("pull", "ok") in events and ("policy", "ok") in events and ("install", "ok") in events
-    assert run(capsys, "uninstall", "sc")[0] == 0
+    assert llmctl(capsys, "uninstall", "sc")[0] == 0
 
 
 def test_pull_signed_by_an_untrusted_key_is_refused_and_dropped(
@@ -132,7 +118,7 @@ def test_pull_signed_by_an_untrusted_key_is_refused_and_dropped(
     policy.write_text(policy.read_text().replace("./team.pub", "./other.pub"))
     ref = push_demo(team, registry, monkeypatch, "llm/untrusted")
     use(site, monkeypatch)
-    code, _, err = run(capsys, "pull", ref, *tls(registry))
+    code, _, err = llmctl(capsys, "pull", ref, *tls(registry))
     assert code == 1 and "none of its 1 signature(s) verifies with the trusted key(s)" in err
     with pytest.raises(Exception, match="no image"):
         images.resolve(ref)  # nothing unverified stays in the store
@@ -146,19 +132,19 @@ def test_tampered_registry_answers_are_refused(
     with plain, TamperProxy(plain.port) as proxy:
         use(Path(str(team["home"])), monkeypatch)
         ref = f"{proxy.host}/llm/demo:1.0.0"
-        assert run(capsys, "push", "llmctl/demo:1.0.0", ref, "--plain-http")[0] == 0
+        assert llmctl(capsys, "push", "llmctl/demo:1.0.0", ref, "--plain-http")[0] == 0
         use(site, monkeypatch)
         policy = site / "config" / "policy.yaml"
         policy.write_text(policy.read_text().replace(registry.host, proxy.host))
         proxy.tamper_blobs = True
-        code, _, err = run(capsys, "pull", ref, "--plain-http")
+        code, _, err = llmctl(capsys, "pull", ref, "--plain-http")
         assert code == 1 and "sha256:" in err
         proxy.tamper_blobs, proxy.tamper_manifests = False, True
-        code, _, err = run(capsys, "pull", ref, "--plain-http")
+        code, _, err = llmctl(capsys, "pull", ref, "--plain-http")
         assert code == 1 and "sha256:" in err
         assert not [
             r
-            for r in json.loads(run(capsys, "audit", "show", "-o", "json")[1])
+            for r in json.loads(llmctl(capsys, "audit", "show", "-o", "json")[1])
             if r["outcome"] == "ok" and r["event"] == "pull"
         ]
 
@@ -168,10 +154,10 @@ def test_tls_with_an_unknown_ca_and_a_wrong_password_are_clear_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     ref = f"{registry.host}/llm/demo:1.0.0"
-    code, _, err = run(capsys, "pull", ref)  # no --ca-file: the test CA is unknown
+    code, _, err = llmctl(capsys, "pull", ref)  # no --ca-file: the test CA is unknown
     assert code == 1 and "--ca-file" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("wrong\n"))
-    code, _, err = run(capsys, "registry", "login", registry.host, "-u", USER, "--password-stdin", *tls(registry))
+    code, _, err = llmctl(capsys, "registry", "login", registry.host, "-u", USER, "--password-stdin", *tls(registry))
     assert code == 1 and registry.host in err and "wrong" not in err
 
 
@@ -182,14 +168,14 @@ def test_mirror_to_a_directory_and_back_keeps_every_digest(
     ref = push_demo(team, registry, monkeypatch, "llm/mirror-src")
     built = images.resolve("llmctl/demo:1.0.0").digest
     usb = tmp_path / "usb"
-    code, out, err = run(capsys, "mirror", ref, f"oci-layout:{usb}:llm/demo:1.0.0", *tls(registry))
+    code, out, err = llmctl(capsys, "mirror", ref, f"oci-layout:{usb}:llm/demo:1.0.0", *tls(registry))
     assert code == 0, err
     index = json.loads((usb / "index.json").read_text())
     names = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"] for m in index["manifests"]}
     assert names["llm/demo:1.0.0"] == built
     assert any(n.endswith(".sig") for n in names) and any(n.endswith(".att") for n in names)
     back = f"{registry.host}/llm/mirror-back:1.0.0"
-    code, out, err = run(capsys, "mirror", f"oci-layout:{usb}:llm/demo:1.0.0", back, *tls(registry))
+    code, out, err = llmctl(capsys, "mirror", f"oci-layout:{usb}:llm/demo:1.0.0", back, *tls(registry))
     assert code == 0, err
     assert built in out and ".sig" in out
 
@@ -200,12 +186,12 @@ def test_model_and_chart_artifacts_travel_signed(
 ) -> None:  # fmt: skip
     use(Path(str(team["home"])), monkeypatch)
     model_ref = f"{registry.host}/models/demo:q8_0"
-    code, _, err = run(
+    code, _, err = llmctl(
         capsys, "model", "push", str(team["weights"]), model_ref, "--name", "demo", "--version", "q8_0", *tls(registry)
     )
     assert code == 0, err
     charts_dir = Path(__file__).resolve().parent.parent / "charts"
-    code, _, err = run(
+    code, _, err = llmctl(
         capsys, "chart", "push", str(charts_dir / "demo"), f"oci://{registry.host}/charts", *tls(registry)
     )
     assert code == 0, err
@@ -213,15 +199,15 @@ def test_model_and_chart_artifacts_travel_signed(
     use(site, monkeypatch)
     policy = site / "config" / "policy.yaml"
     policy.write_text(policy.read_text().replace("    requireProvenance: true\n", ""))
-    code, out, err = run(capsys, "model", "pull", model_ref, *tls(registry))
+    code, out, err = llmctl(capsys, "model", "pull", model_ref, *tls(registry))
     assert code == 0, err
     path = Path(out.strip())
     assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == team["digest"]
-    code, out, err = run(
+    code, out, err = llmctl(
         capsys, "chart", "pull", f"oci://{registry.host}/charts/demo", "--version", "1.0.0", *tls(registry)
     )
     assert code == 0, err and out.strip().endswith(".tgz")
-    code, out, err = run(
+    code, out, err = llmctl(
         capsys, "template", f"oci://{registry.host}/charts/demo", "--version", "1.0.0",
         "--set", f"weights.path={path}", "--set", f"weights.sha256={team['digest']}", *tls(registry),
     )  # fmt: skip
@@ -243,5 +229,5 @@ def test_an_image_whose_signature_was_deleted_is_refused_by_the_policy(
     assert sig_digest is not None
     c.delete_manifest("llm/unsigned", sig_digest)  # someone removed the signature in the registry
     use(site, monkeypatch)
-    code, _, err = run(capsys, "pull", ref, *tls(registry))
+    code, _, err = llmctl(capsys, "pull", ref, *tls(registry))
     assert code == 1 and "has no signature" in err

@@ -7,10 +7,8 @@ whatever it left running.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -21,12 +19,11 @@ import httpx
 import pytest
 import yaml
 
-from manager import base_image, cli, keys, stack
+from manager import stack
 from manager.drivers.procfs import read_json
 from manager.releases import ReleaseStore
-from runtime.testing.make_model import make_model
+from tests.releasehome import demo_sets, demo_weights, fails, home_copy, llmctl, prepared_home
 
-CACHE = Path.home() / ".cache" / "llmctl"
 PASSWORD = "stack tests"
 
 pytestmark = pytest.mark.slow
@@ -36,33 +33,15 @@ pytestmark = pytest.mark.slow
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
     """A home with a key and the demo image already built, and the values that point the demo chart
     at its generated weights."""
-    base_image.cached_rootfs(CACHE / "base-rootfs", deb_cache=CACHE / "debs", allow_newer=True)
     work = tmp_path_factory.mktemp("stacks")
-    weights = make_model(work / "demo.gguf", preset="tiny", wtype="q8_0", seed=1)
-    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
-    values = {"weights": {"path": str(weights), "sha256": digest}}
-    sets = ["--set", f"weights.path={weights}", "--set", f"weights.sha256={digest}"]
-    home = work / "home"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "base-rootfs").symlink_to(CACHE / "base-rootfs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMCTL_HOME", str(home))
-        mp.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
-        keys.generate()
-        assert cli.main(["install", "prepare", "demo", *sets, "--driver", "process"]) == 0
-        assert cli.main(["uninstall", "prepare"]) == 0
-        yield home, values
+    weights, digest = demo_weights(work)
+    with prepared_home(work, PASSWORD, demo_sets(weights, digest)) as home:
+        yield home, {"weights": {"path": str(weights), "sha256": digest}}
 
 
 @pytest.fixture
 def home(prepared: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    copy = tmp_path / "home"
-    shutil.copytree(prepared[0], copy, symlinks=True)
-    monkeypatch.setenv("LLMCTL_HOME", str(copy))
-    monkeypatch.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
-    yield copy
-    for rev in ReleaseStore().list():  # never leave a model server behind
-        cli.main(["uninstall", rev.name])
+    yield from home_copy(prepared[0], tmp_path, monkeypatch, PASSWORD)
 
 
 @pytest.fixture
@@ -94,25 +73,10 @@ def release(name: str, parallel: int = 2) -> dict[str, Any]:
     }
 
 
-def llmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
 def expect(capsys: pytest.CaptureFixture[str], code: int, *args: str) -> str:
     got, out, err = llmctl(capsys, *args)
     assert got == code, f"exit {got}, not {code}\n{out}\n{err}"
     return out
-
-
-def error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    got, out, err = llmctl(capsys, *args)
-    assert got == 1, out
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("llmctl: error: ")
-    return last
 
 
 def revisions(name: str) -> list[tuple[int, str]]:
@@ -228,14 +192,14 @@ def test_stack_file_errors_name_the_file_line_and_field(
     }
     for body, (where, field, detail) in cases.items():
         path.write_text(head + body)
-        err = error(capsys, "diff", "-f", str(path))
+        err = fails(capsys, "diff", "-f", str(path))
         assert where in err and f"stack field {field}" in err and detail in err, err
     path.write_text(head.replace("kind: Stack", "kind: Model") + "  - {name: a, chart: demo}\n")
-    assert "stack.yaml:2: stack field kind" in error(capsys, "apply", "-f", str(path))
+    assert "stack.yaml:2: stack field kind" in fails(capsys, "apply", "-f", str(path))
 
     # values the chart refuses: the release and its line, then the chart's own message with the field
     write_stack(repo, [release("stk-a"), {**release("stk-b"), "values": {"server": {"parallel": "many"}}}])
-    err = error(capsys, "apply", "-f", str(path))
+    err = fails(capsys, "apply", "-f", str(path))
     assert "stack.yaml:15: release 'stk-b': demo: values field server.parallel" in err
     assert ReleaseStore().list(all=True) == []  # checked before anything changed
 
@@ -266,7 +230,7 @@ def test_drift_detects_an_exited_instance_and_apply_repairs_it(
     [found] = json.loads(expect(capsys, 2, "drift", "stk-a", "-o", "json"))
     assert (found["release"], found["revision"], found["kind"]) == ("stk-a", 1, "exited")
     assert expect(capsys, 0, "drift", "stk-b").startswith("no drift")
-    assert "not found" in error(capsys, "drift", "nope")
+    assert "not found" in fails(capsys, "drift", "nope")
 
     out = expect(capsys, 2, "diff", "-f", file)
     assert "! repair stk-a: instance exited" in out and "Plan: 0 to install, 0 to upgrade, 1 to repair" in out

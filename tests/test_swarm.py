@@ -13,9 +13,7 @@ the published port.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -27,13 +25,12 @@ from typing import Any
 import httpx
 import pytest
 
-from manager import actions, base_image, cli, keys
+from manager import actions
 from manager.drivers import DriverError, DriverUnavailableError, InstanceSpec, get_driver
 from manager.drivers.swarm import PUBLISH_ENV, SwarmDriver, service_name
 from manager.releases import ReleaseStore
-from runtime.testing.make_model import make_model
+from tests.releasehome import demo_sets, demo_weights, fails, home_copy, ok, prepared_home
 
-CACHE = Path.home() / ".cache" / "llmctl"
 PASSWORD = "swarm tests"
 MESH = Path("/proc/sys/net/ipv4/vs").is_dir()  # IPVS: the routing mesh works on this (the engine's) kernel
 COMPLETION = {"prompt": "def add(a, b):\n    return ", "max_tokens": 4, "temperature": 0}
@@ -106,61 +103,22 @@ def engine(swarm: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
-    """A home with a key and the demo image built (by an install with the process driver), and the
-    --set flags that point the demo chart at its generated weights."""
-    base_image.cached_rootfs(CACHE / "base-rootfs", deb_cache=CACHE / "debs", allow_newer=True)
+    """A home with a key and the demo image built, and the demo chart's --set flags."""
     work = tmp_path_factory.mktemp("swarm")
-    weights = make_model(work / "demo.gguf", preset="tiny", wtype="q8_0", seed=1)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    sets = ["--set", f"weights.path={weights}", "--set", f"weights.sha256=sha256:{digest}"]
-    home = work / "home"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "base-rootfs").symlink_to(CACHE / "base-rootfs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMCTL_HOME", str(home))
-        mp.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
-        keys.generate()
-        assert cli.main(["install", "prepare", "demo", *sets, "--driver", "process"]) == 0
-        assert cli.main(["uninstall", "prepare"]) == 0
+    sets = demo_sets(*demo_weights(work))
+    with prepared_home(work, PASSWORD, sets) as home:
         yield home, sets
 
 
 @pytest.fixture
 def home(prepared: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    copy = tmp_path / "home"
-    shutil.copytree(prepared[0], copy, symlinks=True)
-    monkeypatch.setenv("LLMCTL_HOME", str(copy))
-    monkeypatch.setenv("LLMCTL_KEY_PASSWORD", PASSWORD)
     monkeypatch.delenv(PUBLISH_ENV, raising=False)
-    yield copy
-    for rev in ReleaseStore().list():  # never leave a service behind
-        cli.main(["uninstall", rev.name])
+    yield from home_copy(prepared[0], tmp_path, monkeypatch, PASSWORD)
 
 
 @pytest.fixture
 def demo(prepared: tuple[Path, list[str]]) -> list[str]:
     return prepared[1]
-
-
-def llmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out, err = llmctl(capsys, *args)
-    assert code == 0, err
-    return out
-
-
-def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out, err = llmctl(capsys, *args)
-    assert code == 1, out
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("llmctl: error: ")
-    return last
 
 
 def complete(endpoint: str) -> int:
