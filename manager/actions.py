@@ -122,25 +122,24 @@ def ensure_image(manifest: ModelManifest, opts: Options) -> tuple[str, str]:
     """(image ref, verified digest) for `manifest`: the image it names in a registry (`spec.image`),
     pulled; or the one the local store holds built from the same inputs; or one built (and signed)
     now. Whichever it is, the trust policy decides before anything runs."""
-    if manifest.image:
+    if manifest.image:  # a pull verifies against the policy, and drops what it refuses
         from manager import transfer
 
         opts.say(f"pulling {manifest.image}")
         conn = opts.connection or transfer.Connection()
-        ref = transfer.pull(manifest.image, conn, policy_file=opts.policy_file).name
-        verified = verify_image(ref, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
-        opts.say(f"verified {ref} ({verified.digest}): " + "; ".join(verified.checks[1:]))
-        return ref, verified.digest
-    digest = build.find_built(manifest)
-    if digest is None:
+        pulled = transfer.pull(manifest.image, conn, policy_file=opts.policy_file)
+        ref, verified = pulled.name, pulled.verification
+    elif build.find_built(manifest) is None:  # a build ends with the same check
         opts.say(f"building image {manifest.tag} (weights, base, runtime; signed)")
         result = build.build_model(
             manifest, load=False, progress=opts.progress, key=opts.key, policy_file=opts.policy_file
         )
-        digest = result.digest
-    verified = verify_image(manifest.tag, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
-    opts.say(f"verified {manifest.tag} ({verified.digest}): " + "; ".join(verified.checks[1:]))
-    return manifest.tag, verified.digest
+        ref, verified = manifest.tag, result.verification
+    else:
+        ref = manifest.tag
+        verified = verify_image(ref, policy=policy.load_policy(opts.policy_file), enforce_policy=True)
+    opts.say(f"verified {ref} ({verified.digest}): " + "; ".join(verified.checks[1:]))
+    return ref, verified.digest
 
 
 def _engine_has(tag: str, image_id: str) -> bool:

@@ -33,7 +33,7 @@ from manager.model_image import (
 )
 from manager.policy import TrustPolicy, check_license, load_policy
 from manager.sbom_model import model_info_from_gguf, weight_file
-from manager.verify_image import verify_image
+from manager.verify_image import Verification, verify_image
 from registry.errors import RegistryError
 from registry.keys import fingerprint
 from registry.oci import Image, source_date_epoch
@@ -51,6 +51,7 @@ class BuildResult:
     layout: Path
     sbom: Path
     loaded: bool
+    verification: Verification  # the check against the trust policy the build ended with
     signer: str | None = None  # fingerprint of the signing key
 
 
@@ -259,14 +260,16 @@ def build_model(
             )
             signer = fingerprint(private_key)
         # the build passes its own policy before the engine ever sees the image
-        verify_image(image_tag(manifest), policy=policy, enforce_policy=True)
+        verification = verify_image(image_tag(manifest), policy=policy, enforce_policy=True)
         loaded = False
         if load:
             from registry.oci.daemon import load as load_image
 
             load_image(image, image_tag(manifest))
             loaded = True
-    return BuildResult(image_tag(manifest), image.digest, image.config_digest, layout, sbom, loaded, signer)
+    return BuildResult(
+        image_tag(manifest), image.digest, image.config_digest, layout, sbom, loaded, verification, signer
+    )
 
 
 def sbom_path(image: str) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 from manager import audit, images, paths, policy, signing
 from manager.cache import open_store
 from manager.errors import LlmctlError
-from manager.verify_image import verify_image
+from manager.verify_image import Verification, verify_image
 from registry import attachments, chart_artifact, modelpack
 from registry.attachments import SIG
 from registry.copy import CopyResult, LayoutStore, RemoteStore, copy
@@ -50,6 +50,7 @@ class Pulled:
     name: str  # the ref name in the local store, e.g. registry.internal:5000/llm/demo:1.0.0
     digest: str
     copied: CopyResult
+    verification: Verification
 
 
 def credentials_store() -> CredentialStore:
@@ -134,11 +135,11 @@ def pull(source: str, conn: Connection = Connection(), *, policy_file: Path | No
     result = _audited("pull", str(src), lambda: copy(_remote(src, conn), src.ref, dst, _tag(src)))
     name = f"{src.name}@{src.digest}" if src.digest else f"{src.name}:{_tag(src)}"
     try:
-        verify_image(name, policy=policy.load_policy(policy_file), enforce_policy=True)
+        verification = verify_image(name, policy=policy.load_policy(policy_file), enforce_policy=True)
     except (LlmctlError, RegistryError):
         dst.untag(_tag(src))
         raise
-    return Pulled(name, result.digest, result)
+    return Pulled(name, result.digest, result, verification)
 
 
 def mirror(source: str, destination: str, conn: Connection = Connection()) -> CopyResult:
