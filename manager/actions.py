@@ -49,8 +49,8 @@ class Options:
     atomic: bool = False
     dry_run: bool = False
     reuse_values: bool = False
-    driver: str | None = None  # docker | process | swarm; default: docker when the engine answers
-    replicas: int | None = None  # swarm: tasks of the service (None: keep the current count, 1 when new)
+    driver: str | None = None  # docker | process | swarm | kubernetes; default: docker when the engine answers
+    replicas: int | None = None  # swarm, kubernetes: tasks or pods (None: keep the current count, 1 when new)
     key: str | None = None  # signing key for images built on the way
     policy_file: Path | None = None
     history_max: int = HISTORY_MAX
@@ -189,6 +189,9 @@ def instance_spec(
         cpus=manifest.cpus,
         memory=manifest.memory,
         api_key=api_key,
+        image_digest=digest,
+        model=manifest.name,
+        model_version=manifest.version,
     )
 
 
@@ -280,7 +283,6 @@ def install(name: str, chart_ref: str, opts: Options) -> Revision:
         if opts.dry_run:
             return _dry_run(name, revision, rendered, opts)
         driver = _driver_for(None, opts)
-        _clean_orphans(store, name, driver, opts.say)
         return _deploy(store, name, revision, rendered, driver, opts, previous=None, verb="install")
 
 
@@ -300,10 +302,8 @@ def upgrade(name: str, chart_ref: str, opts: Options, *, install_missing: bool =
             if opts.dry_run:
                 return _dry_run(name, revision, rendered, opts)
             driver = _driver_for(None, opts)
-            _clean_orphans(store, name, driver, opts.say)
             return _deploy(store, name, revision, rendered, driver, opts, previous=None, verb="install")
         driver = _driver_for(current, opts)
-        _clean_orphans(store, name, driver, opts.say)
         revision = store.next_revision(name)
         base = current.values if opts.reuse_values else None
         rendered = render(chart_ref, opts, name=name, revision=revision, upgrade=True, base=base)
@@ -327,7 +327,6 @@ def rollback(name: str, target: int | None, opts: Options) -> Revision:
             target = older[-1].revision
         old = store.get(name, target)
         driver = _driver_for(current or old, opts)
-        _clean_orphans(store, name, driver, opts.say)
         revision = store.next_revision(name)
         manifest = parse_manifest(old.manifest, f"release {name} revision {target} (stored manifest)", Path.cwd())
         meta = charts.ChartMeta(charts.API_VERSION, old.chart, old.chart_version, old.app_version)
@@ -415,12 +414,22 @@ def _deploy(
     verb: str,
     note: str | None = None,
 ) -> Revision:
-    """Record the revision as pending, make and verify the image, start it beside the previous one,
-    wait for health, then retire the previous revision. On failure the new revision is `failed`,
+    """Check the driver can run it, remove orphaned instances, record the revision as pending, make
+    and verify the image, start it beside the previous one, wait for health, then retire the
+    previous revision. On failure the new revision is `failed`,
     its instance is gone and the previous one still serves; `--atomic` also removes a failed
     install and records a rollback revision for a failed upgrade."""
-    if opts.replicas not in (None, 1) and driver.name != "swarm":
-        raise ActionError(f"--replicas needs --driver swarm: the {driver.name} driver runs one instance per revision")
+    if opts.replicas not in (None, 1) and driver.name not in ("swarm", "kubernetes"):
+        raise ActionError(
+            f"--replicas needs --driver swarm or kubernetes: the {driver.name} driver runs one instance per revision"
+        )
+    if driver.name == "kubernetes" and not rendered.manifest.image:
+        raise ActionError(
+            f"the kubernetes driver runs images the cluster pulls from a registry, and {rendered.manifest.name} names "
+            "none: build and push the image (`llmctl build`, `llmctl push IMAGE REGISTRY/REPO:TAG`), then "
+            "install with --set image=REGISTRY/REPO:TAG"
+        )
+    _clean_orphans(store, name, driver, opts.say)
     pending = {"install": "pending-install", "upgrade": "pending-upgrade", "rollback": "pending-rollback"}[verb]
     rev = _record(
         name, revision, rendered, pending, f"{verb.capitalize()} in progress", image_digest="", driver=driver.name
@@ -433,7 +442,13 @@ def _deploy(
             instance_spec(name, revision, rendered.manifest, image, digest, driver), replicas=opts.replicas
         )
         old_instances = driver.list(name)
-        if previous is not None and spec.port and any(i.endpoint.endswith(f":{spec.port}") for i in old_instances):
+        host_port = driver.name in ("docker", "process")  # one host port per instance (swarm and k8s: one service)
+        if (
+            previous is not None
+            and host_port
+            and spec.port
+            and any(i.endpoint.endswith(f":{spec.port}") for i in old_instances)
+        ):
             # a fixed port cannot serve two revisions at once: the old one steps aside first
             opts.say(f"port {spec.port} is fixed: stopping revision {previous.revision} first")
             for inst in old_instances:
@@ -527,15 +542,16 @@ def status(name: str) -> dict[str, Any]:
 def instances(driver_name: str | None = None) -> list[Instance]:
     """`llmctl ps`: every instance of every driver that answers."""
     found: list[Instance] = []
-    names = [driver_name] if driver_name else ["docker", "swarm", "process"]
+    names = [driver_name] if driver_name else ["docker", "swarm", "kubernetes", "process"]
     for n in names:
         try:
             driver = get_driver(n)
+            listed = driver.list()
         except LlmctlError:
             if driver_name:
                 raise
-            continue
-        for inst in driver.list():
+            continue  # not set up here (no engine, no swarm, no kubeconfig) or not answering
+        for inst in listed:
             inst.health = driver.health(inst)
             found.append(inst)
     return found

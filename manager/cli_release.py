@@ -65,11 +65,15 @@ def _deploy_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--driver",
-        choices=("docker", "process", "swarm"),
-        help="where it runs (default: docker when the engine answers, else process)",
+        choices=("docker", "process", "swarm", "kubernetes"),
+        help="where it runs (default: docker when the engine answers, else process); kubernetes uses the "
+        "kubeconfig (KUBECONFIG, LLMCTL_KUBE_CONTEXT, LLMCTL_KUBE_NAMESPACE) and needs --set image=REGISTRY/REPO:TAG",
     )
     p.add_argument(
-        "--replicas", type=int, metavar="N", help="swarm: tasks of the release's service (default: keep; 1 when new)"
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="swarm, kubernetes: tasks of the service or pods of the Deployment (default: keep; 1 when new)",
     )
     p.add_argument("--key", metavar="KEY", help="signing key for an image built on the way (store name or path)")
     p.add_argument("--policy", type=Path, metavar="FILE", help="trust policy (default: <config>/policy.yaml)")
@@ -100,9 +104,9 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
         help="install a chart as a release",
         description=(
             "Render CHART's Model manifest with your values, build (or reuse) its signed image, verify it against "
-            "the trust policy, start it with the docker or process driver and wait until /health answers. CHART is "
-            "a shipped chart name (llmctl search), REPO/NAME from a chart repository, or a path to a chart directory "
-            "or .tgz."
+            "the trust policy, start it with a driver (docker, process, swarm or kubernetes) and wait until it is "
+            "healthy. CHART is a shipped chart name (llmctl search), REPO/NAME from a chart repository, or a path to "
+            "a chart directory or .tgz."
         ),
         epilog="example: llmctl install sc2 starcoder2-7b-q4 --set server.parallel=4",
     )
@@ -134,6 +138,7 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--policy", type=Path, metavar="FILE")
+    connection_flags(p)  # the revision's image may be pulled again from its registry
 
     p = commands.add_parser(
         "uninstall",
@@ -245,7 +250,7 @@ def add_release_parsers(commands: argparse._SubParsersAction) -> None:
         help="list running model instances",
         description="Every instance: release, endpoint, model digest, uptime, health.",
     )
-    p.add_argument("--driver", choices=("docker", "process", "swarm"))
+    p.add_argument("--driver", choices=("docker", "process", "swarm", "kubernetes"))
     _output_flag(p)
 
 

@@ -1,4 +1,5 @@
-"""A release rendered as Kubernetes objects (`llmctl template CHART --target kubernetes`).
+"""A release rendered as Kubernetes objects (`llmctl template CHART --target kubernetes`, and what the
+kubernetes driver applies: manager/drivers/kubernetes.py).
 
 The same hardening as the docker driver, in Kubernetes terms: non-root (uid 65532), read-only root
 filesystem, no privilege escalation, every capability dropped, the RuntimeDefault seccomp profile,
@@ -24,6 +25,11 @@ from manager.model_image import MODELS_DIR, PORT
 UID = 65532
 CLIENT_LABEL = "llmctl.dev/client"
 API_KEY_SECRET_KEY = "api-key"
+# on the pod template, set by the kubernetes driver: which llmctl revision the pods run (a rollout
+# undo brings the older value back with the older template), and the weights they serve
+REVISION_LABEL = "llmctl.dev/revision"
+MODEL_DIGEST_ANNOTATION = "llmctl.dev/model-digest"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llmctl"}
 
 
 class KubernetesRenderError(LlmctlError):
@@ -32,12 +38,66 @@ class KubernetesRenderError(LlmctlError):
 
 @dataclass(frozen=True)
 class Target:
+    """Where and how `llmctl template --target kubernetes` renders a chart."""
+
     release: str
     image: str  # what the cluster pulls: a registry reference (push the llmctl image there first)
     weights_sha256: str  # the digest of the weights file inside the image
     replicas: int = 1
     namespace: str | None = None
     network_policy: bool = False
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the objects are rendered from: a chart's manifest with a `Target` (`workload`), or the
+    kubernetes driver's instance spec."""
+
+    release: str
+    model: str  # app.kubernetes.io/name
+    version: str  # app.kubernetes.io/version
+    image: str
+    weights_path: str  # the weights file inside the image
+    weights_sha256: str
+    threads: int | None = None
+    ctx: int | None = None
+    parallel: int | None = None
+    cpus: float | None = None
+    memory: str | None = None
+    api_key: bool = False  # the server reads its API key from the Secret `<release>-api-key`
+    replicas: int = 1
+    namespace: str | None = None
+    network_policy: bool = False
+    revision: int | None = None  # the llmctl revision (the driver's): a label on the pod template
+
+
+def workload(m: ModelManifest, t: Target) -> Workload:
+    if m.weights_storage == "mount":
+        raise KubernetesRenderError(
+            f"{m.name}: spec.storage is mount; the kubernetes target needs the weights baked into the image "
+            "(--set weights.storage=image)"
+        )
+    return Workload(
+        release=t.release,
+        model=m.name,
+        version=m.version,
+        image=t.image,
+        weights_path=f"/{MODELS_DIR}/{m.name}.gguf",
+        weights_sha256=t.weights_sha256,
+        threads=m.threads,
+        ctx=m.context,
+        parallel=m.parallel,
+        cpus=m.cpus,
+        memory=m.memory,
+        api_key=bool(m.api_key_env),
+        replicas=t.replicas,
+        namespace=t.namespace,
+        network_policy=t.network_policy,
+    )
+
+
+def api_key_secret_name(release: str) -> str:
+    return f"{release}-api-key"
 
 
 def _quantity(memory: str) -> str:
@@ -48,13 +108,12 @@ def _quantity(memory: str) -> str:
     return m.group(1) + {"": "", "k": "Ki", "m": "Mi", "g": "Gi"}[m.group(2)]
 
 
-def _labels(m: ModelManifest, t: Target) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": m.name,
-        "app.kubernetes.io/instance": t.release,
-        "app.kubernetes.io/version": m.version,
-        "app.kubernetes.io/managed-by": "llmctl",
-    }
+def selector(w: Workload) -> dict[str, str]:
+    return {"app.kubernetes.io/name": w.model, "app.kubernetes.io/instance": w.release}
+
+
+def _labels(w: Workload) -> dict[str, str]:
+    return {**selector(w), "app.kubernetes.io/version": w.version, **MANAGED_BY}
 
 
 def _container_security() -> dict[str, Any]:
@@ -66,16 +125,16 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def _meta(name: str, m: ModelManifest, t: Target) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": _labels(m, t)}
-    if t.namespace:
-        meta["namespace"] = t.namespace
+def _meta(w: Workload) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": w.release, "labels": _labels(w)}
+    if w.namespace:
+        meta["namespace"] = w.namespace
     return meta
 
 
-def _server_args(m: ModelManifest, t: Target) -> list[str]:
-    args = ["--host", "0.0.0.0", "--port", str(PORT), "--sha256", t.weights_sha256]
-    for flag, value in (("--threads", m.threads), ("--ctx", m.context), ("--parallel", m.parallel)):
+def _server_args(w: Workload) -> list[str]:
+    args = ["--host", "0.0.0.0", "--port", str(PORT), "--sha256", w.weights_sha256]
+    for flag, value in (("--threads", w.threads), ("--ctx", w.ctx), ("--parallel", w.parallel)):
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -95,35 +154,36 @@ def _verify_weights_command(path: str, digest: str) -> list[str]:
     return ["/usr/bin/python3", "-c", script]
 
 
-def deployment(m: ModelManifest, t: Target) -> dict[str, Any]:
-    weights_path = f"/{MODELS_DIR}/{m.name}.gguf"
+def deployment(w: Workload) -> dict[str, Any]:
     resources: dict[str, Any] = {"requests": {"cpu": "500m", "memory": "256Mi"}}
     limits: dict[str, Any] = {}
-    if m.cpus is not None:
-        limits["cpu"] = str(m.cpus)
-        resources["requests"]["cpu"] = str(m.cpus)
-    if m.memory is not None:
-        limits["memory"] = _quantity(m.memory)
-        resources["requests"]["memory"] = _quantity(m.memory)
+    if w.cpus is not None:
+        limits["cpu"] = str(w.cpus)
+        resources["requests"]["cpu"] = str(w.cpus)
+    if w.memory is not None:
+        limits["memory"] = _quantity(w.memory)
+        resources["requests"]["memory"] = _quantity(w.memory)
     if limits:
         resources["limits"] = limits
     env: list[dict[str, Any]] = [{"name": "LLMCTL_VERIFY_DIR", "value": "/tmp/llmctl-verified"}]
-    if m.api_key_env:
-        secret = {"name": f"{t.release}-api-key", "key": API_KEY_SECRET_KEY}
+    if w.api_key:
+        secret = {"name": api_key_secret_name(w.release), "key": API_KEY_SECRET_KEY}
         env.append({"name": "LLMCTL_API_KEY", "valueFrom": {"secretKeyRef": secret}})
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
-    selector = {"app.kubernetes.io/name": m.name, "app.kubernetes.io/instance": t.release}
+    pod_labels = _labels(w)
+    if w.revision is not None:
+        pod_labels[REVISION_LABEL] = str(w.revision)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(t.release, m, t),
+        "metadata": _meta(w),
         "spec": {
-            "replicas": t.replicas,
-            "selector": {"matchLabels": selector},
+            "replicas": w.replicas,
+            "selector": {"matchLabels": selector(w)},
             # a new pod serves before an old one goes: upgrades never drop below the replica count
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": _labels(m, t)},
+                "metadata": {"labels": pod_labels, "annotations": {MODEL_DIGEST_ANNOTATION: w.weights_sha256}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": {
@@ -136,8 +196,8 @@ def deployment(m: ModelManifest, t: Target) -> dict[str, Any]:
                     "initContainers": [
                         {
                             "name": "verify-weights",
-                            "image": t.image,
-                            "command": _verify_weights_command(weights_path, t.weights_sha256),
+                            "image": w.image,
+                            "command": _verify_weights_command(w.weights_path, w.weights_sha256),
                             "securityContext": _container_security(),
                             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
                         }
@@ -145,8 +205,8 @@ def deployment(m: ModelManifest, t: Target) -> dict[str, Any]:
                     "containers": [
                         {
                             "name": "model",
-                            "image": t.image,
-                            "args": _server_args(m, t),
+                            "image": w.image,
+                            "args": _server_args(w),
                             "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
                             "env": env,
                             "resources": resources,
@@ -164,38 +224,35 @@ def deployment(m: ModelManifest, t: Target) -> dict[str, Any]:
     }
 
 
-def service(m: ModelManifest, t: Target) -> dict[str, Any]:
+def service(w: Workload) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(t.release, m, t),
+        "metadata": _meta(w),
         "spec": {
             "type": "ClusterIP",
-            "selector": {"app.kubernetes.io/name": m.name, "app.kubernetes.io/instance": t.release},
+            "selector": selector(w),
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
 
 
-def disruption_budget(m: ModelManifest, t: Target) -> dict[str, Any]:
+def disruption_budget(w: Workload) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _meta(t.release, m, t),
-        "spec": {
-            "minAvailable": 1,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": m.name, "app.kubernetes.io/instance": t.release}},
-        },
+        "metadata": _meta(w),
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(w)}},
     }
 
 
-def network_policy(m: ModelManifest, t: Target) -> dict[str, Any]:
+def network_policy(w: Workload) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _meta(t.release, m, t),
+        "metadata": _meta(w),
         "spec": {
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": m.name, "app.kubernetes.io/instance": t.release}},
+            "podSelector": {"matchLabels": selector(w)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
@@ -208,21 +265,21 @@ def network_policy(m: ModelManifest, t: Target) -> dict[str, Any]:
     }
 
 
-def render_objects(m: ModelManifest, t: Target) -> list[dict[str, Any]]:
+def objects(w: Workload) -> list[dict[str, Any]]:
     """Deployment, Service, and (as asked) PodDisruptionBudget and NetworkPolicy."""
-    if m.weights_storage == "mount":
-        raise KubernetesRenderError(
-            f"{m.name}: spec.storage is mount; the kubernetes target needs the weights baked into the image "
-            "(--set weights.storage=image)"
-        )
-    if t.replicas < 1:
-        raise KubernetesRenderError(f"--replicas must be at least 1, got {t.replicas}")
-    objects = [deployment(m, t), service(m, t)]
-    if t.replicas > 1:
-        objects.append(disruption_budget(m, t))
-    if t.network_policy:
-        objects.append(network_policy(m, t))
-    return objects
+    if w.replicas < 1:
+        raise KubernetesRenderError(f"--replicas must be at least 1, got {w.replicas}")
+    out = [deployment(w), service(w)]
+    if w.replicas > 1:
+        out.append(disruption_budget(w))
+    if w.network_policy:
+        out.append(network_policy(w))
+    return out
+
+
+def render_objects(m: ModelManifest, t: Target) -> list[dict[str, Any]]:
+    """`llmctl template --target kubernetes`: the objects of a chart's manifest."""
+    return objects(workload(m, t))
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:

@@ -54,7 +54,7 @@ STATUSES = (
 )
 PENDING = frozenset({"pending-install", "pending-upgrade", "pending-rollback", "uninstalling"})
 LISTED = frozenset({"deployed", "failed"}) | PENDING  # what `llmctl list` shows without -a
-DRIVERS = ("docker", "process", "swarm")
+DRIVERS = ("docker", "process", "swarm", "kubernetes")
 # the verbs that take the lock, and how the busy message says them
 VERBS = {"install": "installed", "upgrade": "upgraded", "rollback": "rolled back", "uninstall": "uninstalled"}
 MUTABLE_FIELDS = frozenset({"endpoint", "instance_id", "image_digest"})  # what set_status may change

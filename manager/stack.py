@@ -91,7 +91,7 @@ STACK_SCHEMA: dict[str, Any] = {
                         "description": "values files relative to the stack file, in order (later wins)",
                     },
                     "driver": {
-                        "enum": ["docker", "process", "swarm"],
+                        "enum": ["docker", "process", "swarm", "kubernetes"],
                         "description": "default: a new release gets llmctl's default, an existing one keeps its driver",
                     },
                 },

@@ -102,7 +102,7 @@ def test_the_init_step_passes_the_pinned_weights_and_refuses_others(tmp_path: Pa
     try:
         for pinned, code in ((digest, 0), ("sha256:" + "0" * 64, 1)):
             t = kubernetes.Target(release="r", image=tag, weights_sha256=pinned)
-            init = kubernetes.deployment(m, t)["spec"]["template"]["spec"]["initContainers"][0]
+            init = kubernetes.deployment(kubernetes.workload(m, t))["spec"]["template"]["spec"]["initContainers"][0]
             run = subprocess.run(
                 ["docker", "run", "--rm", "--read-only", "--user", "65532:65532", "--network", "none",
                  "--entrypoint", init["command"][0], tag, *init["command"][1:]],

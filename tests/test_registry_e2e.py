@@ -231,3 +231,74 @@ def test_an_image_whose_signature_was_deleted_is_refused_by_the_policy(
     use(site, monkeypatch)
     code, _, err = llmctl(capsys, "pull", ref, *tls(registry))
     assert code == 1 and "has no signature" in err
+
+
+def test_install_upgrade_rollback_on_kubernetes_runs_the_verified_image_by_digest(
+    team: dict[str, object], registry: RegistryServer, site: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The release verbs with --driver kubernetes against a recorded API exchange (tests/k8s_replay.py):
+    llmctl pulls and verifies the image, then the cluster runs exactly that digest."""
+    import kubernetes_validate
+
+    from manager.drivers import kubernetes as kdriver
+    from tests.k8s_replay import ReplayServer, load_exchange
+
+    ref = push_demo(team, registry, monkeypatch, "llm/demo-k8s")
+    built = images.resolve("llmctl/demo:1.0.0").digest
+    use(site, monkeypatch)
+    monkeypatch.setattr(kdriver, "POLL", 0.01)
+    sets = [str(s) for s in team["sets"]]
+    with ReplayServer(tmp_path / "k8s", load_exchange("cli-install-upgrade-rollback-uninstall")) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig()))
+        code, out, err = llmctl(capsys, "install", "sc", "demo", *sets, "--set", f"image={ref}",
+                                "--driver", "kubernetes", *tls(registry))  # fmt: skip
+        assert code == 0, err
+        rev = ReleaseStore().get("sc")
+        assert (rev.driver, rev.image_digest, rev.endpoint) == (
+            "kubernetes",
+            built,
+            "http://sc.models.svc.cluster.local:8080",
+        )
+        code, _, err = llmctl(capsys, "upgrade", "sc", "demo", "--reuse-values", "--set", "server.parallel=4",
+                              *tls(registry))  # fmt: skip
+        assert code == 0, err
+        code, _, err = llmctl(capsys, "rollback", "sc", "1", *tls(registry))
+        assert code == 0, err
+        code, out, err = llmctl(capsys, "status", "sc", "-o", "json")
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["revision"] == 3 and status["instance"]["health"] == "healthy"
+        assert llmctl(capsys, "uninstall", "sc")[0] == 0
+        api.check()
+    sent = [r.body for r in api.requests if r.method in ("POST", "PATCH") and r.path.endswith(("/deployments", "/sc"))]
+    deployments = [b for b in sent if isinstance(b, dict) and b.get("kind") == "Deployment"]
+    assert len(deployments) == 3
+    for body in deployments:
+        pod = body["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == f"{registry.host}/llm/demo-k8s@{built}"
+        kubernetes_validate.validate(
+            {**body, "metadata": {"name": "sc"}}, kubernetes_validate.latest_version(), strict=True
+        )
+    assert [d["spec"]["template"]["metadata"]["labels"]["llmctl.dev/revision"] for d in deployments] == ["1", "2", "3"]
+    upgraded = deployments[1]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert upgraded[upgraded.index("--parallel") + 1] == "4"
+    assert ReleaseStore().list(all=True) == []  # uninstalled without --keep-history
+    events = [(e["event"], e["outcome"]) for e in json.loads(llmctl(capsys, "audit", "show", "-o", "json")[1])]
+    assert ("install", "ok") in events and ("rollback", "ok") in events and ("uninstall", "ok") in events
+
+
+def test_kubernetes_needs_an_image_from_a_registry_before_anything_is_built(
+    team: dict[str, object], site: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    from tests.k8s_replay import ReplayServer, load_exchange
+
+    with ReplayServer(tmp_path / "k8s", load_exchange("empty")) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig()))
+        sets = [str(s) for s in team["sets"]]
+        code, _, err = llmctl(capsys, "install", "sc", "demo", *sets, "--driver", "kubernetes")
+        assert code == 1 and "the kubernetes driver runs images the cluster pulls from a registry" in err
+        assert "--set image=REGISTRY/REPO:TAG" in err
+        api.check()  # the cluster was not asked anything
+    assert ReleaseStore().list(all=True) == []

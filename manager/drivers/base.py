@@ -1,7 +1,8 @@
 """What every instance driver does: start one release revision's model server, report on it, stop it.
 
-A driver runs `python -m runtime serve` for one release revision, either in a hardened container
-(`DockerDriver`) or as a supervised local process (`ProcessDriver`). Both speak the same small
+A driver runs `python -m runtime serve` for one release revision: in a hardened container
+(`DockerDriver`), as a supervised local process (`ProcessDriver`), as a Docker Swarm service
+(`SwarmDriver`) or as a Kubernetes Deployment (`KubernetesDriver`). All speak the same small
 interface, return the same `Instance` records and raise the errors below; `get_driver` picks one.
 
 Errors: `DriverUnavailableError` (the backend cannot be used at all), `PortInUseError` (the host
@@ -66,7 +67,10 @@ class InstanceSpec:
     parallel: int | None = None
     cpus: float | None = None  # docker: CPU quota; process: ignored
     memory: str | None = None  # docker: memory limit such as "4g"; process: ignored
-    replicas: int | None = None  # swarm: the service's tasks (None: keep its count, 1 for a new one); others: 1
+    replicas: int | None = None  # swarm, kubernetes: pods or tasks (None: keep the count, 1 when new); others: 1
+    image_digest: str = ""  # the verified manifest digest; kubernetes pods run <repository>@<digest>
+    model: str = ""  # the model's name and version (kubernetes labels)
+    model_version: str = ""
     # passed in the environment (LLMCTL_API_KEY), never on a command line; not in repr (logs)
     api_key: str | None = field(default=None, repr=False)
 
@@ -220,7 +224,8 @@ def health_from_probe(status: int | None, running_for: float) -> str:
 def get_driver(name: str | None = None) -> Driver:
     """The driver called `name`; None: "docker" when the Docker engine answers a ping within a few
     seconds, else "process". `DriverUnavailableError` if "docker" or "swarm" is asked for and the
-    engine does not answer (or, for "swarm", is not a swarm manager); `DriverError` for an unknown name."""
+    engine does not answer (or, for "swarm", is not a swarm manager), or "kubernetes" is asked for and
+    there is no kubeconfig; `DriverError` for an unknown name."""
     from manager.drivers.docker import DockerDriver, connect
     from manager.drivers.process import ProcessDriver
 
@@ -232,9 +237,13 @@ def get_driver(name: str | None = None) -> Driver:
         from manager.drivers.swarm import SwarmDriver
 
         return SwarmDriver(connect())
+    if name == "kubernetes":
+        from manager.drivers.kubernetes import KubernetesDriver
+
+        return KubernetesDriver()
     if name is None:
         try:
             return DockerDriver(connect())
         except DriverUnavailableError:
             return ProcessDriver()
-    raise DriverError(f"unknown driver {name!r}: use docker, process or swarm")
+    raise DriverError(f"unknown driver {name!r}: use docker, process, swarm or kubernetes")
