@@ -19,6 +19,8 @@ CHANGES = 2  # exit code: something would change / drift found
 
 def add_stack_parsers(commands: argparse._SubParsersAction) -> None:
     """Register `apply`, `diff` and `drift`."""
+    from manager.cli_release import connection_flags
+
     p = commands.add_parser(
         "apply",
         help="bring the releases of a stack file to what it declares",
@@ -39,6 +41,7 @@ def add_stack_parsers(commands: argparse._SubParsersAction) -> None:
         "--history-max", type=int, default=10, metavar="N", help="revisions kept per release (default 10, 0: all)"
     )
     p.add_argument("--no-progress", action="store_true", help="print no download progress")
+    connection_flags(p)  # releases may name registry images (image: ...) and oci:// charts
 
     p = commands.add_parser(
         "diff",
@@ -89,18 +92,9 @@ def run_stack(o: argparse.Namespace) -> int:
 
 def _apply(loaded: Any, o: argparse.Namespace) -> int:
     from manager import stack
-    from manager.actions import Options
-    from manager.cli_release import say
+    from manager.cli_release import options_from
 
-    opts = Options(
-        timeout=o.timeout,
-        atomic=o.atomic,
-        key=o.key,
-        policy_file=o.policy,
-        history_max=o.history_max,
-        progress=not o.no_progress,
-        say=say,
-    )
+    opts = options_from(o)
     try:
         changes = stack.apply(loaded, prune=o.prune, dry_run=False, opts=opts)
     except stack.StackApplyError as e:

@@ -44,6 +44,7 @@ DOCS_HINT = "see docs/gitops.md for the stack format"
 RELEASE_NAME = r"^[a-z0-9]([a-z0-9-]{0,51}[a-z0-9])?$"  # as releases.validate_name
 STACK_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # also a file name under data_dir()/stacks
 ACTIONS = ("install", "upgrade", "repair", "uninstall", "none")
+REPLICATED = ("swarm", "kubernetes")  # the drivers that run a release as N replicas
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 STACK_SCHEMA: dict[str, Any] = {
@@ -94,6 +95,12 @@ STACK_SCHEMA: dict[str, Any] = {
                         "enum": ["docker", "process", "swarm", "kubernetes"],
                         "description": "default: a new release gets llmctl's default, an existing one keeps its driver",
                     },
+                    "replicas": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "swarm and kubernetes (driver must say which): tasks or pods; "
+                        "default: a new release gets 1, an existing one keeps its count",
+                    },
                 },
             },
         },
@@ -132,6 +139,7 @@ class StackRelease:
     values: dict[str, Any]
     values_files: tuple[Path, ...]  # absolute
     driver: str | None
+    replicas: int | None  # swarm and kubernetes only
     line: int  # of its `- name:` entry in the file
 
 
@@ -171,6 +179,11 @@ def load_stack(path: Path) -> Stack:
                     ("releases", i, "valuesFiles", j), f"{file}: no such file (paths are relative to the stack file)"
                 )
             files.append(resolved)
+        if "replicas" in item and item.get("driver") not in REPLICATED:
+            raise doc.error(
+                ("releases", i, "replicas"),
+                "replicas needs `driver: swarm` or `driver: kubernetes` (the other drivers run one instance)",
+            )
         chart_ref = _chart_ref(item["chart"], base)
         if chart_ref is None:
             raise doc.error(
@@ -186,6 +199,7 @@ def load_stack(path: Path) -> Stack:
                 values=item.get("values", {}),
                 values_files=tuple(files),
                 driver=item.get("driver"),
+                replicas=item.get("replicas"),
                 line=doc.line(("releases", i)),
             )
         )
@@ -227,8 +241,8 @@ UNSET: Any = _Unset()
 class Difference:
     """One reason for an upgrade: `path` went from `old` to `new` (`UNSET` when absent)."""
 
-    kind: str  # chart | values | driver | image | manifest
-    path: str  # server.parallel for values; "chart", "driver", "image", "image inputs", "manifest spec.x"
+    kind: str  # chart | values | driver | image | manifest | replicas
+    path: str  # server.parallel for values; "chart", "driver", "image", "image inputs", "manifest spec.x", "replicas"
     old: Any
     new: Any
 
@@ -625,6 +639,7 @@ def _options(release: StackRelease, files: tuple[Path, ...], opts: actions.Optio
         set_strings=(),
         version=release.version,
         driver=release.driver,
+        replicas=release.replicas,
         reuse_values=False,
         dry_run=False,
     )
@@ -674,6 +689,20 @@ def _manifest_differences(deployed: Revision, rendered: actions.Rendered) -> lis
     ]
 
 
+def _replica_differences(
+    release: StackRelease, deployed: Revision, store: ReleaseStore, drivers: _Drivers
+) -> list[Difference]:
+    """The declared replica count against the one the deployed revision's service or Deployment has
+    (an unreachable driver or a missing instance shows as drift instead)."""
+    if release.replicas is None:
+        return []
+    found, _ = _instances(store, release.name, drivers)
+    current = next((i.replicas for i in found if _serves(deployed, i)), None)
+    if current is None or current == release.replicas:
+        return []
+    return [Difference("replicas", "replicas", current, release.replicas)]
+
+
 def _plan_release(
     stack: Stack, release: StackRelease, store: ReleaseStore, drivers: _Drivers, owners: dict[str, str]
 ) -> Change:
@@ -712,6 +741,7 @@ def _plan_release(
     if release.driver and release.driver != deployed.driver:
         diffs.append(Difference("driver", "driver", deployed.driver, release.driver))
     diffs += _image_differences(deployed, rendered.manifest)
+    diffs += _replica_differences(release, deployed, store, drivers)
     change.differences = diffs
     change.drift = release_drift(release.name, store=store, drivers=drivers)
     change.action = "upgrade" if diffs else "repair" if change.drift else "none"

@@ -302,3 +302,46 @@ def test_kubernetes_needs_an_image_from_a_registry_before_anything_is_built(
         assert "--set image=REGISTRY/REPO:TAG" in err
         api.check()  # the cluster was not asked anything
     assert ReleaseStore().list(all=True) == []
+
+
+def test_a_stack_scales_a_kubernetes_release_and_diff_shows_the_replica_count(
+    team: dict[str, object], registry: RegistryServer, site: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:  # fmt: skip
+    import yaml
+
+    from manager.drivers import kubernetes as kdriver
+    from tests.k8s_replay import ReplayServer, load_exchange
+
+    ref = push_demo(team, registry, monkeypatch, "llm/demo-stack")
+    use(site, monkeypatch)
+    monkeypatch.setattr(kdriver, "POLL", 0.01)
+    weights = {"path": str(team["weights"]), "sha256": str(team["digest"])}
+    release = {"name": "sc", "chart": "demo", "values": {"weights": weights, "image": ref}, "driver": "kubernetes"}
+    stack_file = tmp_path / "stack.yaml"
+
+    def write(replicas: int) -> None:
+        doc = {"apiVersion": "llmctl.dev/v1", "kind": "Stack", "metadata": {"name": "cluster"}}
+        stack_file.write_text(yaml.safe_dump({**doc, "releases": [{**release, "replicas": replicas}]}))
+
+    exchange = load_exchange("stack-scale", weights=str(team["digest"]).removeprefix("sha256:"))
+    with ReplayServer(tmp_path / "k8s", exchange) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig()))
+        write(2)
+        code, out, err = llmctl(capsys, "apply", "-f", str(stack_file), *tls(registry))
+        assert code == 0, err
+        assert "+ install sc" in out
+        code, out, err = llmctl(capsys, "diff", "-f", str(stack_file))
+        assert code == 0, out + err
+        write(3)
+        code, out, err = llmctl(capsys, "diff", "-f", str(stack_file))
+        assert code == 2 and "~ upgrade sc: replicas 2 -> 3" in out, out + err
+        code, out, err = llmctl(capsys, "apply", "-f", str(stack_file), *tls(registry))
+        assert code == 0, err
+        assert ReleaseStore().deployed("sc").revision == 2  # type: ignore[union-attr]
+        assert llmctl(capsys, "uninstall", "sc")[0] == 0
+        api.check()
+    deployment_bodies = [
+        r.body for r in api.requests if r.path.endswith(("/deployments", "/deployments/sc")) and r.body
+    ]
+    assert [b["spec"]["replicas"] for b in deployment_bodies] == [2, 3]

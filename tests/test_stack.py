@@ -189,6 +189,12 @@ def test_stack_file_errors_name_the_file_line_and_field(
             "no such file",
         ),
         "  - name: a\n    chart: ./charts/nope\n": ("stack.yaml:6:", "releases[0].chart", "no such chart"),
+        "  - name: a\n    chart: demo\n    replicas: 3\n": ("stack.yaml:7:", "releases[0].replicas", "driver: swarm"),
+        "  - name: a\n    chart: demo\n    driver: kubernetes\n    replicas: 0\n": (
+            "stack.yaml:8:",
+            "releases[0].replicas",
+            "minimum",
+        ),
     }
     for body, (where, field, detail) in cases.items():
         path.write_text(head + body)

@@ -96,6 +96,7 @@ class Instance:
     health: str  # healthy | starting | unhealthy | unknown
     started: str  # ISO 8601, UTC
     model_digest: str  # sha256:<hex> of the weights it serves
+    replicas: int = 1  # swarm tasks or kubernetes pods it is meant to run (docker, process: 1)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

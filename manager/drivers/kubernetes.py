@@ -339,6 +339,7 @@ class KubernetesDriver:
             health=health,
             started=(started or datetime.fromtimestamp(0, UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             model_digest=str(annotations.get(k8s.MODEL_DIGEST_ANNOTATION, "")),
+            replicas=int((deployment.get("spec") or {}).get("replicas", 1)),
         )
 
     def _pod_problem(self, release: str, revision: int) -> str | None:

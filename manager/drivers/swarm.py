@@ -252,6 +252,7 @@ class SwarmDriver:
             health=health,
             started=_iso(started),
             model_digest=labels.get(LABEL_MODEL_DIGEST, ""),
+            replicas=rollout.desired,
         )
 
     def _health(self, service: dict[str, Any], rollout: Rollout) -> str:
