@@ -162,9 +162,13 @@ def test_wrong_credentials_and_images_the_cluster_cannot_pull_are_refused(
 
 def test_no_kubeconfig_or_no_cluster_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    with pytest.raises(DriverUnavailableError, match="no usable Kubernetes configuration"):
+    with pytest.raises(DriverUnavailableError, match=r"KUBECONFIG=.*/missing: no such file; set KUBECONFIG"):
         get_driver("kubernetes")
     config = tmp_path / "kubeconfig"
+    config.write_text("clusters: [\n")  # not YAML
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with pytest.raises(DriverUnavailableError, match="no usable Kubernetes configuration"):
+        get_driver("kubernetes")
     config.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
         f"clusters: [{{name: k, cluster: {{server: 'https://127.0.0.1:{free_port()}'}}}}]\n"

@@ -82,11 +82,20 @@ JSON_PATCH = "application/json-patch+json"
 def connect(context: str | None = None) -> tuple[Any, str | None]:
     """(ApiClient, the context's namespace) from the kubeconfig, or from the pod's service account when
     llmctl runs in a cluster. `DriverUnavailableError` when there is neither."""
+    import yaml
     from kubernetes import client, config
 
     context = context or os.environ.get(CONTEXT_ENV) or None
     kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     configuration = client.Configuration()
+    hint = f"set KUBECONFIG to a kubeconfig file (and {CONTEXT_ENV} to pick a context), or use --driver docker"
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if not os.environ.get("KUBECONFIG") and not os.path.exists(kubeconfig) and not in_cluster:
+        raise DriverUnavailableError(
+            f"no Kubernetes configuration: no {kubeconfig} and not running in a cluster; {hint}"
+        )
+    if os.environ.get("KUBECONFIG") and not any(os.path.exists(f) for f in kubeconfig.split(os.pathsep) if f):
+        raise DriverUnavailableError(f"KUBECONFIG={kubeconfig}: no such file; {hint}")
     try:
         if os.environ.get("KUBECONFIG") or os.path.exists(kubeconfig):
             config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
@@ -97,10 +106,9 @@ def connect(context: str | None = None) -> tuple[Any, str | None]:
             config.load_incluster_config(client_configuration=configuration)
             with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
                 namespace = f.read().strip() or None
-    except (config.ConfigException, OSError, ValueError, TypeError) as e:
+    except (config.ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as e:
         raise DriverUnavailableError(
-            f"no usable Kubernetes configuration ({' '.join(str(e).split())}); set KUBECONFIG to a kubeconfig "
-            f"file (and {CONTEXT_ENV} to pick a context), or use --driver docker"
+            f"no usable Kubernetes configuration ({' '.join(str(e).split())}); {hint}"
         ) from None
     return client.ApiClient(configuration), namespace
 
