@@ -176,12 +176,41 @@ def _read_value(cur: _Cursor, vtype: ValueType, key: str) -> Any:
     if elem == ValueType.STRING:
         # Each string takes at least its 8-byte length: refuse absurd counts before looping.
         cur.need(count * 8, f"{count} strings of {key!r}")
-        return [cur.string(f"element {i} of {key!r}") for i in range(count)]
+        return _read_strings(cur, count, key)
     dtype = np.dtype(_NUMPY_DTYPES[elem])
     cur.need(count * dtype.itemsize, f"{count} elements of {key!r}")
     arr = np.frombuffer(cur.buf, dtype=dtype, count=count, offset=cur.pos).copy()
     cur.pos += count * dtype.itemsize
     return arr.astype(bool) if elem == ValueType.BOOL else arr
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _read_strings(cur: _Cursor, count: int, key: str) -> list[str]:
+    """`count` strings, as `cur.string` reads them but without its per-call overhead: a tokenizer's
+    vocabulary and merges are ~100k strings, read at every model load. On anything unusual (a
+    length past the end, invalid UTF-8) the checked path reads that element and raises its error."""
+    buf, size, pos = cur.buf, cur.size, cur.pos
+    unpack = _U64.unpack_from
+    out: list[str] = []
+    append = out.append
+    for i in range(count):
+        end = pos + 8
+        if end <= size:
+            (n,) = unpack(buf, pos)
+            if end + n <= size:
+                try:
+                    append(str(buf[end : end + n], "utf-8"))
+                    pos = end + n
+                    continue
+                except UnicodeDecodeError:
+                    pass
+        cur.pos = pos
+        cur.string(f"element {i} of {key!r}")  # raises the precise error
+        raise AssertionError("unreachable: the checked read accepted what the fast read refused")
+    cur.pos = pos
+    return out
 
 
 def _tensor_nbytes(ggml_type: GGMLType, shape_ne: list[int], name: str, cur: _Cursor) -> int:

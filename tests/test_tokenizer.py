@@ -115,6 +115,17 @@ def test_source_files_match_llama_cpp(tok: CodeTokenizer, llama: Any) -> None:
     assert n_tokens > 100_000  # the files were really tokenized, not mostly empty
 
 
+def test_every_token_stands_for_the_bytes_llama_cpp_gives_it(tok: CodeTokenizer, llama: Any) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(1024)  # llama-cpp-python's own helper cuts pieces at 32 bytes
+    for i in range(tok.n_vocab):
+        n = llama_cpp.llama_token_to_piece(llama._model.vocab, i, buf, len(buf), 0, True)
+        assert 0 <= n <= len(buf) and tok.token_bytes(i) == buf.raw[:n], i
+
+
 def test_add_bos(tok: CodeTokenizer) -> None:
     assert tok.add_bos is False and tok.bos_id == 0
     assert tok.encode("x", add_bos=True) == [0, *tok.encode("x")]
