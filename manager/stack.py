@@ -274,7 +274,7 @@ class Drift:
     release: str
     revision: int | None  # the deployed revision (an orphan: its own revision)
     driver: str
-    kind: str  # missing | exited | restarting | unhealthy | model | instance | orphan | unreachable
+    kind: str  # missing | exited | restarting | unhealthy | model | image | instance | orphan | unreachable
     detail: str  # a phrase: "instance exited", "orphan instance of revision 2 (running)", ...
     instance: str | None = None  # the instance id, when there is one
 
@@ -486,9 +486,10 @@ class _Drivers:
         return found
 
 
-def image_labels(digest: str) -> dict[str, str] | None:
-    """The config labels of the image with manifest `digest` in the local store, read from its blobs
-    (the tag may name another image by now); None when the store no longer has it."""
+def _image_config(digest: str) -> tuple[str, dict[str, str]] | None:
+    """(config digest = Docker's image ID, config labels) of the image with manifest `digest` in the
+    local store, read from its blobs (the tag may name another image by now); None when the store no
+    longer has it."""
     if not _DIGEST.fullmatch(digest or ""):
         return None
     from manager import images
@@ -503,7 +504,25 @@ def image_labels(digest: str) -> dict[str, str] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     labels = (config.get("config") or {}).get("Labels") if isinstance(config, dict) else None
-    return dict(labels) if isinstance(labels, dict) else {}
+    return config_digest, dict(labels) if isinstance(labels, dict) else {}
+
+
+def image_labels(digest: str) -> dict[str, str] | None:
+    """The config labels of the image with manifest `digest` in the local store (None: not there)."""
+    found = _image_config(digest)
+    return None if found is None else found[1]
+
+
+def _runs_verified_image(rev: Revision, inst: Instance) -> bool | None:
+    """Whether `inst` runs the image the revision verified: a container or swarm task its config
+    digest (the image ID), a Kubernetes pod its manifest digest (`repository@digest`). None when it
+    cannot be told (a process, or the image left the local store)."""
+    if not inst.image or not rev.image_digest:
+        return None
+    if inst.driver == "kubernetes":
+        return inst.image.endswith("@" + rev.image_digest)
+    found = _image_config(rev.image_digest)
+    return None if found is None else inst.image == found[0]
 
 
 def _expected_weights(rev: Revision) -> str | None:
@@ -584,6 +603,8 @@ def _instance_drift(rev: Revision, inst: Instance) -> list[Drift]:
     expected = _expected_weights(rev)
     if expected and inst.model_digest != expected:
         add("model", f"model digest {_show(inst.model_digest or UNSET)} (the release's image serves {_show(expected)})")
+    if _runs_verified_image(rev, inst) is False:
+        add("image", f"image {_show(inst.image)} (the release verified {_show(rev.image_digest)})")
     if rev.instance_id and inst.id != rev.instance_id:
         add("instance", f"instance {inst.id[:12]} is not the one llmctl started ({rev.instance_id[:12]})")
     return out

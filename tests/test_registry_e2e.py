@@ -314,6 +314,7 @@ def test_a_stack_scales_a_kubernetes_release_and_diff_shows_the_replica_count(
     from tests.k8s_replay import ReplayServer, load_exchange
 
     ref = push_demo(team, registry, monkeypatch, "llm/demo-stack")
+    pinned = f"{registry.host}/llm/demo-stack@{images.resolve('llmctl/demo:1.0.0').digest}"
     use(site, monkeypatch)
     monkeypatch.setattr(kdriver, "POLL", 0.01)
     weights = {"path": str(team["weights"]), "sha256": str(team["digest"])}
@@ -324,7 +325,7 @@ def test_a_stack_scales_a_kubernetes_release_and_diff_shows_the_replica_count(
         doc = {"apiVersion": "llmctl.dev/v1", "kind": "Stack", "metadata": {"name": "cluster"}}
         stack_file.write_text(yaml.safe_dump({**doc, "releases": [{**release, "replicas": replicas}]}))
 
-    exchange = load_exchange("stack-scale", weights=str(team["digest"]).removeprefix("sha256:"))
+    exchange = load_exchange("stack-scale", weights=str(team["digest"]).removeprefix("sha256:"), pinned=pinned)
     with ReplayServer(tmp_path / "k8s", exchange) as api:
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig()))
         write(2)
@@ -333,6 +334,10 @@ def test_a_stack_scales_a_kubernetes_release_and_diff_shows_the_replica_count(
         assert "+ install sc" in out
         code, out, err = llmctl(capsys, "diff", "-f", str(stack_file))
         assert code == 0, out + err
+        code, out, err = llmctl(capsys, "drift", "sc")
+        assert code == 0, out + err
+        code, out, err = llmctl(capsys, "drift", "sc", "-o", "json")
+        assert code == 2 and [d["kind"] for d in json.loads(out)] == ["image"], out + err
         write(3)
         code, out, err = llmctl(capsys, "diff", "-f", str(stack_file))
         assert code == 2 and "~ upgrade sc: replicas 2 -> 3" in out, out + err

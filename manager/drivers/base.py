@@ -97,6 +97,7 @@ class Instance:
     started: str  # ISO 8601, UTC
     model_digest: str  # sha256:<hex> of the weights it serves
     replicas: int = 1  # swarm tasks or kubernetes pods it is meant to run (docker, process: 1)
+    image: str = ""  # what it runs: docker, swarm the image ID; kubernetes repository@digest; process ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

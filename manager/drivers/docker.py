@@ -247,6 +247,7 @@ class DockerDriver:
             health=self._health(attrs) if with_health else "unknown",
             started=_iso(started),
             model_digest=labels.get(LABEL_MODEL_DIGEST, ""),
+            image=str(attrs.get("Image") or ""),
         )
 
     # --- the interface ---------------------------------------------------------------------------

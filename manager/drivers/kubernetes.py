@@ -321,6 +321,7 @@ class KubernetesDriver:
         meta, status = deployment["metadata"], deployment.get("status") or {}
         template = (deployment.get("spec") or {}).get("template") or {}
         annotations = (template.get("metadata") or {}).get("annotations") or {}
+        containers = (template.get("spec") or {}).get("containers") or []
         runs = _template_revision(deployment)
         done, _, failed = rollout_status(deployment)
         if revision is not None and revision != runs:
@@ -348,6 +349,7 @@ class KubernetesDriver:
             started=(started or datetime.fromtimestamp(0, UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             model_digest=str(annotations.get(k8s.MODEL_DIGEST_ANNOTATION, "")),
             replicas=int((deployment.get("spec") or {}).get("replicas", 1)),
+            image=next((str(c.get("image", "")) for c in containers if c.get("name") == "model"), ""),
         )
 
     def _pod_problem(self, release: str, revision: int) -> str | None:

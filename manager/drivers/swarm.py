@@ -253,6 +253,7 @@ class SwarmDriver:
             started=_iso(started),
             model_digest=labels.get(LABEL_MODEL_DIGEST, ""),
             replicas=rollout.desired,
+            image=str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or ""),
         )
 
     def _health(self, service: dict[str, Any], rollout: Rollout) -> str:
