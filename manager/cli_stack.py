@@ -54,6 +54,7 @@ def add_stack_parsers(commands: argparse._SubParsersAction) -> None:
         epilog="example: llmctl diff -f stack.yaml -o json",
     )
     _stack_flags(p)
+    connection_flags(p)  # oci:// charts are pulled to render them
 
     p = commands.add_parser(
         "drift",
@@ -79,10 +80,11 @@ def run_stack(o: argparse.Namespace) -> int:
     if o.command == "drift":
         return _drift(o)
     from manager import stack
+    from manager.cli_release import options_from
 
     loaded = stack.load_stack(o.filename)
     if o.command == "diff" or o.dry_run:
-        changes = stack.plan(loaded, prune=o.prune)
+        changes = stack.plan(loaded, prune=o.prune, connection=options_from(o).connection)
         _print_plan(loaded, changes, o.output, prune=o.prune, dry_run=o.command == "apply")
         if o.command == "apply":
             return 0

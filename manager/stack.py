@@ -725,13 +725,18 @@ def _replica_differences(
 
 
 def _plan_release(
-    stack: Stack, release: StackRelease, store: ReleaseStore, drivers: _Drivers, owners: dict[str, str]
+    stack: Stack,
+    release: StackRelease,
+    store: ReleaseStore,
+    drivers: _Drivers,
+    owners: dict[str, str],
+    base: actions.Options,
 ) -> Change:
     deployed = store.deployed(release.name)
     revision = store.next_revision(release.name)
     try:
         with _values_layers(release) as files:
-            opts = _options(release, files, actions.Options(progress=False))
+            opts = _options(release, files, base)
             rendered = actions.render(
                 release.chart_ref, opts, name=release.name, revision=revision, upgrade=deployed is not None
             )
@@ -776,14 +781,16 @@ def _latest(store: ReleaseStore, name: str) -> Revision | None:
         return None
 
 
-def plan(stack: Stack, *, prune: bool) -> list[Change]:
+def plan(stack: Stack, *, prune: bool, connection: Any = None) -> list[Change]:
     """What `apply` would do, release by release in file order, then (with `prune`) the uninstalls
     in name order. Changes nothing. `StackError` names the release and file:line when a chart
-    cannot be resolved or rendered with its values."""
+    cannot be resolved or rendered with its values. `connection`: how to reach registries, for
+    `oci://` charts (manager.transfer.Connection; None: the defaults)."""
     store = ReleaseStore()
     drivers = _Drivers()
     owners = _owners(store)
-    changes = [_plan_release(stack, r, store, drivers, owners) for r in stack.releases]
+    base = actions.Options(progress=False, connection=connection)
+    changes = [_plan_release(stack, r, store, drivers, owners, base) for r in stack.releases]
     if prune:
         for name in unlisted(stack):
             latest = _latest(store, name)
@@ -802,10 +809,10 @@ def apply(stack: Stack, *, prune: bool, dry_run: bool, opts: actions.Options) ->
     first failure raises `StackApplyError` naming the release: the ones before it stay applied, the
     ones after it are not attempted. `dry_run`: the plan only."""
     if dry_run:
-        return plan(stack, prune=prune)
+        return plan(stack, prune=prune, connection=opts.connection)
     with _stack_lock(stack.name):
         store = ReleaseStore()
-        changes = plan(stack, prune=prune)
+        changes = plan(stack, prune=prune, connection=opts.connection)
         done: list[Change] = []
         for i, change in enumerate(changes):
             if change.changed:

@@ -213,6 +213,15 @@ def test_model_and_chart_artifacts_travel_signed(
     )  # fmt: skip
     assert code == 0, err
     assert "kind: Model" in out
+    # a stack may name the oci:// chart too: diff pulls it with the registry flags to render it
+    stack_file = site / "stack.yaml"
+    stack_file.write_text(
+        "apiVersion: llmctl.dev/v1\nkind: Stack\nmetadata: {name: s}\nreleases:\n"
+        f"  - name: sc\n    chart: oci://{registry.host}/charts/demo\n    version: 1.0.0\n"
+        f"    values: {{weights: {{path: '{path}', sha256: '{team['digest']}'}}}}\n"
+    )
+    code, out, err = llmctl(capsys, "diff", "-f", str(stack_file), *tls(registry))
+    assert code == 2 and "+ install sc (demo 1.0.0)" in out, err
 
 
 def test_an_image_whose_signature_was_deleted_is_refused_by_the_policy(
