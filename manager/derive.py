@@ -24,9 +24,8 @@ def _record(source_sha256: str, target: str) -> str:
 def requantized(source: Path, source_sha256: str, target: str, *, pin: str, progress: bool = True) -> tuple[Path, str]:
     """The blob of `source` requantized to `target` (made now, or found from an earlier run and
     re-verified); returns (path, sha256:<hex>) and pins it under `pin`."""
-    from runtime.requantize import requantize
-
     from runtime.errors import ModelError
+    from runtime.requantize import requantize
 
     store = open_store()
     record = _record(source_sha256, target)
