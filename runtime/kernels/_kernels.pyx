@@ -73,7 +73,8 @@ def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x):
 
 def read_sum(const uint8_t[::1] buf, int n_threads=1):
     """Sum of buf's 64-bit words, read with n_threads threads: time it for the memory read
-    bandwidth (benchmarks/runtime_speed.py). len(buf) must be a multiple of 64."""
+    bandwidth (benchmarks/runtime_speed.py). len(buf) must be a multiple of 64; all of it is
+    read when it is a multiple of 256 * n_threads."""
     if buf.shape[0] % 64:
         raise ValueError("read_sum: length must be a multiple of 64")
     if buf.shape[0] == 0:
