@@ -44,7 +44,7 @@ lint: bootstrap
 	$(VENV)/bin/mypy runtime manager registry benchmarks
 
 bench: bootstrap
-	$(PYTHON) -m benchmarks.runtime_speed --out docs/benchmarks.md
+	$(PYTHON) -m benchmarks.runtime_speed --threads 1,2 --out docs/benchmarks.md
 
 clean:
 	rm -rf build/ *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

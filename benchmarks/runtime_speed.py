@@ -1,12 +1,14 @@
 """Runtime speed, side by side with llama.cpp: load time, prompt processing, decode, peak memory.
 
-    python -m benchmarks.runtime_speed [--preset 3b] [--types q8_0,q4_0] [--threads 2]
+    python -m benchmarks.runtime_speed [--preset 3b] [--types q8_0,q4_0] [--threads 1,2]
         [--prompt 256] [--gen 64] [--rounds 2] [--out docs/benchmarks.md]
 
 Random-weight StarCoder2 models (runtime.testing.make_model) are generated once into
 ${XDG_CACHE_HOME:-~/.cache}/llmctl/bench/. Every measurement runs in a fresh subprocess, so peak
 RSS is per engine, and engines alternate within each round because the machine is shared and
-noisy; the table gives the median of the rounds. Nothing here is asserted by the tests.
+noisy; the table gives the median of the rounds. Decode reads every weight once per token, so
+the report also gives the weight bytes read per second and their share of the machine's memory
+read bandwidth, measured here with the same threads. Nothing here is asserted by the tests.
 """
 
 from __future__ import annotations
@@ -104,6 +106,35 @@ def prompt_ids(path: Path, n: int) -> list[int]:
     finally:
         f.close()
     raise SystemExit(f"runtime_speed: the standard library's source gives fewer than {n} tokens")
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of the matrices one decoded token reads: every 2-D weight but the embedding table,
+    which is read whole only when it doubles as the LM head (tied embeddings)."""
+    from runtime.gguf import read_gguf
+
+    f = read_gguf(path)
+    try:
+        skip = {"position_embd.weight"} | ({"token_embd.weight"} if "output.weight" in f.tensors else set())
+        return sum(t.n_bytes for t in f.tensors.values() if len(t.shape) == 2 and t.name not in skip)
+    finally:
+        f.close()
+
+
+def read_bandwidth(threads: int, rounds: int = 5) -> float:
+    """Memory read bandwidth in GB/s with `threads` threads: the best of `rounds` passes over
+    1 GiB (far more than the caches), read by the runtime's own kernels."""
+    import numpy as np
+
+    from runtime.kernels import _kernels
+
+    buf = np.ones(1 << 30, dtype=np.uint8)
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        _kernels.read_sum(buf, threads)
+        best = max(best, buf.size / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def log(msg: str) -> None:
@@ -233,7 +264,9 @@ def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> 
 class Result:
     variant: Variant
     path: Path
+    threads: int
     runs: dict[str, list[dict[str, Any]]]
+    bytes_per_token: int
 
     def median(self, engine: str, metric: str) -> float | None:
         vals = [r[metric] for r in self.runs.get(engine, [])]
@@ -291,41 +324,71 @@ def _mib(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def table(results: list[Result], have_llama: bool) -> str:
-    head = "| model | engine | load s | prompt tok/s | decode tok/s | peak RSS MiB | file MiB | RSS budget MiB |"
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|"]
+def _read_rate(res: Result, engine: str, bandwidth: float) -> str:
+    """Weight bytes read per second while decoding, and their share of the bandwidth."""
+    tps = res.median(engine, "decode_tps")
+    if tps is None:
+        return "— | —"
+    gbs = tps * res.bytes_per_token / 1e9
+    return f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}%"
+
+
+def table(results: list[Result], have_llama: bool, bandwidth: float) -> str:
+    head = (
+        "| model | engine | load s | prompt tok/s | decode tok/s | peak RSS MiB | decode GB/s | of bandwidth "
+        "| file MiB | RSS budget MiB |"
+    )
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for res in results:
         label = res.variant.label
         kv = res.median("llmctl", "kv_mib") or 0.0
         budget = _mib(res.file_mib + kv + RSS_SLACK_MIB)
         ours = [_fmt(m, res.median("llmctl", m)) for m in METRICS]
-        rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {_mib(res.file_mib)} | {budget} |")
+        rate = _read_rate(res, "llmctl", bandwidth)
+        rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {rate} | {_mib(res.file_mib)} | {budget} |")
         if not have_llama:
-            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | |")
+            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | |")
             continue
         theirs = [_fmt(m, res.median("llama.cpp", m)) for m in METRICS]
-        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {_mib(res.file_mib)} | |")
+        rate = _read_rate(res, "llama.cpp", bandwidth)
+        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {rate} | {_mib(res.file_mib)} | |")
         ratios = []
         for m in METRICS:
             a, b = res.median("llmctl", m), res.median("llama.cpp", m)
             ratios.append(f"{a / b:.2f}×" if a is not None and b else "—")
-        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | |")
+        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | | | |")
     return "\n".join(rows)
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
 def section(
-    args: argparse.Namespace, command: str, results: list[Result], have_llama: bool, llama_ver: str | None
+    args: argparse.Namespace,
+    command: str,
+    results: list[Result],
+    bandwidth: dict[int, float],
+    have_llama: bool,
+    llama_ver: str | None,
 ) -> str:
     shape = "StarCoder2-3B shape" if args.preset == "3b" else f"StarCoder2 architecture, preset `{args.preset}`"
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    files = ", ".join(f"{r.variant.label} `{r.path.name}` {r.path.stat().st_size / 1e6:.1f} MB" for r in results)
+    first = [r for r in results if r.threads == args.threads[0]]
+    files = ", ".join(
+        f"{r.variant.label} `{r.path.name}` {r.path.stat().st_size / 1e6:.1f} MB "
+        f"({r.bytes_per_token / 1e6:.0f} MB of weights read per token)"
+        for r in first
+    )
     engines = "llmctl and llama.cpp alternated" if have_llama else "llmctl only (llama-cpp-python is not installed)"
+    bw = ", ".join(f"{bandwidth[n]:.1f} GB/s with {_threads(n)}" for n in args.threads)
     lines = [
-        f"### {shape}, {args.threads} thread{'s' if args.threads != 1 else ''}",
+        f"### {shape}, {' and '.join(_threads(n) for n in args.threads)}",
         "",
         f"- Command: `{command}`",
         f"- Date: {now}",
         f"- Machine: {machine_line(llama_ver)}",
+        f"- Memory read bandwidth (best of 5 passes over 1 GiB, measured before the rounds): {bw}",
         f"- Files (random weights): {files}",
         f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time; "
         f"median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
@@ -340,11 +403,16 @@ def section(
         lines.append(
             f"- Preset `{args.preset}` is a harness check, far smaller than a real model: its numbers say little."
         )
-    lines += ["", table(results, have_llama), ""]
-    agree = [a for a in (_agree(r) for r in results) if a]
+    for n in args.threads:
+        rows = [r for r in results if r.threads == n]
+        lines += ["", f"#### {_threads(n)}", "", table(rows, have_llama, bandwidth[n])]
+    lines.append("")
+    agree = [a for a in (_agree(r) for r in first) if a]
     lines.append(
         "Load is the constructor (`Model.load` / `llama_cpp.Llama`); prompt and decode are tokens per second "
-        "of wall time; peak RSS is `ru_maxrss` of the engine's own process (mapped weights count once "
+        "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, and *of bandwidth* "
+        "its share of the measured read bandwidth (the decode roofline); peak RSS is `ru_maxrss` of the "
+        "engine's own process (mapped weights count once "
         f"touched). RSS budget = file + KV cache + {RSS_SLACK_MIB} MiB, for llmctl."
         + (f" Leading greedy tokens on which the engines agree: {', '.join(agree)}." if agree else "")
     )
@@ -374,7 +442,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.runtime_speed", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=tuple(PRESETS), default="3b", help="model shape (default: 3b)")
     p.add_argument("--types", default="q8_0,q4_0", help="comma-separated: q8_0, q4_0 (with a Q6_K head)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="comma-separated thread counts, each measured (default: 2)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--gen", type=int, default=64, help="decoded tokens")
     p.add_argument("--rounds", type=int, default=2)
@@ -388,10 +456,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     a = p.parse_args(argv)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
+    try:
+        a.threads = [int(t) for t in a.threads.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads: not a list of numbers: {a.threads}")
+    if not a.threads or min(a.threads) < 1:
+        p.error("--threads must name at least one count, each at least 1")
     bad = [t for t in a.types if t not in VARIANTS]
     if bad or not a.types:
         p.error(f"--types: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(VARIANTS)}")
-    for name in ("threads", "prompt", "gen", "rounds"):
+    for name in ("prompt", "gen", "rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
     return a
@@ -421,22 +495,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in args.types:
         v = VARIANTS[key]
         path = ensure_model(args.preset, v, args.regen)
+        per_token = weight_bytes_per_token(path)
+        results += [Result(v, path, n, {e: [] for e in engines}, per_token) for n in args.threads]
+    bandwidth = {n: read_bandwidth(n) for n in args.threads}
+    log("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({_threads(n)})" for n in args.threads))
+    for path in dict.fromkeys(r.path for r in results):
         warm_page_cache(path)
-        results.append(Result(v, path, {e: [] for e in engines}))
     ids = {r.variant.key: prompt_ids(r.path, args.prompt) for r in results}
 
     for rnd in range(args.rounds):
         for res in results:
             for engine in engines:  # alternate: llmctl, llama.cpp, llmctl, llama.cpp, ...
-                r = measure(engine, res.path, ids[res.variant.key], args.gen, args.threads)
+                r = measure(engine, res.path, ids[res.variant.key], args.gen, res.threads)
                 res.runs[engine].append(r)
                 log(
-                    f"round {rnd + 1}/{args.rounds} {res.variant.label:<16} {engine:<9}  load {r['load_s']:.2f} s  "
+                    f"round {rnd + 1}/{args.rounds} {res.variant.label:<16} {_threads(res.threads):<9} "
+                    f"{engine:<9}  load {r['load_s']:.2f} s  "
                     f"prompt {r['prompt_tps']:.1f} tok/s  decode {r['decode_tps']:.1f} tok/s  "
                     f"peak RSS {r['rss_mib']:.0f} MiB"
                 )
 
-    text = section(args, command, results, have_llama, llama_ver)
+    text = section(args, command, results, bandwidth, have_llama, llama_ver)
     print(text)
     if args.out is not None:
         write_section(args.out, text)

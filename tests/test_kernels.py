@@ -1,5 +1,5 @@
-"""The C kernels against the NumPy reference formats (runtime/quants.py) and gguf-py, on both
-kernel sets: the AVX2 one this machine runs and the portable fallback other CPUs get."""
+"""The C kernels against the NumPy reference formats (runtime/quants.py) and gguf-py, on every
+kernel set this CPU has: AVX2 with AVX-VNNI, AVX2, and the portable fallback other CPUs get."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from runtime.gguf import read_gguf
 from runtime.kernels import _kernels
 from runtime.testing.make_model import make_model
 
-SETS = ["generic", "avx2"]
+SETS = ["generic", "avx2", "avxvnni"]
 
 
 @pytest.fixture(params=SETS)
@@ -98,28 +98,81 @@ def test_matmul_matches_reference(kernel_set: str, weights: dict[str, tuple[np.n
         assert err < 2e-6, f"{key} ({kernel_set}, {rows} rows): relative error {err:.2e}"
 
 
-def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
-    """The portable fallback computes the same products as the AVX2 kernels (up to summation order)."""
-    try:
-        _kernels.use("avx2")
-    except ValueError:
-        pytest.skip("no AVX2 on this CPU")
+def _outputs_on_sets(
+    weights: dict[str, tuple[np.ndarray, GGMLType]], sets: tuple[str, str], rows: int, threads: int
+) -> list[tuple[str, GGMLType, np.ndarray, np.ndarray]]:
+    """(tensor, type, matmul output on sets[0], on sets[1]) for every test tensor; skips the test
+    when the CPU lacks one of the sets."""
     rng = np.random.default_rng(3)
+    results = []
     try:
         for key, (raw, t) in weights.items():
-            if t not in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K):
-                continue
             k = _n_cols(raw, t)
-            x = _activations(rng, 3, k)
+            x = _activations(rng, rows, k)
             outs = []
-            for name in ("avx2", "generic"):
-                _kernels.use(name)
-                out = np.empty((3, raw.shape[0]), dtype=np.float32)
-                _kernels.matmul(int(t), raw, k, x, out, 1)
+            for name in sets:
+                try:
+                    _kernels.use(name)
+                except ValueError:
+                    pytest.skip(f"this CPU has no {name} kernels")
+                out = np.empty((rows, raw.shape[0]), dtype=np.float32)
+                _kernels.matmul(int(t), raw, k, x, out, threads)
                 outs.append(out)
-            np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max(), err_msg=key)
+            results.append((key, t, outs[0], outs[1]))
     finally:
         _kernels.use("auto")
+    return results
+
+
+def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
+    """The portable fallback computes the same products as the AVX2 kernels (up to summation order)."""
+    for key, t, avx2, generic in _outputs_on_sets(weights, ("avx2", "generic"), 3, 1):
+        if t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K):
+            np.testing.assert_allclose(avx2, generic, rtol=1e-5, atol=1e-5 * np.abs(avx2).max(), err_msg=key)
+
+
+def _random_q_rows(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
+    """Raw Q8_0/Q4_0 rows: every quant byte value (-128 too) and random fp16 scales."""
+    size = BLOCK_SIZE[t][1]
+    raw = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
+    scales = (rng.standard_normal((n, k // 32)) * 0.01).astype("<f2")
+    raw[:, :, :2] = scales.view(np.uint8).reshape(n, k // 32, 2)
+    return raw.reshape(n, -1)
+
+
+# (weight rows, row length, activation rows): odd sizes, remainders of every tile shape, and
+# enough rows for several chunks of work per thread
+GEMM_SHAPES = [(1, 32, 1), (5, 96, 3), (13, 256, 4), (37, 160, 9), (6, 64, 2), (3, 64, 17), (203, 1024, 6)]
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=["q8_0", "q4_0"])
+def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
+    """The tiled matmul computes every output exactly as the single-row dot product does (the
+    one the parity tests hold to llama.cpp), for any shape and any number of threads."""
+    rng = np.random.default_rng(11)
+    for n, k, m in GEMM_SHAPES:
+        raw = _random_q_rows(rng, t, n, k)
+        x = _activations(rng, m, k)
+        ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(m)], np.float32)
+        for threads in (1, 2, 3):
+            out = np.empty((m, n), dtype=np.float32)
+            _kernels.matmul(int(t), raw, k, x, out, threads)
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (kernel_set, n, k, m, threads)
+        row = np.empty((1, n), dtype=np.float32)
+        for i in range(m):  # one activation row at a time (decode) gives the same bits as a batch
+            _kernels.matmul(int(t), raw, k, x[i : i + 1], row, 2)
+            assert np.array_equal(row[0].view(np.uint32), ref[i].view(np.uint32)), (kernel_set, n, k, i)
+
+
+def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
+    """AVX-VNNI computes the same integers as AVX2's maddubs, so every result is identical."""
+    for key, _, avx2, vnni in _outputs_on_sets(weights, ("avx2", "avxvnni"), 6, 2):
+        assert np.array_equal(avx2.view(np.uint32), vnni.view(np.uint32)), key
+
+
+def test_read_sum() -> None:
+    buf = np.arange(1 << 16, dtype=np.uint64)
+    assert _kernels.read_sum(buf.view(np.uint8), 2) == int(buf.sum())
 
 
 def test_get_rows_matches_gguf_py(kernel_set: str, weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:

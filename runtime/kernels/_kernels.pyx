@@ -7,7 +7,7 @@ the C code read or write out of bounds.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 
 cnp.import_array()
 
@@ -27,18 +27,20 @@ cdef extern from "kernels.h" nogil:
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
+    float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k)
+    uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads)
 
 kernels_init(b"auto")
 
 
 def use(str which="auto"):
-    """Select the kernel set: "auto", "avx2" or "generic". ValueError if the CPU lacks it."""
+    """Select the kernel set: "auto", "avxvnni", "avx2" or "generic". ValueError if the CPU lacks it."""
     if kernels_init(which.encode()) != 0:
         raise ValueError(f"kernel set {which!r} is not available on this CPU")
 
 
 def active():
-    """Name of the kernel set in use ("avx2" or "generic")."""
+    """Name of the kernel set in use ("avxvnni", "avx2" or "generic")."""
     return kernels_active().decode()
 
 
@@ -55,6 +57,32 @@ def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
         rc = kernels_matmul(wtype, &w[0, 0], w.shape[1], n, k, &x[0, 0], m, &out[0, 0], n_threads)
     if rc != 0:
         raise ValueError(f"matmul: unsupported weight type {wtype} or row length {k}")
+
+
+def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x):
+    """One dot product of a raw weight row with x, by the single-row kernel (not the matmul's
+    tiles): what the matmul must reproduce bit for bit."""
+    cdef int64_t k = x.shape[0]
+    if k == 0 or w_row.shape[0] == 0:
+        raise ValueError("vec_dot: empty row")
+    cdef float r
+    with nogil:
+        r = kernels_vec_dot(wtype, &w_row[0], &x[0], k)
+    return r
+
+
+def read_sum(const uint8_t[::1] buf, int n_threads=1):
+    """Sum of buf's 64-bit words, read with n_threads threads: time it for the memory read
+    bandwidth (benchmarks/runtime_speed.py). len(buf) must be a multiple of 64; all of it is
+    read when it is a multiple of 256 * n_threads."""
+    if buf.shape[0] % 64:
+        raise ValueError("read_sum: length must be a multiple of 64")
+    if buf.shape[0] == 0:
+        return 0
+    cdef uint64_t r
+    with nogil:
+        r = kernels_read_sum(&buf[0], buf.shape[0], n_threads)
+    return r
 
 
 def get_rows(int wtype, const uint8_t[:, ::1] w, int64_t k, const int64_t[::1] rows, float[:, ::1] out):

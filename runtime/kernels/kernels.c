@@ -68,7 +68,19 @@ static inline uint16_t fp32_to_fp16(float f) {
 
 typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
-typedef void (*dot4_fn)(int64_t n, const void *x, const void *y, size_t y_stride, float *out);
+
+/* The activations of a Q8_0/Q4_0 matmul, quantized once per call: M rows of nb Q8_0 blocks,
+ * each block's scale as float, and for the VNNI set each block's 8 correction lanes
+ * (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0 weights, 8 for Q4_0). */
+typedef struct {
+    const block_q8_0 *q;
+    const float *d;
+    const int32_t *corr;
+    int64_t nb;
+} q8_act;
+/* y[m * ldy + n] = dot(weight row n, activation row m) for n < n_rows, m < M */
+typedef void (*gemm_fn)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M, float *y,
+                        int64_t ldy);
 
 typedef struct {
     const char *name;
@@ -76,7 +88,8 @@ typedef struct {
     quantize_fn quantize_q8_0;
     quantize_fn quantize_f16;
     dot_fn dot_q8_0, dot_q4_0, dot_q6_K;
-    dot4_fn dot4_q8_0, dot4_q4_0;  /* one weight row, four activation rows */
+    gemm_fn gemm_q8_0, gemm_q4_0;  /* many rows at once, each output as dot_q8_0 / dot_q4_0 */
+    int act_corr;                  /* the gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
@@ -100,6 +113,21 @@ typedef struct {
 #undef KERNELS_AVX2
 #pragma GCC pop_options
 #define HAVE_AVX2_SET 1
+
+/* The same AVX2 code with AVX-VNNI's dpbusd for the int8 dot products (same integers, so the
+ * same results, in fewer instructions). */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#define KERNELS_AVX2 1
+#define KERNELS_VNNI 1
+#define SUFFIX(name) name##_avxvnni
+#define SUFFIX_NAME "avxvnni"
+#include "kernels_impl.h"
+#undef SUFFIX
+#undef SUFFIX_NAME
+#undef KERNELS_VNNI
+#undef KERNELS_AVX2
+#pragma GCC pop_options
 #endif
 
 static const kernel_set *K = &kernel_set_generic;
@@ -110,6 +138,14 @@ static int cpu_has_avx2(void) {
 #if defined(HAVE_AVX2_SET)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static int cpu_has_avxvnni(void) {
+#if defined(HAVE_AVX2_SET)
+    return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
 #else
     return 0;
 #endif
@@ -135,7 +171,7 @@ int kernels_init(const char *which) {
     }
     if (which == NULL || strcmp(which, "auto") == 0) {
 #if defined(HAVE_AVX2_SET)
-        K = cpu_has_avx2() ? &kernel_set_avx2 : &kernel_set_generic;
+        K = cpu_has_avxvnni() ? &kernel_set_avxvnni : cpu_has_avx2() ? &kernel_set_avx2 : &kernel_set_generic;
 #else
         K = &kernel_set_generic;
 #endif
@@ -148,6 +184,10 @@ int kernels_init(const char *which) {
 #if defined(HAVE_AVX2_SET)
     if (strcmp(which, "avx2") == 0 && cpu_has_avx2()) {
         K = &kernel_set_avx2;
+        return 0;
+    }
+    if (strcmp(which, "avxvnni") == 0 && cpu_has_avxvnni()) {
+        K = &kernel_set_avxvnni;
         return 0;
     }
 #endif
@@ -199,7 +239,8 @@ typedef struct {
     size_t act_block_bytes; /* bytes of one activation block in the vec_dot format */
     quantize_fn quantize;   /* NULL: activations stay float32 */
     dot_fn dot;
-    dot4_fn dot4;           /* NULL: no four-row kernel */
+    gemm_fn gemm;           /* Q8_0/Q4_0: the tiled matmul over Q8_0 activations; NULL: dot by dot */
+    int act_offset;         /* what the VNNI gemm adds to the weight bytes to make them unsigned */
 } type_traits;
 
 /* ggml sums F16/F32 products in tinyBLAS's order when llamafile_sgemm takes the product: two or
@@ -210,11 +251,11 @@ static int tinyblas_takes(int64_t n_out, int64_t n_rows, int64_t k) { return n_r
 static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_traits *t) {
     const int batched = tinyblas_takes(n_out, n_rows, k);
     switch (wtype) {
-    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL}; return 0;
-    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL}; return 0;
-    case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->dot4_q8_0}; return 0;
-    case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0, K->dot4_q4_0}; return 0;
-    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, NULL}; return 0;
+    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL, 0}; return 0;
+    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL, 0}; return 0;
+    case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->gemm_q8_0, 128}; return 0;
+    case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0, K->gemm_q4_0, 8}; return 0;
+    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, NULL, 0}; return 0;
     default: return -1;
     }
 }
@@ -225,10 +266,68 @@ static int threads_for(int n_threads, int64_t work) {
     return n_threads;
 }
 
+/* Weight rows per unit of work: about 256 KiB of weights, which stay in L2 while every tile of
+ * activation rows passes over them (each weight byte comes from memory once per call, which is
+ * what bounds decode), but at least four units per thread so that a thread slowed down by
+ * another process does not hold up the call; a multiple of 4 so that tiles stay whole. */
+static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt) {
+    int64_t rows = (int64_t)((256u << 10) / (row_bytes ? row_bytes : 1));
+    const int64_t balanced = (N + 4 * nt - 1) / (4 * nt);
+    if (rows > balanced) rows = balanced;
+    rows = (rows + 3) & ~(int64_t)3;
+    return rows < 4 ? 4 : rows;
+}
+
+/* Q8_0 and Q4_0 weights: quantize the activations once (in parallel over rows), then the tiled
+ * gemm over chunks of weight rows. */
+static int matmul_q8(const type_traits *t, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_,
+                     const float *x, int64_t M, float *y, int n_threads) {
+    const int64_t nb = K_ / QK8_0;
+    const size_t n_blocks = (size_t)(M * nb);
+    block_q8_0 *q = (block_q8_0 *)malloc(n_blocks * sizeof(block_q8_0));
+    float *d = (float *)malloc(n_blocks * sizeof(float));
+    int32_t *corr = K->act_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
+    if (q == NULL || d == NULL || (K->act_corr && corr == NULL)) {
+        free(q);
+        free(d);
+        free(corr);
+        return -1;
+    }
+    const int nq = threads_for(n_threads, M);
+#pragma omp parallel for num_threads(nq) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        block_q8_0 *qm = q + m * nb;
+        K->quantize_q8_0(x + m * K_, qm, K_);
+        for (int64_t i = 0; i < nb; i++) {
+            d[m * nb + i] = fp16_to_fp32(qm[i].d);
+            if (corr == NULL) continue;
+            for (int l = 0; l < 8; l++) {
+                const int8_t *b = qm[i].qs + 4 * l;
+                corr[(m * nb + i) * 8 + l] = -t->act_offset * (b[0] + b[1] + b[2] + b[3]);
+            }
+        }
+    }
+    const q8_act a = {q, d, corr, nb};
+    const int nt = threads_for(n_threads, (N + 3) / 4);
+    const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt);
+    const int64_t n_chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        const int64_t n0 = c * chunk;
+        const int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
+        t->gemm(w + (size_t)n0 * w_row_bytes, w_row_bytes, n1 - n0, &a, M, y + n0, N);
+    }
+    free(q);
+    free(d);
+    free(corr);
+    return 0;
+}
+
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_, const float *x,
                    int64_t M, float *y, int n_threads) {
     type_traits t;
     if (traits_for(wtype, N, M, K_, &t) != 0 || K_ % t.block != 0) return -1;
+    if (t.gemm != NULL) return matmul_q8(&t, w, w_row_bytes, N, K_, x, M, y, n_threads);
     const size_t act_bytes = (size_t)(K_ / t.block) * t.act_block_bytes;
     const uint8_t *act = (const uint8_t *)x;
     uint8_t *buf = NULL;
@@ -241,8 +340,7 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
         act = buf;
     }
     /* Weight rows are split into chunks that stay in L1/L2 while every activation row passes
-     * over them: each weight byte is read from memory once per call, which is what bounds
-     * decode speed. */
+     * over them: each weight byte is read from memory once per call. */
     const int64_t chunk = 16;
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     const int nt = threads_for(n_threads, n_chunks);
@@ -250,18 +348,7 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
     for (int64_t c = 0; c < n_chunks; c++) {
         const int64_t n0 = c * chunk;
         const int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
-        int64_t m = 0;
-        if (t.dot4 != NULL) {
-            float r4[4];
-            for (; m + 4 <= M; m += 4) {
-                const uint8_t *a = act + (size_t)m * act_bytes;
-                for (int64_t n = n0; n < n1; n++) {
-                    t.dot4(K_, w + (size_t)n * w_row_bytes, a, act_bytes, r4);
-                    for (int r = 0; r < 4; r++) y[(m + r) * N + n] = r4[r];
-                }
-            }
-        }
-        for (; m < M; m++) {
+        for (int64_t m = 0; m < M; m++) {
             const uint8_t *a = act + (size_t)m * act_bytes;
             float *ym = y + m * N;
             for (int64_t n = n0; n < n1; n++) ym[n] = t.dot(K_, w + (size_t)n * w_row_bytes, a);
@@ -474,9 +561,44 @@ void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k) { K->quantize_
 void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k) { quantize_q8_K(x, y, k); }
 
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k) {
+    /* the single-row dot product itself, not the gemm: tests compare the two */
     type_traits t;
     if (traits_for(wtype, 1, 1, k, &t) != 0 || k % t.block != 0) return NAN;
-    float y = NAN;
-    if (kernels_matmul(wtype, w_row, 0, 1, k, x, 1, &y, 1) != 0) return NAN;
+    if (t.quantize == NULL) return t.dot(k, w_row, x);
+    uint8_t *buf = (uint8_t *)malloc((size_t)(k / t.block) * t.act_block_bytes);
+    if (buf == NULL) return NAN;
+    t.quantize(x, buf, k);
+    const float y = t.dot(k, w_row, buf);
+    free(buf);
     return y;
+}
+
+uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads) {
+    /* Each thread reads its contiguous part as 4 streams with prefetches 2 KiB ahead, 8 sums
+     * at a time: this reaches the machine's read bandwidth where a single plain stream does
+     * not (it is bound by the misses one core keeps in flight). */
+    enum { STREAMS = 4, PREFETCH = 2048 };
+    const size_t lines = n / 64;
+    uint64_t sum = 0;
+    const int nt = threads_for(n_threads, (int64_t)(lines / STREAMS));
+#pragma omp parallel num_threads(nt) reduction(+ : sum)
+    {
+#ifdef _OPENMP
+        const size_t t = (size_t)omp_get_thread_num();
+#else
+        const size_t t = 0;
+#endif
+        const size_t part = lines / (size_t)nt / STREAMS;  /* lines per stream */
+        const uint8_t *base = p + t * part * STREAMS * 64;
+        for (size_t i = 0; i < part; i++) {
+            for (int s = 0; s < STREAMS; s++) {
+                const uint8_t *q = base + ((size_t)s * part + i) * 64;
+                __builtin_prefetch(q + PREFETCH);
+                uint64_t w[8];
+                memcpy(w, q, sizeof(w));
+                sum += ((w[0] + w[1]) + (w[2] + w[3])) + ((w[4] + w[5]) + (w[6] + w[7]));
+            }
+        }
+    }
+    return sum;  /* of the first nt * STREAMS * part lines: the tail is not read */
 }

@@ -28,7 +28,8 @@ enum {
     KT_Q8_K = 15,
 };
 
-/* Picks the kernel set: "auto" (best the CPU supports), "avx2" or "generic".
+/* Picks the kernel set: "auto" (best the CPU supports), "avxvnni" (AVX2 plus AVX-VNNI), "avx2"
+ * or "generic".
  * Returns 0 on success, -1 if the CPU lacks what was asked for. */
 int kernels_init(const char *which);
 /* Name of the kernel set in use. */
@@ -66,7 +67,13 @@ void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n);
 void kernels_f16_to_f32(const uint16_t *x, float *y, int64_t n);
 void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k);
 void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k);
-/* dot(W row of type wtype, x) with x quantized to the vec_dot type first. */
+/* dot(W row of type wtype, x) with x quantized to the vec_dot type first, by the single-row
+ * kernel (the matmul's tiles must give the same bits). NAN for an unsupported type. */
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k);
+
+/* Reads the n bytes at p with n_threads threads, as fast as the memory allows, and returns their
+ * sum as 64-bit words (all n bytes when n is a multiple of 256 * n_threads; otherwise a short
+ * tail is left out): the benchmark times it to measure the memory read bandwidth. */
+uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads);
 
 #endif
