@@ -189,7 +189,7 @@ class Transformer:
                 _kernels.attention(q[a:b], cache.k[il], cache.v[il], attn[a:b], cache.n_past, float(self.kq_scale), nt)
             x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
             h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
-            x = blk.ffn_down(ops.gelu(blk.ffn_up(h, nt)), nt) + x
+            x = blk.ffn_down(ops.gelu(blk.ffn_up(h, nt), in_place=True), nt) + x
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n
         if not all_logits:

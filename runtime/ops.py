@@ -48,8 +48,10 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return out
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
+def gelu(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """gelu_tanh through ggml's fp16 table; `in_place` overwrites x (a large FFN activation need
+    not be held twice)."""
+    out = x if in_place else np.empty_like(x)
     _kernels.gelu(x.reshape(-1), out.reshape(-1))
     return out
 
