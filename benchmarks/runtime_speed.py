@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN = "<!-- runtime_speed:begin -->"
-END = "<!-- runtime_speed:end -->"
 ENGINES = ("llmctl", "llama.cpp")
 METRICS = ("load_s", "prompt_tps", "decode_tps", "rss_mib")
-RSS_SLACK_MIB = 200  # our RSS budget: file + KV cache + this
+RSS_SLACK_MIB = 100  # issue 8: peak RSS <= file + KV cache + this
 MIB = 1 << 20
 
 
@@ -144,8 +144,16 @@ def log(msg: str) -> None:
 # --- the child: one engine, one model, one JSON line ------------------------------------------
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak resident set (VmHWM). Not ru_maxrss: Linux keeps that across fork and exec,
+    so a child would report the parent's peak (1 GiB of bandwidth buffer) if it were higher."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else float("nan")
 
 
 def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
@@ -168,16 +176,17 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> d
         "load_s": t1 - t0,
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
-        "rss_mib": _peak_rss_mib(),
+        "rss_mib": peak_rss_mib(),
         "kv_mib": model.cache.n_bytes / MIB,
         "tokens": tokens,
     }
 
 
-def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+def open_llama(path: str, n_ctx: int, threads: int) -> Any:
+    """llama_cpp.Llama on `path` as every benchmark runs it: `threads` for prompt and decode, 512-token
+    batches, no flash attention; its default extra buffer types unless NO_EXTRA_BUFTS_ENV=1."""
     import llama_cpp
     import llama_cpp.llama_cpp as capi  # where Llama() takes its default model params from
-    import numpy as np
 
     if os.environ.get(NO_EXTRA_BUFTS_ENV) == "1":
         # llama.cpp's extra buffer types (Q4_0/Q8_0 repacking, AMX) off: the configuration the
@@ -191,8 +200,7 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> 
 
         capi.llama_model_default_params = params  # type: ignore[assignment]
 
-    t0 = time.perf_counter()
-    llm = llama_cpp.Llama(
+    return llama_cpp.Llama(
         model_path=path,
         n_ctx=n_ctx,
         n_batch=512,
@@ -202,6 +210,14 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> 
         flash_attn=False,
         verbose=False,
     )
+
+
+def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+    import llama_cpp.llama_cpp as capi
+    import numpy as np
+
+    t0 = time.perf_counter()
+    llm = open_llama(path, n_ctx, threads)
     t1 = time.perf_counter()
     n_vocab = llm.n_vocab()
 
@@ -221,7 +237,7 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> 
         "load_s": t1 - t0,
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
-        "rss_mib": _peak_rss_mib(),
+        "rss_mib": peak_rss_mib(),
         "tokens": tokens,
     }
 
@@ -241,10 +257,9 @@ def child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> dict[str, Any]:
-    """Run one engine on one model in a fresh interpreter; its JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
-    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + gen + 16)]
+def run_child(cmd: list[str], ids: list[int], what: str) -> dict[str, Any]:
+    """Run a benchmark child (a fresh interpreter in the repository) with the token ids on its stdin;
+    the JSON object on the last line of its stdout. `SystemExit` naming `what` if it fails."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, cwd=ROOT, env=env)
@@ -252,9 +267,16 @@ def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> 
     if proc.returncode != 0 or not lines:
         errs = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         why = errs[-1] if errs else f"exit status {proc.returncode}"
-        raise SystemExit(f"runtime_speed: {engine} failed on {path.name}: {why}")
+        raise SystemExit(f"{what} failed: {why}")
     res: dict[str, Any] = json.loads(lines[-1])
     return res
+
+
+def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> dict[str, Any]:
+    """Run one engine on one model in a fresh interpreter; its JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
+    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + gen + 16)]
+    return run_child(cmd, ids, f"runtime_speed: {engine} on {path.name}")
 
 
 # --- the parent: rounds, medians, the report ---------------------------------------------------
@@ -411,26 +433,12 @@ def section(
     lines.append(
         "Load is the constructor (`Model.load` / `llama_cpp.Llama`); prompt and decode are tokens per second "
         "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, and *of bandwidth* "
-        "its share of the measured read bandwidth (the decode roofline); peak RSS is `ru_maxrss` of the "
+        "its share of the measured read bandwidth (the decode roofline); peak RSS is `VmHWM` of the "
         "engine's own process (mapped weights count once "
         f"touched). RSS budget = file + KV cache + {RSS_SLACK_MIB} MiB, for llmctl."
         + (f" Leading greedy tokens on which the engines agree: {', '.join(agree)}." if agree else "")
     )
     return "\n".join(lines)
-
-
-def write_section(out: Path, text: str) -> None:
-    """Replace what lies between the markers in `out` (appending markers if missing)."""
-    old = out.read_text(encoding="utf-8") if out.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(out)
 
 
 NO_EXTRA_BUFTS_ENV = "LLMCTL_BENCH_LLAMA_NO_EXTRA_BUFTS"
@@ -518,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = section(args, command, results, bandwidth, have_llama, llama_ver)
     print(text)
     if args.out is not None:
-        write_section(args.out, text)
+        write_section(args.out, "runtime_speed", text)
         log(f"updated {args.out}")
     return 0
 

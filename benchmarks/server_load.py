@@ -30,8 +30,9 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- server_load:begin -->", "<!-- server_load:end -->"
 
 
 @dataclass
@@ -182,18 +183,6 @@ def section(args: argparse.Namespace, command: str, path: Path, points: list[Poi
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: Path, text: str) -> None:
-    doc = out.read_text() if out.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip() + "\n\n## Server under concurrent streams\n\n" + block + "\n"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(doc)
-    tmp.replace(out)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.server_load", description=__doc__.splitlines()[0])
@@ -228,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = section(args, shlex.join(["python", "-m", "benchmarks.server_load", *argv]), path, points, llama)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, "server_load", text, "Server under concurrent streams")
         print(f"updated {args.out}")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -33,21 +32,23 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import write_section
 from benchmarks.runtime_speed import (
     MIB,
     ROOT,
+    RSS_SLACK_MIB,
     VARIANTS,
     cpu_model,
     ensure_model,
     log,
+    open_llama,
+    peak_rss_mib,
     prompt_ids,
+    run_child,
     warm_page_cache,
 )
 
-BEGIN = "<!-- startup:begin -->"
-END = "<!-- startup:end -->"
 SHORT_PROMPT = "def add(a, b):\n"
-RSS_SLACK_MIB = 100
 POLL = 0.005
 
 
@@ -60,13 +61,6 @@ def _free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _vm_hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_llmctl(path: Path, ids: list[int], threads: int, n_ctx: int) -> dict[str, float]:
@@ -94,7 +88,7 @@ def run_llmctl(path: Path, ids: list[int], threads: int, n_ctx: int) -> dict[str
             body = {"prompt": ids, "n_predict": 1, "temperature": 0, "cache_prompt": False}
             client.post(f"{base}/completion", json=body).raise_for_status()
             ttft = time.monotonic() - t0
-        rss = _vm_hwm_mib(proc.pid)
+        rss = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -103,40 +97,23 @@ def run_llmctl(path: Path, ids: list[int], threads: int, n_ctx: int) -> dict[str
 
 def llama_child(path: str, threads: int, n_ctx: int, spawned: float) -> dict[str, float]:
     """In the child: spawn-to-first-token of the short prompt, then the long prompt's first token."""
-    import llama_cpp
-
     ids = [int(i) for i in json.loads(sys.stdin.read())]
-    llm = llama_cpp.Llama(
-        model_path=path,
-        n_ctx=n_ctx,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        flash_attn=False,
-        verbose=False,
-    )
+    llm = open_llama(path, n_ctx, threads)
     short = llm.tokenize(SHORT_PROMPT.encode(), add_bos=False)
-    llm.eval(short)
-    next(iter(llm.generate(short, temp=0.0, reset=False)))  # the first token
+    next(iter(llm.generate(short, temp=0.0)))  # evaluates the prompt, then samples the first token
     first = time.time() - spawned
-    llm.reset()
+    llm.reset()  # no prefix reuse: the long prompt is evaluated whole
     t0 = time.monotonic()
-    llm.eval(ids)
-    next(iter(llm.generate(ids, temp=0.0, reset=False)))
+    next(iter(llm.generate(ids, temp=0.0)))
     ttft = time.monotonic() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()
     return {"first_s": first, "ttft_s": ttft, "rss_mib": rss}
 
 
 def run_llama(path: Path, ids: list[int], threads: int, n_ctx: int) -> dict[str, float]:
     spawned = time.time()
     cmd = [sys.executable, "-m", "benchmarks.startup", "_llama", str(path), str(threads), str(n_ctx), repr(spawned)]
-    proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, cwd=ROOT)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"startup: llama.cpp failed: {proc.stderr.strip()[-500:]}")
-    result: dict[str, float] = json.loads(lines[-1])
-    return result
+    return run_child(cmd, ids, f"startup: llama.cpp on {path.name}")
 
 
 @dataclass
@@ -197,20 +174,8 @@ def report(rows: list[Row], args: argparse.Namespace, have_llama: bool) -> str:
                 f"| {row.label} | llama.cpp | | | {_s(m('llama.cpp', 'first_s'))} | {_s(m('llama.cpp', 'ttft_s'))} "
                 f"| {m('llama.cpp', 'rss_mib') or 0:.0f} | |"
             )
-    lines += ["", "RSS budget = file + KV cache (fp16, the context above) + 100 MiB."]
+    lines += ["", f"RSS budget = file + KV cache (fp16, the context above) + {RSS_SLACK_MIB} MiB."]
     return "\n".join(lines)
-
-
-def write_section(out: Path, text: str) -> None:
-    doc = out.read_text(encoding="utf-8") if out.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip() + "\n\n## Time to first request\n\n" + block + "\n"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, args, have_llama)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, "startup", text, "Time to first request")
     return 0
 
 
