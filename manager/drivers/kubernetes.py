@@ -271,17 +271,18 @@ class KubernetesDriver:
     def _delete(self, kind: str, name: str) -> None:
         self._call(self._api(kind, "delete"), name, self.namespace, missing_ok=True, propagation_policy="Foreground")
 
-    def _apply(self, obj: dict[str, Any], *, known: tuple[dict[str, Any] | None] | None = None) -> dict[str, Any]:
-        """Create `obj`, or merge-patch the existing object to it (a patch keeps what the cluster
-        filled in, such as a Service's clusterIP). The patch carries the resourceVersion read: it is
-        refused if someone changed the object since. `known`: the object as already read (or None)."""
+    def _apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """`_write` `obj` over what the cluster has of that name (refused if that is not llmctl's)."""
+        current = self._read(obj["kind"], obj["metadata"]["name"])
+        if current is not None:
+            self._check_ours(current)
+        return self._write(obj, current)
+
+    def _write(self, obj: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
+        """Create `obj` (no `current`), or merge-patch `current` to it (a patch keeps what the cluster
+        filled in, such as a Service's clusterIP). The patch carries `current`'s resourceVersion: it
+        is refused if someone changed the object since it was read."""
         kind, name = obj["kind"], obj["metadata"]["name"]
-        if known is not None:
-            current = known[0]
-        else:
-            current = self._read(kind, name)
-            if current is not None:
-                self._check_ours(current)
         if current is None:
             created: dict[str, Any] = self._call(self._api(kind, "create"), self.namespace, obj)
             return created
@@ -382,12 +383,12 @@ class KubernetesDriver:
             )
         return f"{repository}@{spec.image_digest}"
 
-    def _workload(self, spec: InstanceSpec, replicas: int) -> k8s.Workload:
+    def _workload(self, spec: InstanceSpec, image: str, replicas: int) -> k8s.Workload:
         return k8s.Workload(
             release=spec.release,
             model=spec.model or spec.release,
             version=spec.model_version or "unknown",
-            image=self.pinned_image(spec),
+            image=image,
             weights_path=spec.weights_in_image,
             weights_sha256=spec.weights_sha256,
             threads=spec.threads,
@@ -405,7 +406,7 @@ class KubernetesDriver:
 
     def start(self, spec: InstanceSpec) -> Instance:
         check_spec(spec)
-        self.pinned_image(spec)
+        image = self.pinned_image(spec)
         if spec.replicas is not None and spec.replicas < 1:
             raise DriverError(f"replicas must be at least 1, not {spec.replicas}")
         with self._errors(f"cannot start Deployment {self.namespace}/{spec.release}"):
@@ -413,7 +414,7 @@ class KubernetesDriver:
             if current is not None and _template_revision(current) == spec.revision:
                 raise DriverError(f"Deployment {self.namespace}/{spec.release} already runs revision {spec.revision}")
             replicas = spec.replicas or (int((current.get("spec") or {}).get("replicas", 1)) if current else 1)
-            w = self._workload(spec, replicas)
+            w = self._workload(spec, image, replicas)
             objects = {o["kind"]: o for o in k8s.objects(w)}
             if spec.api_key is not None:  # the Secret first: the pods read it as they start
                 self._apply(self._secret(spec.release, spec.api_key))
@@ -422,7 +423,7 @@ class KubernetesDriver:
                 self._apply(objects["PodDisruptionBudget"])
             else:
                 self._delete("PodDisruptionBudget", spec.release)
-            applied = self._apply(objects["Deployment"], known=(current,))
+            applied = self._write(objects["Deployment"], current)  # read and checked above
             return self._instance(applied, revision=spec.revision, health="unknown")
 
     def _secret(self, release: str, api_key: str) -> dict[str, Any]:
