@@ -561,12 +561,20 @@ def _instances(store: ReleaseStore, name: str, drivers: _Drivers) -> tuple[list[
     return found, problems
 
 
-def release_drift(name: str, *, store: ReleaseStore | None = None, drivers: _Drivers | None = None) -> list[Drift]:
-    """How release `name`'s instances differ from its record (empty: none)."""
+def release_drift(
+    name: str,
+    *,
+    store: ReleaseStore | None = None,
+    drivers: _Drivers | None = None,
+    listed: tuple[list[Instance], list[Drift]] | None = None,
+) -> list[Drift]:
+    """How release `name`'s instances differ from its record (empty: none). `listed`: what
+    `_instances` returned for it already (the drivers are then not asked again)."""
     store = store or ReleaseStore()
     drivers = drivers or _Drivers()
     deployed = store.deployed(name)
-    found, out = _instances(store, name, drivers)
+    found, problems = listed if listed is not None else _instances(store, name, drivers)
+    out = list(problems)
     if deployed is not None and not out:
         mine = [i for i in found if _serves(deployed, i)]
         if not mine:
@@ -710,14 +718,11 @@ def _manifest_differences(deployed: Revision, rendered: actions.Rendered) -> lis
     ]
 
 
-def _replica_differences(
-    release: StackRelease, deployed: Revision, store: ReleaseStore, drivers: _Drivers
-) -> list[Difference]:
+def _replica_differences(release: StackRelease, deployed: Revision, found: list[Instance]) -> list[Difference]:
     """The declared replica count against the one the deployed revision's service or Deployment has
     (an unreachable driver or a missing instance shows as drift instead)."""
     if release.replicas is None:
         return []
-    found, _ = _instances(store, release.name, drivers)
     current = next((i.replicas for i in found if _serves(deployed, i)), None)
     if current is None or current == release.replicas:
         return []
@@ -767,9 +772,10 @@ def _plan_release(
     if release.driver and release.driver != deployed.driver:
         diffs.append(Difference("driver", "driver", deployed.driver, release.driver))
     diffs += _image_differences(deployed, rendered.manifest)
-    diffs += _replica_differences(release, deployed, store, drivers)
+    listed = _instances(store, release.name, drivers)  # asked once, for replicas and drift
+    diffs += _replica_differences(release, deployed, listed[0])
     change.differences = diffs
-    change.drift = release_drift(release.name, store=store, drivers=drivers)
+    change.drift = release_drift(release.name, store=store, drivers=drivers, listed=listed)
     change.action = "upgrade" if diffs else "repair" if change.drift else "none"
     return change
 
