@@ -80,16 +80,15 @@ class CodeTokenizer:
         # Checked here because the tokenizers library panics (an uncatchable-looking BaseException)
         # on some merges whose result is not in the vocabulary.
         parts = [m.partition(" ") for m in merges]
-        pairs = [(a, b) for a, space, b in parts if space and a in vocab and b in vocab and a + b in vocab]
-        if len(pairs) != len(merges):
-            i = next(
-                i
-                for i, (a, space, b) in enumerate(parts)
-                if not (space and a in vocab and b in vocab and a + b in vocab)
-            )
+        bad = (
+            i for i, (a, space, b) in enumerate(parts) if not (space and a in vocab and b in vocab and a + b in vocab)
+        )
+        first_bad = next(bad, None)
+        if first_bad is not None:
             raise TokenizerError(
-                f"{source}: merge {i} ({merges[i]!r}) does not join two tokens of the vocabulary into a third"
+                f"{source}: merge {first_bad} ({merges[first_bad]!r}) does not join two tokens of the vocabulary into a third"
             )
+        pairs = [(a, b) for a, _, b in parts]
         control = [i for i, t in enumerate(token_types) if t == TOKEN_CONTROL]
         user = [i for i, t in enumerate(token_types) if t == TOKEN_USER_DEFINED]
         try:
