@@ -47,15 +47,10 @@ from benchmarks.runtime_speed import (
     run_child,
     warm_page_cache,
 )
+from benchmarks.server_load import free_port
 
 SHORT_PROMPT = "def add(a, b):\n"
 POLL = 0.005
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -64,7 +59,7 @@ def _listening(port: int) -> bool:
 
 
 def run_llmctl(path: Path, ids: list[int], threads: int, n_ctx: int) -> dict[str, float]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "runtime", "serve", "-m", str(path), "--port", str(port)]
     cmd += ["--threads", str(threads), "--ctx", str(n_ctx), "--parallel", "1"]
     start = time.monotonic()
