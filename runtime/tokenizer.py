@@ -86,7 +86,8 @@ class CodeTokenizer:
         first_bad = next(bad, None)
         if first_bad is not None:
             raise TokenizerError(
-                f"{source}: merge {first_bad} ({merges[first_bad]!r}) does not join two tokens of the vocabulary into a third"
+                f"{source}: merge {first_bad} ({merges[first_bad]!r}) does not join two tokens of the vocabulary "
+                "into a third"
             )
         pairs = [(a, b) for a, _, b in parts]
         control = [i for i, t in enumerate(token_types) if t == TOKEN_CONTROL]
