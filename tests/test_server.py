@@ -30,6 +30,7 @@ import openai
 import pytest
 
 from runtime import Model
+from runtime.errors import ModelError
 from runtime.testing.make_model import make_model
 from tests.netutil import free_port
 
@@ -677,7 +678,7 @@ def test_health_while_loading_and_load_failure(model_file: Path, monkeypatch: py
     def slow_load(path: Any, **kw: Any) -> Model:
         release.wait(10)
         if "broken" in str(path):
-            raise state_module.ModelError(f"{path}: truncated file")
+            raise ModelError(f"{path}: truncated file")
         return real_load(path, **kw)
 
     monkeypatch.setattr(state_module.Model, "load", slow_load)

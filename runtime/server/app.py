@@ -22,6 +22,7 @@ from runtime.engine import Model
 from runtime.server import llama_api, openai_api
 from runtime.server.auth import require_api_key
 from runtime.server.errors import install_error_handlers
+from runtime.server.loading import ModelLoad
 from runtime.server.metrics import RequestCounter
 from runtime.server.state import ServerConfig, ServerState
 
@@ -48,7 +49,7 @@ async def metrics(request: Request) -> Response:
 
 
 def create_app(
-    model: str | os.PathLike[str] | Model,
+    model: str | os.PathLike[str] | Model | ModelLoad,
     *,
     config: ServerConfig | None = None,
     on_fatal: Callable[[], None] | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from types import FrameType
 import uvicorn
 
 from runtime.server.app import create_app
+from runtime.server.loading import ModelLoad
 from runtime.server.state import ServerConfig
 
 log = logging.getLogger("llmctl.server")
@@ -59,7 +61,7 @@ def _signals_return() -> Iterator[None]:
 
 
 def run(
-    model_path: str,
+    model: str | os.PathLike[str] | ModelLoad,
     *,
     host: str = "127.0.0.1",
     port: int = 8080,
@@ -67,15 +69,15 @@ def run(
     log_level: str = "info",
     access_log: bool = True,
 ) -> int:
-    """Serve until stopped; returns the process exit code (0, or 1 if the model failed to load or
-    the address could not be bound)."""
+    """Serve `model` (a path, or a load already under way) until stopped; returns the process exit
+    code (0, or 1 if the model failed to load or the address could not be bound)."""
     server: _Server | None = None
 
     def fatal() -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(model_path, config=config, on_fatal=fatal)
+    app = create_app(model, config=config, on_fatal=fatal)
     uv_config = uvicorn.Config(
         app,
         host=host,
@@ -90,7 +92,7 @@ def run(
     server = _Server(uv_config)
     server.on_exit_signal.append(app.state.llm.begin_shutdown)
     auth = "required (Authorization: Bearer)" if config.api_key else "not required"
-    log.info("llmctl runtime serving %s on http://%s:%d (API key %s)", model_path, host, port, auth)
+    log.info("llmctl runtime serving %s on http://%s:%d (API key %s)", app.state.llm.model_path, host, port, auth)
     with _signals_return():
         try:
             server.run()

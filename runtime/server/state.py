@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.engine import Model
-from runtime.errors import ModelError
 from runtime.server.body import MAX_BODY_BYTES
 from runtime.server.errors import APIError
+from runtime.server.loading import ModelLoad
 from runtime.server.metrics import Metrics
 from runtime.server.scheduler import Scheduler, Stats
-from runtime.verify import verify_weights
 
 log = logging.getLogger("llmctl.server")
 
@@ -53,11 +52,14 @@ class ServerState:
     """Shared by every handler as `request.app.state.llm`."""
 
     def __init__(
-        self, source: str | os.PathLike[str] | Model, config: ServerConfig, on_fatal: Callable[[], None] | None = None
+        self,
+        source: str | os.PathLike[str] | Model | ModelLoad,
+        config: ServerConfig,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._source = source
-        self.model_path = source.path if isinstance(source, Model) else Path(source)
+        self.model_path = source.path if isinstance(source, (Model, ModelLoad)) else Path(source)
         self.alias = config.alias or self.model_path.stem
         self.model: Model | None = None
         self.scheduler: Scheduler | None = None
@@ -74,31 +76,33 @@ class ServerState:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin serving: a Model given to create_app is ready now; a path is loaded on a daemon
-        thread (so /health can answer 503 meanwhile, and a SIGTERM during a long load is not held up)."""
+        thread (so /health can answer 503 meanwhile), and a ModelLoad already under way (started
+        by `serve` before it imported the HTTP stack) is attached to."""
         if isinstance(self._source, Model):
             self._ready(self._source, self._scheduler_for(self._source), 0.0)
             return
-        path = self.model_path
-        cfg = self.config
+        if isinstance(self._source, ModelLoad):
+            load = self._source
+        else:
+            cfg = self.config
+            log.info("loading %s", self.model_path)
+            load = ModelLoad(
+                self.model_path,
+                n_threads=cfg.n_threads,
+                n_ctx=cfg.n_ctx,
+                weights_sha256=cfg.weights_sha256,
+                rehash=cfg.rehash,
+            )
 
-        def load() -> None:
-            t0 = time.monotonic()
-            try:
-                if cfg.weights_sha256 is not None:
-                    hashed = not verify_weights(path, cfg.weights_sha256, rehash=cfg.rehash)
-                    log.info("weights match sha256:%s (%s)", cfg.weights_sha256, "hashed" if hashed else "check record")
-                model = Model.load(path, n_threads=cfg.n_threads, n_ctx=cfg.n_ctx)
-                scheduler = self._scheduler_for(model)
-            except Exception as e:  # ModelError, OSError, MemoryError...: the server cannot serve
-                message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
-                with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is gone (shutting down)
-                    loop.call_soon_threadsafe(self._failed, message)
-                return
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._ready, model, scheduler, time.monotonic() - t0)
+        def ended(load: ModelLoad) -> None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is gone (shutting down)
+                if load.model is None:
+                    loop.call_soon_threadsafe(self._failed, load.error or "unknown error")
+                else:
+                    scheduler = self._scheduler_for(load.model)
+                    loop.call_soon_threadsafe(self._ready, load.model, scheduler, load.seconds)
 
-        log.info("loading %s", path)
-        threading.Thread(target=load, name="llmctl-load", daemon=True).start()
+        load.when_ended(ended)
 
     def _scheduler_for(self, model: Model) -> Scheduler:
         return Scheduler(model, n_parallel=self.config.n_parallel, max_queue=self.config.max_queue)
