@@ -38,6 +38,7 @@ from benchmarks.report import write_section
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("llmctl", "llama.cpp")
 METRICS = ("load_s", "prompt_tps", "decode_tps", "rss_mib")
+BATCH = 4  # sequences decoded together for the batched column (issue 8: >= 3x one sequence)
 RSS_SLACK_MIB = 100  # issue 8: peak RSS <= file + KV cache + this
 MIB = 1 << 20
 
@@ -172,14 +173,36 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> d
         tokens.append(int(np.argmax(logits)))
         logits = decode_one(model.transformer, model.cache, tokens[-1])
     t3 = time.perf_counter()
+    rss = peak_rss_mib()  # before the batched part adds its caches
     return {
         "load_s": t1 - t0,
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
-        "rss_mib": peak_rss_mib(),
+        "batch_tps": batched_decode_tps(model, tokens[-1], gen),
+        "rss_mib": rss,
         "kv_mib": model.cache.n_bytes / MIB,
         "tokens": tokens,
     }
+
+
+def batched_decode_tps(model: Any, token: int, gen: int) -> float:
+    """Aggregate tokens/s of BATCH sequences decoded together (one `forward_batch` step gives each
+    its next token), each starting from a copy of the single sequence's cache, so that attention
+    costs what it cost there."""
+    import numpy as np
+
+    from runtime.kv_cache import KVCache
+
+    n = model.cache.n_past
+    caches = [KVCache(model.config, model.n_ctx) for _ in range(BATCH)]
+    for c in caches:
+        c.k[:, :n], c.v[:, :n], c.n_past = model.cache.k[:, :n], model.cache.v[:, :n], n
+    tokens = [token] * BATCH
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        logits = model.transformer.forward_batch([(c, np.array([t])) for c, t in zip(caches, tokens, strict=True)])
+        tokens = [int(i) for i in np.argmax(logits, axis=1)]
+    return BATCH * gen / (time.perf_counter() - t0)
 
 
 def open_llama(path: str, n_ctx: int, threads: int) -> Any:
@@ -275,7 +298,8 @@ def run_child(cmd: list[str], ids: list[int], what: str) -> dict[str, Any]:
 def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> dict[str, Any]:
     """Run one engine on one model in a fresh interpreter; its JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
-    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + gen + 16)]
+    # room for the prompt, the single sequence's tokens, then the batched ones
+    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + 2 * gen + 16)]
     return run_child(cmd, ids, f"runtime_speed: {engine} on {path.name}")
 
 
@@ -355,30 +379,39 @@ def _read_rate(res: Result, engine: str, bandwidth: float) -> str:
     return f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}%"
 
 
+def _batched(res: Result) -> str:
+    """Aggregate tokens/s of BATCH sequences, and its ratio to one sequence's decode."""
+    batch, one = res.median("llmctl", "batch_tps"), res.median("llmctl", "decode_tps")
+    if batch is None or not one:
+        return "—"
+    return f"{batch:.1f} ({batch / one:.2f}× one)"
+
+
 def table(results: list[Result], have_llama: bool, bandwidth: float) -> str:
     head = (
         "| model | engine | load s | prompt tok/s | decode tok/s | peak RSS MiB | decode GB/s | of bandwidth "
-        "| file MiB | RSS budget MiB |"
+        f"| {BATCH} seqs tok/s | file MiB | RSS budget MiB |"
     )
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for res in results:
         label = res.variant.label
         kv = res.median("llmctl", "kv_mib") or 0.0
         budget = _mib(res.file_mib + kv + RSS_SLACK_MIB)
         ours = [_fmt(m, res.median("llmctl", m)) for m in METRICS]
         rate = _read_rate(res, "llmctl", bandwidth)
-        rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {rate} | {_mib(res.file_mib)} | {budget} |")
+        batch = _batched(res)
+        rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {rate} | {batch} | {_mib(res.file_mib)} | {budget} |")
         if not have_llama:
-            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | |")
+            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | | |")
             continue
         theirs = [_fmt(m, res.median("llama.cpp", m)) for m in METRICS]
         rate = _read_rate(res, "llama.cpp", bandwidth)
-        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {rate} | {_mib(res.file_mib)} | |")
+        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {rate} | not measured | {_mib(res.file_mib)} | |")
         ratios = []
         for m in METRICS:
             a, b = res.median("llmctl", m), res.median("llama.cpp", m)
             ratios.append(f"{a / b:.2f}×" if a is not None and b else "—")
-        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | | | |")
+        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | | | | |")
     return "\n".join(rows)
 
 
@@ -433,7 +466,9 @@ def section(
     lines.append(
         "Load is the constructor (`Model.load` / `llama_cpp.Llama`); prompt and decode are tokens per second "
         "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, and *of bandwidth* "
-        "its share of the measured read bandwidth (the decode roofline); peak RSS is `VmHWM` of the "
+        f"its share of the measured read bandwidth (the decode roofline); {BATCH} seqs is the aggregate "
+        f"tokens/s of {BATCH} sequences decoded together (one batched forward pass per step, each from a copy "
+        "of the single sequence's cache), measured for llmctl only; peak RSS is `VmHWM` of the "
         "engine's own process (mapped weights count once "
         f"touched). RSS budget = file + KV cache + {RSS_SLACK_MIB} MiB, for llmctl."
         + (f" Leading greedy tokens on which the engines agree: {', '.join(agree)}." if agree else "")
