@@ -194,7 +194,9 @@ class Transformer:
             x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
             h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
             for a in range(0, T, FFN_ROWS):  # rows are independent: the same bits in any grouping
-                x[a : a + FFN_ROWS] += blk.ffn_down(ops.gelu(blk.ffn_up(h[a : a + FFN_ROWS], nt), in_place=True), nt)
+                x[a : a + FFN_ROWS] += blk.ffn_down(
+                    ops.gelu(blk.ffn_up(h[a : a + FFN_ROWS], nt), in_place=True, n_threads=nt), nt
+                )
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n
         if not all_logits:

@@ -48,11 +48,11 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return out
 
 
-def gelu(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+def gelu(x: np.ndarray, *, in_place: bool = False, n_threads: int = 1) -> np.ndarray:
     """gelu_tanh through ggml's fp16 table; `in_place` overwrites x (a large FFN activation need
     not be held twice)."""
     out = x if in_place else np.empty_like(x)
-    _kernels.gelu(x.reshape(-1), out.reshape(-1))
+    _kernels.gelu(x.reshape(-1), out.reshape(-1), n_threads)
     return out
 
 
@@ -63,19 +63,8 @@ def rope_tables(n_ctx: int, head_dim: int, freq_base: float) -> tuple[np.ndarray
     return cos, sin
 
 
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 a*b + c with one rounding (float32 products are exact in float64)."""
-    return (a.astype(np.float64) * b + c).astype(np.float32)
-
-
 def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (x[i], x[i + hd/2]) of x [T, heads, hd] by the angles of rows cos/sin [T, hd/2].
-
-    ggml's compiled rotate_pairs contracts `x0*cos - x1*sin` into fma(x0, cos, -(x1*sin)), and
-    `x0*sin + x1*cos` into fma(x0, sin, x1*cos); rounding the same way keeps logits identical."""
-    half = x.shape[-1] // 2
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    x0 = x[..., :half]
-    x1 = x[..., half:]
-    return np.concatenate([_fma(x0, c, -(x1 * s)), _fma(x0, s, x1 * c)], axis=-1)
+    """Rotate pairs (x[i], x[i + hd/2]) of x [T, heads, hd] by the angles of rows cos/sin [T, hd/2],
+    in place (x must be C-contiguous float32), with ggml's fused multiply-adds; returns x."""
+    _kernels.rope_neox(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin))
+    return x

@@ -201,6 +201,54 @@ def test_gelu_uses_the_fp16_table() -> None:
     assert np.array_equal(out[x >= 10], x[x >= 10]) and not out[x <= -10].any()
 
 
+def test_gelu_gives_the_same_bits_on_every_set_and_thread_count() -> None:
+    """The AVX2 path (F16C rounding, gathered table entries, threads over long inputs) against the
+    portable scalar loop: every fp16 value, the bounds +-10 and their neighbours, odd lengths."""
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    bounds = np.array([-10, 10, np.nextafter(-10, 0), np.nextafter(10, 0), -np.inf, np.inf], dtype=np.float32)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([every_half, bounds, (rng.standard_normal(70001) * 4).astype(np.float32)])
+    x = x[~np.isnan(x)]
+    _kernels.use("generic")
+    ref = np.empty_like(x)
+    _kernels.gelu(x, ref)
+    for name in SETS[1:]:
+        try:
+            _kernels.use(name)
+        except ValueError:
+            continue
+        for threads, n in ((1, len(x)), (2, len(x)), (2, 13)):
+            out = np.empty(n, dtype=np.float32)
+            _kernels.gelu(x[:n], out, threads)
+            assert np.array_equal(out.view(np.uint32), ref[:n].view(np.uint32)), (name, threads, n)
+    _kernels.use("auto")
+
+
+def test_rope_neox_is_ggml_fma_rotation(kernel_set: str) -> None:
+    """x0*cos - x1*sin and x0*sin + x1*cos as fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos):
+    against a float64 evaluation of the same expression (one rounding short of a true fma, so
+    equal but for rare ties), and bit for bit against the portable set."""
+    rng = np.random.default_rng(4)
+    T, heads, hd = 5, 3, 128
+    x = rng.standard_normal((T, heads, hd)).astype(np.float32)
+    angles = rng.uniform(0, 100, (T, hd // 2)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    out = x.copy()
+    _kernels.rope_neox(out, cos, sin)
+    x0, x1, c, s = x[..., :64].astype(np.float64), x[..., 64:], cos[:, None], sin[:, None]
+    ref = np.concatenate(
+        [(x0 * c - (x1 * s).astype(np.float32)), (x0 * s + (x1 * c).astype(np.float32))], axis=-1
+    ).astype(np.float32)
+    assert np.mean(out == ref) > 0.999
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    _kernels.use("generic")
+    generic = x.copy()
+    _kernels.rope_neox(generic, cos, sin)
+    assert np.array_equal(out.view(np.uint32), generic.view(np.uint32))
+    with pytest.raises(ValueError, match="rope_neox: shapes"):
+        _kernels.rope_neox(x, cos[:2], sin)
+
+
 def test_attention_matches_numpy(kernel_set: str) -> None:
     rng = np.random.default_rng(5)
     T, n_head, n_kv, hd, n_ctx, pos0 = 3, 4, 2, 16, 32, 5

@@ -21,7 +21,8 @@ cdef extern from "kernels.h" nogil:
     int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                           float *out, int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head,
                           int64_t hd, float scale, int n_threads)
-    void kernels_gelu(const float *x, float *y, int64_t n)
+    void kernels_gelu(const float *x, float *y, int64_t n, int n_threads)
+    void kernels_rope_neox(float *x, const float *cos, const float *sin, int64_t T, int64_t n_head, int64_t hd)
     void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out)
     void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps)
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
@@ -148,14 +149,25 @@ def layer_norm(const float[:, ::1] x, const float[::1] w, const float[::1] b, fl
         kernels_layer_norm(&x[0, 0], &w[0], &b[0], &out[0, 0], rows, n, eps)
 
 
-def gelu(const float[::1] x, float[::1] out):
+def gelu(const float[::1] x, float[::1] out, int n_threads=1):
     """out = gelu_tanh(x) via ggml's fp16 table (out may be x)."""
     if out.shape[0] != x.shape[0]:
         raise ValueError("gelu: shapes")
     if x.shape[0] == 0:
         return
     with nogil:
-        kernels_gelu(&x[0], &out[0], x.shape[0])
+        kernels_gelu(&x[0], &out[0], x.shape[0], n_threads)
+
+
+def rope_neox(float[:, :, ::1] x, const float[:, ::1] cos, const float[:, ::1] sin):
+    """NEOX RoPE of x [T, n_head, hd] in place, row t by cos/sin [T, hd/2] (ggml's fmas)."""
+    if cos.shape[0] != x.shape[0] or sin.shape[0] != x.shape[0] or x.shape[2] % 2 \
+            or cos.shape[1] != x.shape[2] // 2 or sin.shape[1] != x.shape[2] // 2:
+        raise ValueError("rope_neox: shapes")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return
+    with nogil:
+        kernels_rope_neox(&x[0, 0, 0], &cos[0, 0], &sin[0, 0], x.shape[0], x.shape[1], x.shape[2])
 
 
 def quantize_q8_0(const float[::1] x):

@@ -132,7 +132,7 @@ typedef struct {
 
 static const kernel_set *K = &kernel_set_generic;
 static int initialized = 0;
-static uint16_t gelu_table[1 << 16];
+static uint16_t gelu_table[(1 << 16) + 1];  /* +1: the AVX2 gather reads 4 bytes at each entry */
 
 static int cpu_has_avx2(void) {
 #if defined(HAVE_AVX2_SET)
@@ -546,12 +546,107 @@ void kernels_layer_norm(const float *x, const float *w, const float *b, float *y
     }
 }
 
-void kernels_gelu(const float *x, float *y, int64_t n) {
+/* ggml_vec_gelu_f32 with GGML_GELU_FP16: 0 at or below -10, x at or above 10, otherwise the
+ * table entry of x rounded to fp16. */
+static void gelu_scalar(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         const float v = x[i];
         if (v <= -10.0f) y[i] = 0.0f;
         else if (v >= 10.0f) y[i] = v;
         else y[i] = fp16_to_fp32(gelu_table[fp32_to_fp16(v)]);
+    }
+}
+
+#if defined(HAVE_AVX2_SET)
+/* The AVX2 elementwise code below runs with every kernel set but the portable one (which the
+ * tests select to check the plain C). */
+static int simd_elementwise(void) { return K != &kernel_set_generic; }
+
+/* The same 8 at a time: F16C's conversion rounds to nearest even as fp32_to_fp16 does, and a
+ * 32-bit gather at 2-byte steps fetches each entry in its low half. */
+__attribute__((target("avx2,fma,f16c"))) static void gelu_avx2(const float *x, float *y, int64_t n) {
+    const __m256 lo = _mm256_set1_ps(-10.0f), hi = _mm256_set1_ps(10.0f);
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256i idx = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        const __m256i g = _mm256_and_si256(_mm256_i32gather_epi32((const int *)gelu_table, idx, 2), low16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(g, g), 0x08);
+        __m256 r = _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+        r = _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, hi, _CMP_GE_OQ));
+        r = _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LE_OQ));
+        _mm256_storeu_ps(y + i, r);
+    }
+    gelu_scalar(x + i, y + i, n - i);
+}
+#endif
+
+static void gelu_part(const float *x, float *y, int64_t n) {
+#if defined(HAVE_AVX2_SET)
+    if (simd_elementwise()) {
+        gelu_avx2(x, y, n);
+        return;
+    }
+#endif
+    gelu_scalar(x, y, n);
+}
+
+void kernels_gelu(const float *x, float *y, int64_t n, int n_threads) {
+    const int64_t piece = 1 << 14;  /* a decode step's 12288 values stay on one thread */
+    const int64_t n_pieces = (n + piece - 1) / piece;
+#pragma omp parallel for num_threads(threads_for(n_threads, n_pieces)) schedule(static)
+    for (int64_t p = 0; p < n_pieces; p++) {
+        const int64_t a = p * piece;
+        gelu_part(x + a, y + a, n - a < piece ? n - a : piece);
+    }
+}
+
+/* NEOX RoPE in place: pairs (x[i], x[i + hd/2]) of each head of row t turned by the angles of
+ * cos/sin row t. ggml's compiled rotate_pairs contracts x0*cos - x1*sin into
+ * fma(x0, cos, -(x1*sin)) and x0*sin + x1*cos into fma(x0, sin, x1*cos); so does this. */
+static void rope_rows_scalar(float *x, const float *cos, const float *sin, int64_t rows, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++, x += hd) {
+        for (int64_t i = 0; i < half; i++) {
+            const float x0 = x[i], x1 = x[i + half];
+            x[i] = fmaf(x0, cos[i], -(x1 * sin[i]));
+            x[i + half] = fmaf(x0, sin[i], x1 * cos[i]);
+        }
+    }
+}
+
+#if defined(HAVE_AVX2_SET)
+__attribute__((target("avx2,fma"))) static void rope_rows_avx2(float *x, const float *cos, const float *sin,
+                                                               int64_t rows, int64_t hd) {
+    const int64_t half = hd / 2;
+    if (half % 8) {
+        rope_rows_scalar(x, cos, sin, rows, hd);
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++, x += hd) {
+        for (int64_t i = 0; i < half; i += 8) {
+            const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + half);
+            const __m256 c = _mm256_loadu_ps(cos + i), s = _mm256_loadu_ps(sin + i);
+            const __m256 neg = _mm256_xor_ps(_mm256_mul_ps(x1, s), _mm256_set1_ps(-0.0f));
+            _mm256_storeu_ps(x + i, _mm256_fmadd_ps(x0, c, neg));
+            _mm256_storeu_ps(x + i + half, _mm256_fmadd_ps(x0, s, _mm256_mul_ps(x1, c)));
+        }
+    }
+}
+#endif
+
+void kernels_rope_neox(float *x, const float *cos, const float *sin, int64_t T, int64_t n_head, int64_t hd) {
+    for (int64_t t = 0; t < T; t++) {
+        float *row = x + t * n_head * hd;
+        const float *c = cos + t * (hd / 2), *s = sin + t * (hd / 2);
+#if defined(HAVE_AVX2_SET)
+        if (simd_elementwise()) {
+            rope_rows_avx2(row, c, s, n_head, hd);
+            continue;
+        }
+#endif
+        rope_rows_scalar(row, c, s, n_head, hd);
     }
 }
 

@@ -59,8 +59,12 @@ void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_o
 /* y = LayerNorm(x) * w + b over rows of n, rounding as ggml_norm / ggml_mul / ggml_add do. */
 void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps);
 
-/* y = gelu_tanh(x) through ggml's fp16 table, in place allowed. */
-void kernels_gelu(const float *x, float *y, int64_t n);
+/* y = gelu_tanh(x) through ggml's fp16 table, in place allowed; long inputs over n_threads. */
+void kernels_gelu(const float *x, float *y, int64_t n, int n_threads);
+
+/* NEOX RoPE of x [T, n_head, hd] in place, row t by the angles cos/sin [T, hd/2], with ggml's
+ * fused multiply-adds. */
+void kernels_rope_neox(float *x, const float *cos, const float *sin, int64_t T, int64_t n_head, int64_t hd);
 
 /* Conversions and single-row quantizers, exposed for tests against the NumPy references. */
 void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n);
