@@ -420,6 +420,33 @@ int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K_
 
 /* ---- attention ------------------------------------------------------------------------------ */
 
+#if defined(HAVE_AVX2_SET)
+/* The AVX2 code for attention and the elementwise steps runs with every kernel set but the
+ * portable one (which the tests select to check the plain C). */
+static int simd_elementwise(void) { return K != &kernel_set_generic; }
+
+__attribute__((target("avx2,f16c"))) static void round_probs_avx2(float *p, int64_t n, float inv) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_set1_ps(inv));
+        _mm256_storeu_ps(p + j, _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)));
+    }
+    for (; j < n; j++) p[j] = fp16_to_fp32(fp32_to_fp16(p[j] * inv));
+}
+#endif
+
+/* p[j] = fp16(p[j] * inv) for j < n: the probabilities are rounded to fp16 before they weight V,
+ * as in ggml (F16C rounds to nearest even, as fp32_to_fp16 does). */
+static void round_probs(float *p, int64_t n, float inv) {
+#if defined(HAVE_AVX2_SET)
+    if (simd_elementwise()) {
+        round_probs_avx2(p, n, inv);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; j++) p[j] = fp16_to_fp32(fp32_to_fp16(p[j] * inv));
+}
+
 /* Summation of the weighted V rows in ggml's order. ggml computes out[d] = dot(V^T[d, :], p)
  * over the (zero-padded) cache; with one query row its vec_dot puts element j in accumulator
  * (j / 8) % 4, lane j % 8 (then reduce4); with two or more rows tinyBLAS puts it in lane j % 8
@@ -447,8 +474,114 @@ static void attend_values(const float *p, int64_t n_keys, const uint16_t *v_cach
     }
 }
 
+#if defined(HAVE_AVX2_SET)
+#define ATT_ROWS 8 /* query rows of one head that share each key and value row */
+
+/* Prompt attention (tinyBLAS's order: two or more query rows) for query rows t0 .. t0+R-1 of
+ * one head, R <= ATT_ROWS: each K and V row is converted from fp16 once for all R rows. Every
+ * score is dot_f16_blas's (one 8-lane accumulator, then hsum8) and every weighted sum of V rows
+ * is attend_values's, so the bits are those of the row-by-row path. q16: the R query rows,
+ * fp16-rounded, as floats; scores: R rows of n_pad; acc: R x 8 x hd floats; vrow: hd floats. */
+__attribute__((target("avx2,fma,f16c"))) static void attend_rows_avx2(const float *q16, int R, int64_t n_first,
+                                                                     const uint16_t *k, const uint16_t *v,
+                                                                     int64_t kv_stride, int64_t hd, int64_t n_pad,
+                                                                     float scale, float *scores, float *acc,
+                                                                     float *vrow, float *out, int64_t out_stride) {
+    const int64_t n_last = n_first + R - 1; /* row r sees keys 0 .. n_first + r - 1 */
+    float max[ATT_ROWS];
+    for (int r = 0; r < R; r++) max[r] = -INFINITY;
+    for (int64_t j = 0; j < n_last; j++) {
+        const uint16_t *kj = k + j * kv_stride;
+        __m256 a[ATT_ROWS];
+        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + i)));
+            for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q16 + r * hd + i), kv, a[r]);
+        }
+        for (int r = 0; r < R; r++) {
+            const float sc = j < n_first + r ? hsum8_avx2(a[r]) * scale : -INFINITY;
+            scores[r * n_pad + j] = sc;
+            if (sc > max[r]) max[r] = sc;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *p = scores + r * n_pad;
+        for (int64_t j = n_first + r; j < n_pad; j++) p[j] = -INFINITY;
+        const double sum = K->softmax_exp(n_pad, p, max[r]);
+        const float inv = (float)(1.0 / sum);
+        round_probs(p, n_first + r, inv);
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(R * 8 * hd));
+    for (int64_t j = 0; j < n_last; j++) {
+        const uint16_t *vj = v + j * kv_stride;
+        for (int64_t d = 0; d < hd; d += 8)
+            _mm256_storeu_ps(vrow + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vj + d))));
+        for (int r = j < n_first ? 0 : (int)(j - n_first + 1); r < R; r++) {
+            const float pj = scores[r * n_pad + j];
+            if (pj == 0.0f) continue;
+            const __m256 pv = _mm256_set1_ps(pj);
+            float *y = acc + ((size_t)r * 8 + (size_t)(j % 8)) * (size_t)hd;
+            for (int64_t d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(y + d)));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const float *ar = acc + (size_t)r * 8 * (size_t)hd;
+        for (int64_t d = 0; d < hd; d++) {
+            float x[8];
+            for (int l = 0; l < 8; l++) x[l] = ar[l * hd + d];
+            const float t0 = x[0] + x[4], t1 = x[1] + x[5], t2 = x[2] + x[6], t3 = x[3] + x[7];
+            out[r * out_stride + d] = (t0 + t2) + (t1 + t3);
+        }
+    }
+}
+
+/* The prompt case, tiled: work items are (group of ATT_ROWS query rows, head). */
+static int attention_prompt_avx2(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out,
+                                 int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale,
+                                 int n_threads) {
+    const int64_t n_pad = (pos0 + T + 7) & ~(int64_t)7;
+    const int64_t group = n_head / n_kv_head, kv_stride = n_kv_head * hd;
+    const int64_t n_tiles = (T + ATT_ROWS - 1) / ATT_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads_for(n_threads, n_tiles * n_head))
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * n_pad));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * 8 * hd));
+        float *q16 = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * hd + hd)); /* + one V row */
+        uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
+        if (scores == NULL || acc == NULL || q16 == NULL || half == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < n_tiles * n_head; item++) {
+                const int64_t t0 = (item / n_head) * ATT_ROWS, h = item % n_head;
+                const int R = (int)(T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS);
+                for (int r = 0; r < R; r++) { /* Q rounded to fp16, as ggml converts it to the cache type */
+                    K->quantize_f16(q + ((t0 + r) * n_head + h) * hd, half, hd);
+                    K->f16_to_f32(half, q16 + r * hd, hd);
+                }
+                const int64_t kvh = h / group;
+                attend_rows_avx2(q16, R, pos0 + t0 + 1, k_cache + kvh * hd, v_cache + kvh * hd, kv_stride, hd, n_pad,
+                                 scale, scores, acc, q16 + ATT_ROWS * hd, out + (t0 * n_head + h) * hd, n_head * hd);
+            }
+        }
+        free(scores);
+        free(acc);
+        free(q16);
+        free(half);
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
 int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out, int64_t T,
                       int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale, int n_threads) {
+#if defined(HAVE_AVX2_SET)
+    if (simd_elementwise() && tinyblas_takes(256, T, hd) && tinyblas_takes(hd, T, 256) && hd % 8 == 0)
+        return attention_prompt_avx2(q, k_cache, v_cache, out, T, pos0, n_head, n_kv_head, hd, scale, n_threads);
+#endif
     const int64_t n_keys_max = pos0 + T;
     const int64_t n_pad = (n_keys_max + 7) & ~(int64_t)7;  /* softmax runs over whole groups of 8 */
     const int64_t group = n_head / n_kv_head;
@@ -483,8 +616,7 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
                 for (int64_t j = n_keys; j < n_pad; j++) scores[j] = -INFINITY;
                 const double sum = K->softmax_exp(n_pad, scores, max);
                 const float inv = (float)(1.0 / sum);
-                /* probabilities are rounded to fp16 before they weight V, as in ggml */
-                for (int64_t j = 0; j < n_keys; j++) scores[j] = fp16_to_fp32(fp32_to_fp16(scores[j] * inv));
+                round_probs(scores, n_keys, inv);
                 attend_values(scores, n_keys, v_cache + kvh * hd, kv_stride, hd, batched, acc, out + th * hd);
             }
         }
@@ -558,10 +690,6 @@ static void gelu_scalar(const float *x, float *y, int64_t n) {
 }
 
 #if defined(HAVE_AVX2_SET)
-/* The AVX2 elementwise code below runs with every kernel set but the portable one (which the
- * tests select to check the plain C). */
-static int simd_elementwise(void) { return K != &kernel_set_generic; }
-
 /* The same 8 at a time: F16C's conversion rounds to nearest even as fp32_to_fp16 does, and a
  * 32-bit gather at 2-byte steps fetches each entry in its low half. */
 __attribute__((target("avx2,fma,f16c"))) static void gelu_avx2(const float *x, float *y, int64_t n) {
