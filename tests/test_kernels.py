@@ -289,6 +289,24 @@ def test_prompt_attention_gives_the_same_bits_in_any_tiling(kernel_set: str) -> 
         assert np.array_equal(whole.view(np.uint32), parts.view(np.uint32)), (kernel_set, step)
 
 
+def test_decode_attention_gives_the_same_bits_in_any_head_grouping(kernel_set: str) -> None:
+    """One query row: the heads of a KV head are computed a few at a time sharing each K/V row; a
+    head's result must not depend on that: all 24 heads at once against heads 0 and 12 alone, and
+    against heads 0-1 and 12-13 (groups of 3, 1 and 2)."""
+    rng = np.random.default_rng(8)
+    n_head, n_kv, hd, pos0 = 24, 2, 128, 70
+    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
+    scale = float(np.float32(hd**-0.5))
+    whole = np.empty_like(q)
+    _kernels.attention(q, k, v, whole, pos0, scale, 2)
+    for heads in ([0, 12], [0, 1, 12, 13]):
+        part = np.empty((1, len(heads), hd), dtype=np.float32)
+        _kernels.attention(np.ascontiguousarray(q[:, heads]), k, v, part, pos0, scale, 1)
+        assert np.array_equal(whole[:, heads].view(np.uint32), part.view(np.uint32)), (kernel_set, heads)
+
+
 def test_layer_norm_matches_numpy() -> None:
     rng = np.random.default_rng(9)
     x = (rng.standard_normal((4, 100)) * 3 + 1).astype(np.float32)

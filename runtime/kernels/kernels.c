@@ -536,6 +536,122 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_rows_avx2(const floa
     }
 }
 
+#define ATT_HEADS 3 /* query heads of one KV head that share each K and V row (4 accumulators each) */
+
+/* Decode attention (vec_dot's order: one query row) for query heads h0 .. h0+G-1 of one row,
+ * all reading the same KV head, G <= ATT_HEADS: each K and V row is converted once for the G
+ * heads. Every score is dot_f16_vec's (4 accumulators over steps of 32, then reduce4) and every
+ * weighted sum attend_values's with 32 lanes; hd must be a multiple of 32. q16: the G query
+ * rows, fp16-rounded, as floats; scores: G rows of n_pad. */
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void attend_heads_avx2(const float *q16, int G, int64_t n_keys,
+                                                                      const uint16_t *k, const uint16_t *v,
+                                                                      int64_t kv_stride, int64_t hd, int64_t n_pad,
+                                                                      float scale, float *scores, float *out) {
+    float max[ATT_HEADS];
+    for (int g = 0; g < G; g++) max[g] = -INFINITY;
+    for (int64_t j = 0; j < n_keys; j++) {
+        const uint16_t *kj = k + j * kv_stride;
+        __m256 a[ATT_HEADS][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 32) {
+            for (int c = 0; c < 4; c++) {
+                const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + i + 8 * c)));
+                for (int g = 0; g < G; g++) a[g][c] = _mm256_fmadd_ps(_mm256_loadu_ps(q16 + g * hd + i + 8 * c), kv, a[g][c]);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const float sc = reduce4_avx2(a[g][0], a[g][1], a[g][2], a[g][3]) * scale;
+            scores[g * n_pad + j] = sc;
+            if (sc > max[g]) max[g] = sc;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *p = scores + g * n_pad;
+        for (int64_t j = n_keys; j < n_pad; j++) p[j] = -INFINITY;
+        const double sum = K->softmax_exp(n_pad, p, max[g]);
+        round_probs(p, n_keys, (float)(1.0 / sum));
+    }
+    /* attend_values's 32 lanes (key j in lane j % 32), lane by lane in registers: for 8 values of
+     * d at a time, lanes l, l+8, l+16, l+24 summed over their keys, then combined as there */
+    for (int64_t d = 0; d < hd; d += 8) {
+        __m256 x[ATT_HEADS][8];
+        for (int l = 0; l < 8; l++) {
+            __m256 a[ATT_HEADS][4];
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
+            for (int64_t jb = l; jb < n_keys; jb += 32) {
+                for (int c = 0; c < 4 && jb + 8 * c < n_keys; c++) {
+                    const int64_t j = jb + 8 * c;
+                    const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j * kv_stride + d)));
+                    /* no test for p == 0 (ggml has none either): adding 0 * v leaves a sum as it is */
+                    for (int g = 0; g < G; g++)
+                        a[g][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + g * n_pad + j), vv, a[g][c]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                x[g][l] = _mm256_add_ps(_mm256_add_ps(a[g][0], a[g][2]), _mm256_add_ps(a[g][1], a[g][3]));
+        }
+        for (int g = 0; g < G; g++) {
+            const __m256 t0 = _mm256_add_ps(x[g][0], x[g][4]), t1 = _mm256_add_ps(x[g][1], x[g][5]);
+            const __m256 t2 = _mm256_add_ps(x[g][2], x[g][6]), t3 = _mm256_add_ps(x[g][3], x[g][7]);
+            _mm256_storeu_ps(out + g * hd + d, _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)));
+        }
+    }
+}
+
+/* attend_heads_avx2 with G a constant, so that its accumulators stay in registers */
+#define ATTEND_HEADS(G_)                                                                                              \
+    __attribute__((target("avx2,fma,f16c"))) static void attend_heads##G_(                                          \
+        const float *q16, int64_t n_keys, const uint16_t *k, const uint16_t *v, int64_t kv_stride, int64_t hd,       \
+        int64_t n_pad, float scale, float *scores, float *out) {                                                      \
+        attend_heads_avx2(q16, G_, n_keys, k, v, kv_stride, hd, n_pad, scale, scores, out);                          \
+    }
+ATTEND_HEADS(1)
+ATTEND_HEADS(2)
+ATTEND_HEADS(3)
+
+/* The decode case, tiled: work items are (query row, KV head, group of ATT_HEADS heads). */
+static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out,
+                                 int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale,
+                                 int n_threads) {
+    const int64_t n_pad = (pos0 + T + 7) & ~(int64_t)7;
+    const int64_t group = n_head / n_kv_head, kv_stride = n_kv_head * hd;
+    const int64_t per_kv = (group + ATT_HEADS - 1) / ATT_HEADS, n_items = T * n_kv_head * per_kv;
+    int failed = 0;
+#pragma omp parallel num_threads(threads_for(n_threads, n_items))
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(ATT_HEADS * n_pad));
+        float *q16 = (float *)malloc(sizeof(float) * (size_t)(ATT_HEADS * hd));
+        uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
+        if (scores == NULL || q16 == NULL || half == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < n_items; item++) {
+                const int64_t t = item / (n_kv_head * per_kv), kvh = (item / per_kv) % n_kv_head;
+                const int64_t h0 = kvh * group + (item % per_kv) * ATT_HEADS;
+                const int G = (int)(kvh * group + group - h0 < ATT_HEADS ? kvh * group + group - h0 : ATT_HEADS);
+                for (int g = 0; g < G; g++) { /* Q rounded to fp16, as ggml converts it to the cache type */
+                    K->quantize_f16(q + (t * n_head + h0 + g) * hd, half, hd);
+                    K->f16_to_f32(half, q16 + g * hd, hd);
+                }
+                const int64_t n_keys = pos0 + t + 1;
+                const uint16_t *kh = k_cache + kvh * hd, *vh = v_cache + kvh * hd;
+                float *o = out + (t * n_head + h0) * hd;
+                if (G == 3) attend_heads3(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
+                else if (G == 2) attend_heads2(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
+                else attend_heads1(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
+            }
+        }
+        free(scores);
+        free(q16);
+        free(half);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The prompt case, tiled: work items are (group of ATT_ROWS query rows, head). */
 static int attention_prompt_avx2(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out,
                                  int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale,
@@ -581,6 +697,8 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
 #if defined(HAVE_AVX2_SET)
     if (simd_elementwise() && tinyblas_takes(256, T, hd) && tinyblas_takes(hd, T, 256) && hd % 8 == 0)
         return attention_prompt_avx2(q, k_cache, v_cache, out, T, pos0, n_head, n_kv_head, hd, scale, n_threads);
+    if (simd_elementwise() && !tinyblas_takes(256, T, hd) && !tinyblas_takes(hd, T, 256) && hd % 32 == 0)
+        return attention_decode_avx2(q, k_cache, v_cache, out, T, pos0, n_head, n_kv_head, hd, scale, n_threads);
 #endif
     const int64_t n_keys_max = pos0 + T;
     const int64_t n_pad = (n_keys_max + 7) & ~(int64_t)7;  /* softmax runs over whole groups of 8 */
