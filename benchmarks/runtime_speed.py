@@ -37,7 +37,7 @@ from benchmarks.report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("llmctl", "llama.cpp")
-METRICS = ("load_s", "prompt_tps", "decode_tps", "rss_mib")
+METRICS = ("load_s", "prompt_tps", "long_prompt_tps", "decode_tps", "rss_mib")
 BATCH = 4  # sequences decoded together for the batched column (issue 8: >= 3x one sequence)
 RSS_SLACK_MIB = 100  # issue 8: peak RSS <= file + KV cache + this
 MIB = 1 << 20
@@ -157,7 +157,7 @@ def peak_rss_mib(pid: int | str = "self") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else float("nan")
 
 
-def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long_ids: list[int]) -> dict[str, Any]:
     import numpy as np
 
     from runtime.engine import Model
@@ -179,10 +179,23 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> d
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
         "batch_tps": batched_decode_tps(model, tokens[-1], gen),
+        "long_prompt_tps": long_prompt_tps(
+            lambda: prefill(model.transformer, model.cache, long_ids), model.cache.reset, long_ids
+        ),
         "rss_mib": rss,
         "kv_mib": model.cache.n_bytes / MIB,
         "tokens": tokens,
     }
+
+
+def long_prompt_tps(run: Any, reset: Any, long_ids: list[int]) -> float | None:
+    """Tokens/s of the second, longer prompt on an emptied cache (None when there is none)."""
+    if not long_ids:
+        return None
+    reset()
+    t0 = time.perf_counter()
+    run()
+    return len(long_ids) / (time.perf_counter() - t0)
 
 
 def batched_decode_tps(model: Any, token: int, gen: int) -> float:
@@ -235,7 +248,7 @@ def open_llama(path: str, n_ctx: int, threads: int) -> Any:
     )
 
 
-def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> dict[str, Any]:
+def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long_ids: list[int]) -> dict[str, Any]:
     import llama_cpp.llama_cpp as capi
     import numpy as np
 
@@ -261,6 +274,7 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int) -> 
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
         "rss_mib": peak_rss_mib(),
+        "long_prompt_tps": long_prompt_tps(lambda: llm.eval(long_ids), llm.reset, long_ids),
         "tokens": tokens,
     }
 
@@ -272,10 +286,12 @@ def child_main(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--gen", type=int, required=True)
     p.add_argument("--n-ctx", type=int, required=True)
+    p.add_argument("--prompt", type=int, required=True)
+    p.add_argument("--long-prompt", type=int, required=True)
     a = p.parse_args(argv)
     ids = [int(i) for i in json.loads(sys.stdin.read())]
     run = run_ours if a.engine == "llmctl" else run_llama
-    res = run(a.model, ids, a.gen, a.threads, a.n_ctx)
+    res = run(a.model, ids[: a.prompt], a.gen, a.threads, a.n_ctx, ids[: a.long_prompt])
     print(json.dumps(res), flush=True)
     return 0
 
@@ -295,11 +311,16 @@ def run_child(cmd: list[str], ids: list[int], what: str) -> dict[str, Any]:
     return res
 
 
-def measure(engine: str, path: Path, ids: list[int], gen: int, threads: int) -> dict[str, Any]:
-    """Run one engine on one model in a fresh interpreter; its JSON result."""
+def measure(
+    engine: str, path: Path, ids: list[int], gen: int, threads: int, prompt: int, long_prompt: int
+) -> dict[str, Any]:
+    """Run one engine on one model in a fresh interpreter (the first `prompt` of `ids`, then
+    decoding, then the first `long_prompt` of them anew); its JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
-    # room for the prompt, the single sequence's tokens, then the batched ones
-    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(len(ids) + 2 * gen + 16)]
+    # room for the prompt, the single sequence's tokens and the batched ones, or the long prompt
+    n_ctx = max(prompt + 2 * gen, long_prompt) + 16
+    cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(n_ctx)]
+    cmd += ["--prompt", str(prompt), "--long-prompt", str(long_prompt)]
     return run_child(cmd, ids, f"runtime_speed: {engine} on {path.name}")
 
 
@@ -315,7 +336,7 @@ class Result:
     bytes_per_token: int
 
     def median(self, engine: str, metric: str) -> float | None:
-        vals = [r[metric] for r in self.runs.get(engine, [])]
+        vals = [r[metric] for r in self.runs.get(engine, []) if r.get(metric) is not None]
         return statistics.median(vals) if vals else None
 
     @property
@@ -387,12 +408,12 @@ def _batched(res: Result) -> str:
     return f"{batch:.1f} ({batch / one:.2f}× one)"
 
 
-def table(results: list[Result], have_llama: bool, bandwidth: float) -> str:
+def table(results: list[Result], have_llama: bool, bandwidth: float, prompts: tuple[int, int]) -> str:
     head = (
-        "| model | engine | load s | prompt tok/s | decode tok/s | peak RSS MiB | decode GB/s | of bandwidth "
-        f"| {BATCH} seqs tok/s | file MiB | RSS budget MiB |"
+        f"| model | engine | load s | prompt {prompts[0]} tok/s | prompt {prompts[1] or '(none)'} tok/s | decode tok/s "
+        f"| peak RSS MiB | decode GB/s | of bandwidth | {BATCH} seqs tok/s | file MiB | RSS budget MiB |"
     )
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for res in results:
         label = res.variant.label
         kv = res.median("llmctl", "kv_mib") or 0.0
@@ -402,7 +423,7 @@ def table(results: list[Result], have_llama: bool, bandwidth: float) -> str:
         batch = _batched(res)
         rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {rate} | {batch} | {_mib(res.file_mib)} | {budget} |")
         if not have_llama:
-            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | | |")
+            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | | | |")
             continue
         theirs = [_fmt(m, res.median("llama.cpp", m)) for m in METRICS]
         rate = _read_rate(res, "llama.cpp", bandwidth)
@@ -445,8 +466,9 @@ def section(
         f"- Machine: {machine_line(llama_ver)}",
         f"- Memory read bandwidth (best of 5 passes over 1 GiB, measured before the rounds): {bw}",
         f"- Files (random weights): {files}",
-        f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time; "
-        f"median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
+        f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time"
+        + (f", then a {args.long_prompt}-token prompt on an emptied cache" if args.long_prompt else "")
+        + f"; median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
         "- llama.cpp: "
         + (
             "without its extra buffer types (no Q4_0/Q8_0 repacking), as in the parity tests."
@@ -460,7 +482,7 @@ def section(
         )
     for n in args.threads:
         rows = [r for r in results if r.threads == n]
-        lines += ["", f"#### {_threads(n)}", "", table(rows, have_llama, bandwidth[n])]
+        lines += ["", f"#### {_threads(n)}", "", table(rows, have_llama, bandwidth[n], (args.prompt, args.long_prompt))]
     lines.append("")
     agree = [a for a in (_agree(r) for r in first) if a]
     lines.append(
@@ -487,6 +509,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--types", default="q8_0,q4_0", help="comma-separated: q8_0, q4_0 (with a Q6_K head)")
     p.add_argument("--threads", default="2", help="comma-separated thread counts, each measured (default: 2)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    p.add_argument(
+        "--long-prompt",
+        type=int,
+        default=512,
+        help="tokens of a second prompt, timed on an emptied cache after decoding (0: none)",
+    )
     p.add_argument("--gen", type=int, default=64, help="decoded tokens")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, help="rewrite the runtime_speed section of this markdown file")
@@ -511,6 +539,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for name in ("prompt", "gen", "rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if a.long_prompt < 0:
+        p.error("--long-prompt must be at least 0")
     return a
 
 
@@ -544,12 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({_threads(n)})" for n in args.threads))
     for path in dict.fromkeys(r.path for r in results):
         warm_page_cache(path)
-    ids = {r.variant.key: prompt_ids(r.path, args.prompt) for r in results}
+    ids = {r.variant.key: prompt_ids(r.path, max(args.prompt, args.long_prompt)) for r in results}
 
     for rnd in range(args.rounds):
         for res in results:
             for engine in engines:  # alternate: llmctl, llama.cpp, llmctl, llama.cpp, ...
-                r = measure(engine, res.path, ids[res.variant.key], args.gen, res.threads)
+                r = measure(
+                    engine, res.path, ids[res.variant.key], args.gen, res.threads, args.prompt, args.long_prompt
+                )
                 res.runs[engine].append(r)
                 log(
                     f"round {rnd + 1}/{args.rounds} {res.variant.label:<16} {_threads(res.threads):<9} "
