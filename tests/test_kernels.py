@@ -1,5 +1,6 @@
 """The C kernels against the NumPy reference formats (runtime/quants.py) and gguf-py, on every
-kernel set this CPU has: AVX2 with AVX-VNNI, AVX2, and the portable fallback other CPUs get."""
+kernel set this CPU has: AVX-512 with VNNI, AVX2 with AVX-VNNI, AVX2, and the portable fallback
+other CPUs get."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from runtime.gguf import read_gguf
 from runtime.kernels import _kernels
 from runtime.testing.make_model import make_model
 
-SETS = ["generic", "avx2", "avxvnni"]
+SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 
 
 @pytest.fixture(params=SETS)
@@ -142,7 +143,17 @@ def _random_q_rows(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.
 
 # (weight rows, row length, activation rows): odd sizes, remainders of every tile shape, and
 # enough rows for several chunks of work per thread
-GEMM_SHAPES = [(1, 32, 1), (5, 96, 3), (13, 256, 4), (37, 160, 9), (6, 64, 2), (3, 64, 17), (203, 1024, 6)]
+GEMM_SHAPES = [
+    (1, 32, 1),
+    (5, 96, 3),
+    (13, 256, 4),
+    (37, 160, 9),
+    (6, 64, 2),
+    (3, 64, 17),
+    (7, 64, 5),
+    (10, 96, 11),
+    (203, 1024, 6),
+]
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=["q8_0", "q4_0"])
@@ -164,10 +175,13 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
             assert np.array_equal(row[0].view(np.uint32), ref[i].view(np.uint32)), (kernel_set, n, k, i)
 
 
-def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
-    """AVX-VNNI computes the same integers as AVX2's maddubs, so every result is identical."""
-    for key, _, avx2, vnni in _outputs_on_sets(weights, ("avx2", "avxvnni"), 6, 2):
-        assert np.array_equal(avx2.view(np.uint32), vnni.view(np.uint32)), key
+@pytest.mark.parametrize("vnni", ["avxvnni", "avx512vnni"])
+def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]], vnni: str) -> None:
+    """AVX-VNNI and AVX512-VNNI compute the same integers as AVX2's maddubs (and the zmm tiles
+    keep each dot product's float order), so every result is identical."""
+    for rows in (1, 6):
+        for key, _, avx2, out in _outputs_on_sets(weights, ("avx2", vnni), rows, 2):
+            assert np.array_equal(avx2.view(np.uint32), out.view(np.uint32)), (key, rows)
 
 
 def test_read_sum() -> None:

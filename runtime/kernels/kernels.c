@@ -128,6 +128,23 @@ typedef struct {
 #undef KERNELS_VNNI
 #undef KERNELS_AVX2
 #pragma GCC pop_options
+
+/* AVX-512 with VNNI: the GEMM tiles hold two weight rows per zmm (see kernels_impl.h); the rest
+ * is the avxvnni code with AVX512-VNNI's encoding of dpbusd. Same integers, so the same bits. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define KERNELS_AVX2 1
+#define KERNELS_VNNI 1
+#define KERNELS_AVX512 1
+#define SUFFIX(name) name##_avx512vnni
+#define SUFFIX_NAME "avx512vnni"
+#include "kernels_impl.h"
+#undef SUFFIX
+#undef SUFFIX_NAME
+#undef KERNELS_AVX512
+#undef KERNELS_VNNI
+#undef KERNELS_AVX2
+#pragma GCC pop_options
 #endif
 
 static const kernel_set *K = &kernel_set_generic;
@@ -146,6 +163,15 @@ static int cpu_has_avx2(void) {
 static int cpu_has_avxvnni(void) {
 #if defined(HAVE_AVX2_SET)
     return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
+#endif
+}
+
+static int cpu_has_avx512vnni(void) {
+#if defined(HAVE_AVX2_SET)
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -171,7 +197,10 @@ int kernels_init(const char *which) {
     }
     if (which == NULL || strcmp(which, "auto") == 0) {
 #if defined(HAVE_AVX2_SET)
-        K = cpu_has_avxvnni() ? &kernel_set_avxvnni : cpu_has_avx2() ? &kernel_set_avx2 : &kernel_set_generic;
+        K = cpu_has_avx512vnni() ? &kernel_set_avx512vnni
+            : cpu_has_avxvnni()  ? &kernel_set_avxvnni
+            : cpu_has_avx2()     ? &kernel_set_avx2
+                                 : &kernel_set_generic;
 #else
         K = &kernel_set_generic;
 #endif
@@ -188,6 +217,10 @@ int kernels_init(const char *which) {
     }
     if (strcmp(which, "avxvnni") == 0 && cpu_has_avxvnni()) {
         K = &kernel_set_avxvnni;
+        return 0;
+    }
+    if (strcmp(which, "avx512vnni") == 0 && cpu_has_avx512vnni()) {
+        K = &kernel_set_avx512vnni;
         return 0;
     }
 #endif

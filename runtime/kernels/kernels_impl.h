@@ -1,5 +1,6 @@
-/* Row kernels, compiled twice by kernels.c: once portable (SUFFIX = _generic) and once with
- * KERNELS_AVX2 under `#pragma GCC target("avx2,fma,f16c")` (SUFFIX = _avx2).
+/* Row kernels, compiled four times by kernels.c: once portable (SUFFIX = _generic), once with
+ * KERNELS_AVX2 under `#pragma GCC target("avx2,fma,f16c")` (SUFFIX = _avx2), and twice more with
+ * KERNELS_VNNI (_avxvnni) and KERNELS_VNNI + KERNELS_AVX512 (_avx512vnni: zmm GEMM tiles).
  * Only the bodies that matter for speed have intrinsics; the rest is plain C that the compiler
  * vectorizes for the target. Results of the two sets differ only in float summation order. */
 
@@ -179,7 +180,12 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(block_lanes)(__m256i 
                                                                         const int32_t *corr) {
 #ifdef KERNELS_VNNI
     (void)w_abs;
+#ifdef KERNELS_AVX512
+    /* AVX512-VNNI's EVEX form of the same instruction (CPUs with it may lack AVX-VNNI) */
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)corr), w, y));
+#else
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_loadu_si256((const __m256i *)corr), w, y));
+#endif
 #else
     (void)corr;
     const __m256i dot = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(y, w));
@@ -193,10 +199,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
                                                                  float *y, int64_t ldy) {
     const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
-    const block_q8_0 *yq[4];
-    const float *yd[4];
-    const int32_t *yc[4];
-    __m256 acc[4][4];
+    const block_q8_0 *yq[6];  /* RW <= 4, RA <= 6 */
+    const float *yd[6];
+    const int32_t *yc[6];
+    __m256 acc[4][6];
     for (int c = 0; c < RA; c++) {
         yq[c] = a->q + (m0 + c) * nb;
         yd[c] = a->d + (m0 + c) * nb;
@@ -234,6 +240,114 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_row)(int wtype, 
     for (; n < n_rows; n++) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
 }
 
+#ifdef KERNELS_AVX512
+/* AVX-512: a zmm holds block i of two weight rows (row r in the low 256 bits, r + 1 in the
+ * high), against activation block i broadcast into both halves. Each half then runs exactly the
+ * ymm steps of block_lanes (VNNI) and the fma, and is reduced by the same hsum8: two consecutive
+ * blocks of one dot product never share a register, so the float order does not change. */
+static inline __attribute__((always_inline)) __m512i SUFFIX(load_wpair)(int wtype, const uint8_t *b0,
+                                                                        const uint8_t *b1) {
+    if (wtype == KT_Q8_0) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)b0)->qs);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)b1)->qs);
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
+    }
+    /* 128-bit lanes [p0, p0, p1, p1] of the packed nibbles, lanes 1 and 3 shifted right by 4:
+     * each half is load_wblock's [low nibbles, high nibbles] of its row */
+    const __m128i p0 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b0)->qs);
+    const __m128i p1 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b1)->qs);
+    const __m512i z = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+                                               _mm512_castsi256_si512(_mm256_set_m128i(p1, p0)));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00FF00u, z, 4), _mm512_set1_epi8(0xF));
+}
+
+/* y[c * ldy + r] = dot(weight row r, activation row m0 + c) for r < 2 * RP, c < RA. */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, int RP, int RA, const uint8_t *w,
+                                                                    size_t w_stride, const q8_act *a, int64_t m0,
+                                                                    float *y, int64_t ldy) {
+    const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
+    const int64_t nb = a->nb;
+    const block_q8_0 *yq[6];  /* RP <= 4, RA <= 6 */
+    const float *yd[6];
+    const int32_t *yc[6];
+    __m512 acc[4][6];
+    for (int c = 0; c < RA; c++) {
+        yq[c] = a->q + (m0 + c) * nb;
+        yd[c] = a->d + (m0 + c) * nb;
+        yc[c] = a->corr + (m0 + c) * nb * 8;
+        for (int p = 0; p < RP; p++) acc[p][c] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i wq[4];
+        __m512 dx[4];
+        for (int p = 0; p < RP; p++) {
+            const uint8_t *b0 = w + 2 * p * w_stride + (size_t)i * bb;
+            const uint8_t *b1 = b0 + w_stride;
+            /* the next tile's rows into L2, as q_tile does */
+            _mm_prefetch((const char *)b0 + 2 * RP * w_stride, _MM_HINT_T1);
+            _mm_prefetch((const char *)b1 + 2 * RP * w_stride, _MM_HINT_T1);
+            dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
+                                               _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
+            wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
+        }
+        for (int c = 0; c < RA; c++) {
+            const __m512i yv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yq[c][i].qs));
+            const __m512i corr = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yc[c] + 8 * i)));
+            const __m512 dy = _mm512_set1_ps(yd[c][i]);
+            for (int p = 0; p < RP; p++) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, wq[p], yv));
+                acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(dx[p], dy), q, acc[p][c]);
+            }
+        }
+    }
+    for (int p = 0; p < RP; p++)
+        for (int c = 0; c < RA; c++) {
+            y[c * ldy + 2 * p] = SUFFIX(hsum8)(_mm512_castps512_ps256(acc[p][c]));
+            y[c * ldy + 2 * p + 1] =
+                SUFFIX(hsum8)(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][c]), 1)));
+        }
+}
+
+/* Activation rows m0 .. m0+RA-1 against all n_rows weight rows, 2 * RP rows at a time; what
+ * is left goes by pairs, then a last odd row by the ymm tile. */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtype, int RP, int RA,
+                                                                        const uint8_t *w, size_t w_stride,
+                                                                        int64_t n_rows, const q8_act *a,
+                                                                        int64_t m0, float *y, int64_t ldy) {
+    int64_t n = 0;
+    for (; n + 2 * RP <= n_rows; n += 2 * RP)
+        SUFFIX(q_tile512)(wtype, RP, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+    for (; n + 2 <= n_rows; n += 2) SUFFIX(q_tile512)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+    if (n < n_rows) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+}
+
+#ifndef GEMM512_RP
+#define GEMM512_RP 2
+#endif
+#ifndef GEMM512_RA
+#define GEMM512_RA 4
+#endif
+#ifndef GEMM512_RP1
+#define GEMM512_RP1 2
+#endif
+
+/* Tiles of 2 x GEMM512_RP weight rows x GEMM512_RA activation rows; decode (one activation
+ * row) goes 2 * GEMM512_RP1 weight rows at a time. */
+static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, const uint8_t *w, size_t w_stride,
+                                                                 int64_t n_rows, const q8_act *a, int64_t M, float *y,
+                                                                 int64_t ldy) {
+    int64_t m = 0;
+    for (; m + GEMM512_RA <= M; m += GEMM512_RA)
+        SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
+    switch (M - m) {
+    case 5: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 5, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 4: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 4, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 3: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 3, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 2: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 2, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 1: SUFFIX(q_tile512_row)(wtype, GEMM512_RP1, 1, w, w_stride, n_rows, a, m, y, ldy); break;
+    }
+}
+#else
 /* Tiles of RW weight rows x 4 activation rows: VNNI, which needs fewer registers per block,
  * fits 2 x 4 accumulators in the 16 ymm registers; AVX2 1 x 4. One activation row (decode)
  * goes 4 weight rows at a time so that its block is loaded once for four. */
@@ -253,6 +367,8 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
     case 1: SUFFIX(q_tile_row)(wtype, 4, 1, w, w_stride, n_rows, a, m, y, ldy); break;
     }
 }
+
+#endif
 
 static void SUFFIX(gemm_q8_0)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                               float *y, int64_t ldy) {
