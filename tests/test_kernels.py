@@ -133,11 +133,16 @@ def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> N
 
 
 def _random_q_rows(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
-    """Raw Q8_0/Q4_0 rows: every quant byte value (-128 too) and random fp16 scales."""
-    size = BLOCK_SIZE[t][1]
-    raw = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
-    scales = (rng.standard_normal((n, k // 32)) * 0.01).astype("<f2")
-    raw[:, :, :2] = scales.view(np.uint8).reshape(n, k // 32, 2)
+    """Raw Q8_0/Q4_0/Q6_K rows: every quant byte value (-128 too) and random fp16 scales (the
+    first two bytes of a Q8_0/Q4_0 block, the last two of a Q6_K block)."""
+    elems, size = BLOCK_SIZE[t]
+    nb = k // elems
+    raw = rng.integers(0, 256, (n, nb, size), dtype=np.uint8)
+    scales = (rng.standard_normal((n, nb)) * 0.01).astype("<f2").view(np.uint8).reshape(n, nb, 2)
+    if t == GGMLType.Q6_K:
+        raw[:, :, -2:] = scales
+    else:
+        raw[:, :, :2] = scales
     return raw.reshape(n, -1)
 
 
@@ -157,12 +162,13 @@ GEMM_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=["q8_0", "q4_0"])
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
 def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
     """The tiled matmul computes every output exactly as the single-row dot product does (the
     one the parity tests hold to llama.cpp), for any shape and any number of threads."""
     rng = np.random.default_rng(11)
     for n, k, m in GEMM_SHAPES:
+        k *= BLOCK_SIZE[t][0] // 32  # Q6_K rows: the same number of blocks of 256
         raw = _random_q_rows(rng, t, n, k)
         x = _activations(rng, m, k)
         ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(m)], np.float32)

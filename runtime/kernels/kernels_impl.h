@@ -400,72 +400,81 @@ static void SUFFIX(gemm_q4_0)(const uint8_t *w, size_t w_stride, int64_t n_rows,
 }
 #endif
 
+#ifdef KERNELS_AVX2
+static const uint8_t SUFFIX(q6_K_shuffle)[128] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
+    8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,  10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11,
+    12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,  14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15};
+
+/* ggml's AVX2 ggml_vec_dot_q6_K_q8_K, step for step, for one Q6_K row against RA Q8_K rows at
+ * once: each weight block's 6-bit values and scales are decoded once for all RA rows. Per row the
+ * integer lanes are ggml's (exact: maddubs cannot saturate on 6-bit x 8-bit pairs) and the float
+ * steps are its own (acc = fma(d, float(lanes), acc) per block in order, then hsum8), so every
+ * output has the single-row kernel's bits; dot_q6_K is this with RA = 1. */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int64_t nb, const block_q6_K *xa,
+                                                                    const block_q8_K *const *ya, float *y,
+                                                                    int64_t ldy) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i m15 = _mm256_set1_epi8(15);
+    __m256 acc[4];
+    for (int c = 0; c < RA; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q4 = xa[i].ql;
+        const uint8_t *qh = xa[i].qh;
+        const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
+        __m256i sumi[4];
+        for (int c = 0; c < RA; c++) sumi[c] = _mm256_setzero_si256();
+        for (int j = 0; j < QK_K / 128; ++j) {
+            const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
+            const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m3), 4);
+            const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(12)), 2);
+            const __m256i q4h_2 = _mm256_and_si256(q4bitsH, _mm256_set1_epi8(48));
+            const __m256i q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(-64)), 2);
+            const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
+            const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
+            const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2);
+            const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3);
+            const __m128i *shuf = (const __m128i *)SUFFIX(q6_K_shuffle) + 4 * j;
+            const __m256i scale_0 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 0)));
+            const __m256i scale_1 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 1)));
+            const __m256i scale_2 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 2)));
+            const __m256i scale_3 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 3)));
+            for (int c = 0; c < RA; c++) {
+                const __m256i *q8 = (const __m256i *)(ya[c][i].qs + 128 * j);
+                const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q4_0, _mm256_loadu_si256(q8 + 0)));
+                const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(q8 + 1)));
+                const __m256i p16_2 = _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(q8 + 2)));
+                const __m256i p16_3 = _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(q8 + 3)));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_0, p16_1));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_2, p16_3));
+            }
+        }
+        const __m256i scales_16 = _mm256_cvtepi8_epi16(scales);
+        const float dx = fp16_to_fp32(xa[i].d);
+        for (int c = 0; c < RA; c++) {
+            const __m256i q8sums = _mm256_loadu_si256((const __m256i *)ya[c][i].bsums);
+            const __m256i q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales_16), 5);
+            const float d = ya[c][i].d * dx;
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[c], q8sclsub)), acc[c]);
+        }
+    }
+    for (int c = 0; c < RA; c++) y[c * ldy] = SUFFIX(hsum8)(acc[c]);
+}
+#endif
+
 /* Q6_K weights against Q8_K activations. The AVX2 set runs ggml's AVX2 code; the portable set
  * computes the same 8 integer lanes in plain C (lane L holds bytes 4L..4L+3 of every 32-element
  * group, scaled, minus 32 * the scaled block sums 2L and 2L+1; each block adds d * lane to a
  * float lane with FMA; the lanes are summed at the end), so both give the same result. */
 static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
 #ifdef KERNELS_AVX2
-    /* ggml's AVX2 ggml_vec_dot_q6_K_q8_K, step for step */
-    static const uint8_t k_shuffle[128] = {
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
-        8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,  10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11,
-        12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,  14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15};
-    {
-        const block_q6_K *xa = (const block_q6_K *)vx;
-        const block_q8_K *ya = (const block_q8_K *)vy;
-        const __m256i m3 = _mm256_set1_epi8(3);
-        const __m256i m15 = _mm256_set1_epi8(15);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n / QK_K; i++) {
-            const float d = ya[i].d * fp16_to_fp32(xa[i].d);
-            const uint8_t *q4 = xa[i].ql;
-            const uint8_t *qh = xa[i].qh;
-            const int8_t *q8 = ya[i].qs;
-            const __m256i q8sums = _mm256_loadu_si256((const __m256i *)ya[i].bsums);
-            const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
-            const __m256i scales_16 = _mm256_cvtepi8_epi16(scales);
-            const __m256i q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales_16), 5);
-            __m256i sumi = _mm256_setzero_si256();
-            int is = 0;
-            for (int j = 0; j < QK_K / 128; ++j) {
-                const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
-                const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
-                const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
-                const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m3), 4);
-                const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(12)), 2);
-                const __m256i q4h_2 = _mm256_and_si256(q4bitsH, _mm256_set1_epi8(48));
-                const __m256i q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(-64)), 2);
-                const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
-                const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
-                const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2);
-                const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3);
-                const __m256i q8_0 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_1 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_2 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_3 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                __m256i p16_0 = _mm256_maddubs_epi16(q4_0, q8_0);
-                __m256i p16_1 = _mm256_maddubs_epi16(q4_1, q8_1);
-                __m256i p16_2 = _mm256_maddubs_epi16(q4_2, q8_2);
-                __m256i p16_3 = _mm256_maddubs_epi16(q4_3, q8_3);
-                const __m128i scale_0 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 0));
-                const __m128i scale_1 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 1));
-                const __m128i scale_2 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 2));
-                const __m128i scale_3 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 3));
-                is += 4;
-                p16_0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_0), p16_0);
-                p16_1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_1), p16_1);
-                p16_2 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_2), p16_2);
-                p16_3 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_3), p16_3);
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_2, p16_3));
-            }
-            sumi = _mm256_sub_epi32(sumi, q8sclsub);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        }
-        return SUFFIX(hsum8)(acc);
-    }
+    const block_q8_K *ya = (const block_q8_K *)vy;
+    float y;
+    SUFFIX(q6_K_tile)(1, n / QK_K, (const block_q6_K *)vx, &ya, &y, 0);
+    return y;
 #else
 
     const block_q6_K *x = (const block_q6_K *)vx;
@@ -505,6 +514,30 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
     const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
     return (t0 + t2) + (t1 + t3);
 #endif
+}
+
+/* y[m * ldy + r] = dot_q6_K(weight row r, activation row m) for r < n_rows, m < M, with the
+ * activations as a->qk (Q8_K): each weight row against 4 activation rows at a time. */
+static void SUFFIX(gemm_q6_K)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
+                              float *y, int64_t ldy) {
+    const int64_t nb = a->nb;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const block_q6_K *x = (const block_q6_K *)(w + (size_t)r * w_stride);
+#ifdef KERNELS_AVX2
+        for (int64_t m = 0; m < M; m += 4) {
+            const block_q8_K *ya[4] = {NULL, NULL, NULL, NULL};
+            for (int c = 0; c < 4 && m + c < M; c++) ya[c] = a->qk + (m + c) * nb;
+            switch (M - m) {
+            case 1: SUFFIX(q6_K_tile)(1, nb, x, ya, y + m * ldy + r, ldy); break;
+            case 2: SUFFIX(q6_K_tile)(2, nb, x, ya, y + m * ldy + r, ldy); break;
+            case 3: SUFFIX(q6_K_tile)(3, nb, x, ya, y + m * ldy + r, ldy); break;
+            default: SUFFIX(q6_K_tile)(4, nb, x, ya, y + m * ldy + r, ldy); break;
+            }
+        }
+#else
+        for (int64_t m = 0; m < M; m++) y[m * ldy + r] = SUFFIX(dot_q6_K)(nb * QK_K, x, a->qk + m * nb);
+#endif
+    }
 }
 
 /* F16 and F32 dot products come in two summation orders, because ggml uses two: its vec_dot
@@ -658,6 +691,7 @@ static const kernel_set SUFFIX(kernel_set) = {
     .dot_q6_K = SUFFIX(dot_q6_K),
     .gemm_q8_0 = SUFFIX(gemm_q8_0),
     .gemm_q4_0 = SUFFIX(gemm_q4_0),
+    .gemm_q6_K = SUFFIX(gemm_q6_K),
 #ifdef KERNELS_VNNI
     .act_corr = 1,
 #endif
