@@ -401,6 +401,23 @@ static void SUFFIX(gemm_q4_0)(const uint8_t *w, size_t w_stride, int64_t n_rows,
 #endif
 
 #ifdef KERNELS_AVX2
+#ifndef Q6_K_UNPACK
+/* ggml's AVX2 unpacking of 128 Q6_K values (low bits b1, b2, high bits bh) into q[0..3], 6-bit
+ * unsigned bytes; W = 256 for one row, 512 for two rows (one per half) */
+#define Q6_K_UNPACK(W, b1, b2, bh, q)                                                                            \
+    do {                                                                                                          \
+        const __m##W##i m15_ = _mm##W##_set1_epi8(15);                                                            \
+        q[0] = _mm##W##_or_si##W(_mm##W##_and_si##W(b1, m15_),                                                    \
+                                 _mm##W##_slli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(3)), 4));          \
+        q[1] = _mm##W##_or_si##W(_mm##W##_and_si##W(b2, m15_),                                                    \
+                                 _mm##W##_slli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(12)), 2));         \
+        q[2] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(b1, 4), m15_),                            \
+                                 _mm##W##_and_si##W(bh, _mm##W##_set1_epi8(48)));                                 \
+        q[3] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(b2, 4), m15_),                            \
+                                 _mm##W##_srli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(-64)), 2));        \
+    } while (0)
+#endif
+
 static const uint8_t SUFFIX(q6_K_shuffle)[128] = {
     0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
     4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
@@ -415,8 +432,6 @@ static const uint8_t SUFFIX(q6_K_shuffle)[128] = {
 static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int64_t nb, const block_q6_K *xa,
                                                                     const block_q8_K *const *ya, float *y,
                                                                     int64_t ldy) {
-    const __m256i m3 = _mm256_set1_epi8(3);
-    const __m256i m15 = _mm256_set1_epi8(15);
     __m256 acc[4];
     for (int c = 0; c < RA; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
@@ -429,14 +444,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
             const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
             const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
             const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
-            const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m3), 4);
-            const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(12)), 2);
-            const __m256i q4h_2 = _mm256_and_si256(q4bitsH, _mm256_set1_epi8(48));
-            const __m256i q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(-64)), 2);
-            const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
-            const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
-            const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2);
-            const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3);
+            __m256i q6[4];
+            Q6_K_UNPACK(256, q4bits1, q4bits2, q4bitsH, q6);
             const __m128i *shuf = (const __m128i *)SUFFIX(q6_K_shuffle) + 4 * j;
             const __m256i scale_0 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 0)));
             const __m256i scale_1 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 1)));
@@ -444,10 +453,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
             const __m256i scale_3 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 3)));
             for (int c = 0; c < RA; c++) {
                 const __m256i *q8 = (const __m256i *)(ya[c][i].qs + 128 * j);
-                const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q4_0, _mm256_loadu_si256(q8 + 0)));
-                const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(q8 + 1)));
-                const __m256i p16_2 = _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(q8 + 2)));
-                const __m256i p16_3 = _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(q8 + 3)));
+                const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q6[0], _mm256_loadu_si256(q8 + 0)));
+                const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q6[1], _mm256_loadu_si256(q8 + 1)));
+                const __m256i p16_2 = _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q6[2], _mm256_loadu_si256(q8 + 2)));
+                const __m256i p16_3 = _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q6[3], _mm256_loadu_si256(q8 + 3)));
                 sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_0, p16_1));
                 sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_2, p16_3));
             }
@@ -474,8 +483,6 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int
                                                                      size_t w_stride, const block_q8_K *const *ya,
                                                                      float *y, int64_t ldy) {
     const block_q6_K *x1 = (const block_q6_K *)((const uint8_t *)x0 + w_stride);
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const __m512i m15 = _mm512_set1_epi8(15);
     __m512 acc[4];
     for (int c = 0; c < RA; c++) acc[c] = _mm512_setzero_ps();
 #define PAIR256(p0, p1) \
@@ -496,24 +503,18 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int
             const __m512i q4bits1 = PAIR256(x0[i].ql + 64 * j, x1[i].ql + 64 * j);
             const __m512i q4bits2 = PAIR256(x0[i].ql + 64 * j + 32, x1[i].ql + 64 * j + 32);
             const __m512i q4bitsH = PAIR256(x0[i].qh + 32 * j, x1[i].qh + 32 * j);
-            const __m512i q4h_0 = _mm512_slli_epi16(_mm512_and_si512(q4bitsH, m3), 4);
-            const __m512i q4h_1 = _mm512_slli_epi16(_mm512_and_si512(q4bitsH, _mm512_set1_epi8(12)), 2);
-            const __m512i q4h_2 = _mm512_and_si512(q4bitsH, _mm512_set1_epi8(48));
-            const __m512i q4h_3 = _mm512_srli_epi16(_mm512_and_si512(q4bitsH, _mm512_set1_epi8(-64)), 2);
-            const __m512i q4_0 = _mm512_or_si512(_mm512_and_si512(q4bits1, m15), q4h_0);
-            const __m512i q4_1 = _mm512_or_si512(_mm512_and_si512(q4bits2, m15), q4h_1);
-            const __m512i q4_2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q4bits1, 4), m15), q4h_2);
-            const __m512i q4_3 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q4bits2, 4), m15), q4h_3);
+            __m512i q6[4];
+            Q6_K_UNPACK(512, q4bits1, q4bits2, q4bitsH, q6);
             const __m128i *shuf = (const __m128i *)SUFFIX(q6_K_shuffle) + 4 * j;
             __m512i sc[4];
             for (int k = 0; k < 4; k++)
                 sc[k] = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(scales, _mm256_broadcastsi128_si256(_mm_loadu_si128(shuf + k))));
             for (int c = 0; c < RA; c++) {
                 const __m256i *q8 = (const __m256i *)(ya[c][i].qs + 128 * j);
-                const __m512i p16_0 = _mm512_madd_epi16(sc[0], _mm512_maddubs_epi16(q4_0, _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 0))));
-                const __m512i p16_1 = _mm512_madd_epi16(sc[1], _mm512_maddubs_epi16(q4_1, _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 1))));
-                const __m512i p16_2 = _mm512_madd_epi16(sc[2], _mm512_maddubs_epi16(q4_2, _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 2))));
-                const __m512i p16_3 = _mm512_madd_epi16(sc[3], _mm512_maddubs_epi16(q4_3, _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 3))));
+                const __m512i p16_0 = _mm512_madd_epi16(sc[0], _mm512_maddubs_epi16(q6[0], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 0))));
+                const __m512i p16_1 = _mm512_madd_epi16(sc[1], _mm512_maddubs_epi16(q6[1], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 1))));
+                const __m512i p16_2 = _mm512_madd_epi16(sc[2], _mm512_maddubs_epi16(q6[2], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 2))));
+                const __m512i p16_3 = _mm512_madd_epi16(sc[3], _mm512_maddubs_epi16(q6[3], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 3))));
                 sumi[c] = _mm512_add_epi32(sumi[c], _mm512_add_epi32(p16_0, p16_1));
                 sumi[c] = _mm512_add_epi32(sumi[c], _mm512_add_epi32(p16_2, p16_3));
             }
@@ -587,42 +588,56 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
 #endif
 }
 
-/* y[m * ldy + r] = dot_q6_K(weight row r, activation row m) for r < n_rows, m < M, with the
- * activations as a->qk (Q8_K): each weight row against 4 activation rows at a time. */
-static void SUFFIX(gemm_q6_K)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
-                              float *y, int64_t ldy) {
-    const int64_t nb = a->nb;
-    int64_t r = 0;
+#ifdef KERNELS_AVX2
+/* ROWS (1, or 2 with AVX-512) weight rows from x against RA activation rows ya[0 .. RA-1] */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile_rows)(int ROWS, int RA, int64_t nb,
+                                                                         const block_q6_K *x, size_t w_stride,
+                                                                         const block_q8_K *const *ya, float *y,
+                                                                         int64_t ldy) {
 #ifdef KERNELS_AVX512
-    for (; r + 2 <= n_rows; r += 2) {
-        const block_q6_K *x0 = (const block_q6_K *)(w + (size_t)r * w_stride);
-        for (int64_t m = 0; m < M; m += 4) {
-            const block_q8_K *ya[4] = {NULL, NULL, NULL, NULL};
-            for (int c = 0; c < 4 && m + c < M; c++) ya[c] = a->qk + (m + c) * nb;
-            switch (M - m) {
-            case 1: SUFFIX(q6_K_tile2)(1, nb, x0, w_stride, ya, y + m * ldy + r, ldy); break;
-            case 2: SUFFIX(q6_K_tile2)(2, nb, x0, w_stride, ya, y + m * ldy + r, ldy); break;
-            case 3: SUFFIX(q6_K_tile2)(3, nb, x0, w_stride, ya, y + m * ldy + r, ldy); break;
-            default: SUFFIX(q6_K_tile2)(4, nb, x0, w_stride, ya, y + m * ldy + r, ldy); break;
-            }
+    if (ROWS == 2) {
+        SUFFIX(q6_K_tile2)(RA, nb, x, w_stride, ya, y, ldy);
+        return;
+    }
+#endif
+    (void)w_stride;
+    SUFFIX(q6_K_tile)(RA, nb, x, ya, y, ldy);
+}
+
+/* ROWS weight rows from x against all M activation rows, 4 at a time */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_row_tiles)(int ROWS, const block_q6_K *x,
+                                                                         size_t w_stride, const q8_act *a,
+                                                                         int64_t M, float *y, int64_t ldy) {
+    for (int64_t m = 0; m < M; m += 4) {
+        const block_q8_K *ya[4] = {NULL, NULL, NULL, NULL};
+        for (int c = 0; c < 4 && m + c < M; c++) ya[c] = a->qk + (m + c) * a->nb;
+        float *ym = y + m * ldy;
+        switch (M - m) {
+        case 1: SUFFIX(q6_K_tile_rows)(ROWS, 1, a->nb, x, w_stride, ya, ym, ldy); break;
+        case 2: SUFFIX(q6_K_tile_rows)(ROWS, 2, a->nb, x, w_stride, ya, ym, ldy); break;
+        case 3: SUFFIX(q6_K_tile_rows)(ROWS, 3, a->nb, x, w_stride, ya, ym, ldy); break;
+        default: SUFFIX(q6_K_tile_rows)(ROWS, 4, a->nb, x, w_stride, ya, ym, ldy); break;
         }
     }
+}
+#endif
+
+/* y[m * ldy + r] = dot_q6_K(weight row r, activation row m) for r < n_rows, m < M, with the
+ * activations as a->qk (Q8_K): each weight row (each pair of rows with AVX-512) against 4
+ * activation rows at a time. */
+static void SUFFIX(gemm_q6_K)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
+                              float *y, int64_t ldy) {
+    int64_t r = 0;
+#ifdef KERNELS_AVX512
+    for (; r + 2 <= n_rows; r += 2)
+        SUFFIX(q6_K_row_tiles)(2, (const block_q6_K *)(w + (size_t)r * w_stride), w_stride, a, M, y + r, ldy);
 #endif
     for (; r < n_rows; r++) {
         const block_q6_K *x = (const block_q6_K *)(w + (size_t)r * w_stride);
 #ifdef KERNELS_AVX2
-        for (int64_t m = 0; m < M; m += 4) {
-            const block_q8_K *ya[4] = {NULL, NULL, NULL, NULL};
-            for (int c = 0; c < 4 && m + c < M; c++) ya[c] = a->qk + (m + c) * nb;
-            switch (M - m) {
-            case 1: SUFFIX(q6_K_tile)(1, nb, x, ya, y + m * ldy + r, ldy); break;
-            case 2: SUFFIX(q6_K_tile)(2, nb, x, ya, y + m * ldy + r, ldy); break;
-            case 3: SUFFIX(q6_K_tile)(3, nb, x, ya, y + m * ldy + r, ldy); break;
-            default: SUFFIX(q6_K_tile)(4, nb, x, ya, y + m * ldy + r, ldy); break;
-            }
-        }
+        SUFFIX(q6_K_row_tiles)(1, x, w_stride, a, M, y + r, ldy);
 #else
-        for (int64_t m = 0; m < M; m++) y[m * ldy + r] = SUFFIX(dot_q6_K)(nb * QK_K, x, a->qk + m * nb);
+        for (int64_t m = 0; m < M; m++) y[m * ldy + r] = SUFFIX(dot_q6_K)(a->nb * QK_K, x, a->qk + m * a->nb);
 #endif
     }
 }
