@@ -1,5 +1,6 @@
 """The C kernels against the NumPy reference formats (runtime/quants.py) and gguf-py, on every
-kernel set this CPU has: AVX2 with AVX-VNNI, AVX2, and the portable fallback other CPUs get."""
+kernel set this CPU has: AVX-512 with VNNI, AVX2 with AVX-VNNI, AVX2, and the portable fallback
+other CPUs get."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from runtime.gguf import read_gguf
 from runtime.kernels import _kernels
 from runtime.testing.make_model import make_model
 
-SETS = ["generic", "avx2", "avxvnni"]
+SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 
 
 @pytest.fixture(params=SETS)
@@ -132,25 +133,42 @@ def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> N
 
 
 def _random_q_rows(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
-    """Raw Q8_0/Q4_0 rows: every quant byte value (-128 too) and random fp16 scales."""
-    size = BLOCK_SIZE[t][1]
-    raw = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
-    scales = (rng.standard_normal((n, k // 32)) * 0.01).astype("<f2")
-    raw[:, :, :2] = scales.view(np.uint8).reshape(n, k // 32, 2)
+    """Raw Q8_0/Q4_0/Q6_K rows: every quant byte value (-128 too) and random fp16 scales (the
+    first two bytes of a Q8_0/Q4_0 block, the last two of a Q6_K block)."""
+    elems, size = BLOCK_SIZE[t]
+    nb = k // elems
+    raw = rng.integers(0, 256, (n, nb, size), dtype=np.uint8)
+    scales = (rng.standard_normal((n, nb)) * 0.01).astype("<f2").view(np.uint8).reshape(n, nb, 2)
+    if t == GGMLType.Q6_K:
+        raw[:, :, -2:] = scales
+    else:
+        raw[:, :, :2] = scales
     return raw.reshape(n, -1)
 
 
 # (weight rows, row length, activation rows): odd sizes, remainders of every tile shape, and
 # enough rows for several chunks of work per thread
-GEMM_SHAPES = [(1, 32, 1), (5, 96, 3), (13, 256, 4), (37, 160, 9), (6, 64, 2), (3, 64, 17), (203, 1024, 6)]
+GEMM_SHAPES = [
+    (1, 32, 1),
+    (5, 96, 3),
+    (13, 256, 4),
+    (37, 160, 9),
+    (6, 64, 2),
+    (3, 64, 17),
+    (7, 64, 5),
+    (9, 64, 7),
+    (10, 96, 11),
+    (203, 1024, 6),
+]
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=["q8_0", "q4_0"])
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
 def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
     """The tiled matmul computes every output exactly as the single-row dot product does (the
     one the parity tests hold to llama.cpp), for any shape and any number of threads."""
     rng = np.random.default_rng(11)
     for n, k, m in GEMM_SHAPES:
+        k *= BLOCK_SIZE[t][0] // 32  # Q6_K rows: the same number of blocks of 256
         raw = _random_q_rows(rng, t, n, k)
         x = _activations(rng, m, k)
         ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(m)], np.float32)
@@ -164,10 +182,13 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
             assert np.array_equal(row[0].view(np.uint32), ref[i].view(np.uint32)), (kernel_set, n, k, i)
 
 
-def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
-    """AVX-VNNI computes the same integers as AVX2's maddubs, so every result is identical."""
-    for key, _, avx2, vnni in _outputs_on_sets(weights, ("avx2", "avxvnni"), 6, 2):
-        assert np.array_equal(avx2.view(np.uint32), vnni.view(np.uint32)), key
+@pytest.mark.parametrize("vnni", ["avxvnni", "avx512vnni"])
+def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]], vnni: str) -> None:
+    """AVX-VNNI and AVX512-VNNI compute the same integers as AVX2's maddubs (and the zmm tiles
+    keep each dot product's float order), so every result is identical."""
+    for rows in (1, 6):
+        for key, _, avx2, out in _outputs_on_sets(weights, ("avx2", vnni), rows, 2):
+            assert np.array_equal(avx2.view(np.uint32), out.view(np.uint32)), (key, rows)
 
 
 def test_read_sum() -> None:

@@ -35,13 +35,14 @@ kernels_init(b"auto")
 
 
 def use(str which="auto"):
-    """Select the kernel set: "auto", "avxvnni", "avx2" or "generic". ValueError if the CPU lacks it."""
+    """Select the kernel set: "auto", "avx512vnni", "avxvnni", "avx2" or "generic". ValueError if the CPU
+    lacks it."""
     if kernels_init(which.encode()) != 0:
         raise ValueError(f"kernel set {which!r} is not available on this CPU")
 
 
 def active():
-    """Name of the kernel set in use ("avxvnni", "avx2" or "generic")."""
+    """Name of the kernel set in use ("avx512vnni", "avxvnni", "avx2" or "generic")."""
     return kernels_active().decode()
 
 

@@ -69,13 +69,15 @@ static inline uint16_t fp32_to_fp16(float f) {
 typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
 
-/* The activations of a Q8_0/Q4_0 matmul, quantized once per call: M rows of nb Q8_0 blocks,
- * each block's scale as float, and for the VNNI set each block's 8 correction lanes
- * (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0 weights, 8 for Q4_0). */
+/* The activations of a matmul, quantized once per call, M rows of nb blocks each. Q8_0/Q4_0
+ * weights: q holds the Q8_0 blocks, d each block's scale as float, and for the VNNI sets corr
+ * each block's 8 correction lanes (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0
+ * weights, 8 for Q4_0). Q6_K weights: qk holds the Q8_K blocks. */
 typedef struct {
     const block_q8_0 *q;
     const float *d;
     const int32_t *corr;
+    const block_q8_K *qk;
     int64_t nb;
 } q8_act;
 /* y[m * ldy + n] = dot(weight row n, activation row m) for n < n_rows, m < M */
@@ -89,6 +91,7 @@ typedef struct {
     quantize_fn quantize_f16;
     dot_fn dot_q8_0, dot_q4_0, dot_q6_K;
     gemm_fn gemm_q8_0, gemm_q4_0;  /* many rows at once, each output as dot_q8_0 / dot_q4_0 */
+    gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
     int act_corr;                  /* the gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
@@ -128,6 +131,23 @@ typedef struct {
 #undef KERNELS_VNNI
 #undef KERNELS_AVX2
 #pragma GCC pop_options
+
+/* AVX-512 with VNNI: the GEMM tiles hold two weight rows per zmm (see kernels_impl.h); the rest
+ * is the avxvnni code with AVX512-VNNI's encoding of dpbusd. Same integers, so the same bits. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define KERNELS_AVX2 1
+#define KERNELS_VNNI 1
+#define KERNELS_AVX512 1
+#define SUFFIX(name) name##_avx512vnni
+#define SUFFIX_NAME "avx512vnni"
+#include "kernels_impl.h"
+#undef SUFFIX
+#undef SUFFIX_NAME
+#undef KERNELS_AVX512
+#undef KERNELS_VNNI
+#undef KERNELS_AVX2
+#pragma GCC pop_options
 #endif
 
 static const kernel_set *K = &kernel_set_generic;
@@ -146,6 +166,15 @@ static int cpu_has_avx2(void) {
 static int cpu_has_avxvnni(void) {
 #if defined(HAVE_AVX2_SET)
     return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
+#endif
+}
+
+static int cpu_has_avx512vnni(void) {
+#if defined(HAVE_AVX2_SET)
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -171,7 +200,10 @@ int kernels_init(const char *which) {
     }
     if (which == NULL || strcmp(which, "auto") == 0) {
 #if defined(HAVE_AVX2_SET)
-        K = cpu_has_avxvnni() ? &kernel_set_avxvnni : cpu_has_avx2() ? &kernel_set_avx2 : &kernel_set_generic;
+        K = cpu_has_avx512vnni() ? &kernel_set_avx512vnni
+            : cpu_has_avxvnni()  ? &kernel_set_avxvnni
+            : cpu_has_avx2()     ? &kernel_set_avx2
+                                 : &kernel_set_generic;
 #else
         K = &kernel_set_generic;
 #endif
@@ -188,6 +220,10 @@ int kernels_init(const char *which) {
     }
     if (strcmp(which, "avxvnni") == 0 && cpu_has_avxvnni()) {
         K = &kernel_set_avxvnni;
+        return 0;
+    }
+    if (strcmp(which, "avx512vnni") == 0 && cpu_has_avx512vnni()) {
+        K = &kernel_set_avx512vnni;
         return 0;
     }
 #endif
@@ -239,7 +275,7 @@ typedef struct {
     size_t act_block_bytes; /* bytes of one activation block in the vec_dot format */
     quantize_fn quantize;   /* NULL: activations stay float32 */
     dot_fn dot;
-    gemm_fn gemm;           /* Q8_0/Q4_0: the tiled matmul over Q8_0 activations; NULL: dot by dot */
+    gemm_fn gemm;           /* Q8_0/Q4_0/Q6_K: the tiled matmul; NULL: dot by dot */
     int act_offset;         /* what the VNNI gemm adds to the weight bytes to make them unsigned */
 } type_traits;
 
@@ -255,7 +291,7 @@ static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_
     case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL, 0}; return 0;
     case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->gemm_q8_0, 128}; return 0;
     case KT_Q4_0: *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0, K->gemm_q4_0, 8}; return 0;
-    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, NULL, 0}; return 0;
+    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, K->gemm_q6_K, 0}; return 0;
     default: return -1;
     }
 }
@@ -278,16 +314,18 @@ static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt) {
     return rows < 4 ? 4 : rows;
 }
 
-/* Q8_0 and Q4_0 weights: quantize the activations once (in parallel over rows), then the tiled
- * gemm over chunks of weight rows. */
-static int matmul_q8(const type_traits *t, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_,
-                     const float *x, int64_t M, float *y, int n_threads) {
-    const int64_t nb = K_ / QK8_0;
+/* Weights with a tiled gemm: quantize the activations once (in parallel over rows), then the
+ * gemm over chunks of weight rows. Q8_0/Q4_0 weights take Q8_0 activations with float scales
+ * (and VNNI corrections); Q6_K weights take Q8_K activations. */
+static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_,
+                       const float *x, int64_t M, float *y, int n_threads) {
+    const int64_t nb = K_ / t->block;
     const size_t n_blocks = (size_t)(M * nb);
-    block_q8_0 *q = (block_q8_0 *)malloc(n_blocks * sizeof(block_q8_0));
-    float *d = (float *)malloc(n_blocks * sizeof(float));
-    int32_t *corr = K->act_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
-    if (q == NULL || d == NULL || (K->act_corr && corr == NULL)) {
+    const int q8_0 = wtype != KT_Q6_K;
+    uint8_t *q = (uint8_t *)malloc(n_blocks * t->act_block_bytes);
+    float *d = q8_0 ? (float *)malloc(n_blocks * sizeof(float)) : NULL;
+    int32_t *corr = q8_0 && K->act_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
+    if (q == NULL || (q8_0 && d == NULL) || (q8_0 && K->act_corr && corr == NULL)) {
         free(q);
         free(d);
         free(corr);
@@ -296,8 +334,9 @@ static int matmul_q8(const type_traits *t, const uint8_t *w, size_t w_row_bytes,
     const int nq = threads_for(n_threads, M);
 #pragma omp parallel for num_threads(nq) schedule(static)
     for (int64_t m = 0; m < M; m++) {
-        block_q8_0 *qm = q + m * nb;
-        K->quantize_q8_0(x + m * K_, qm, K_);
+        t->quantize(x + m * K_, q + (size_t)(m * nb) * t->act_block_bytes, K_);
+        if (d == NULL) continue;
+        const block_q8_0 *qm = (const block_q8_0 *)q + m * nb;
         for (int64_t i = 0; i < nb; i++) {
             d[m * nb + i] = fp16_to_fp32(qm[i].d);
             if (corr == NULL) continue;
@@ -307,7 +346,7 @@ static int matmul_q8(const type_traits *t, const uint8_t *w, size_t w_row_bytes,
             }
         }
     }
-    const q8_act a = {q, d, corr, nb};
+    const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, q8_0 ? NULL : (const block_q8_K *)q, nb};
     const int nt = threads_for(n_threads, (N + 3) / 4);
     const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt);
     const int64_t n_chunks = (N + chunk - 1) / chunk;
@@ -327,7 +366,9 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
                    int64_t M, float *y, int n_threads) {
     type_traits t;
     if (traits_for(wtype, N, M, K_, &t) != 0 || K_ % t.block != 0) return -1;
-    if (t.gemm != NULL) return matmul_q8(&t, w, w_row_bytes, N, K_, x, M, y, n_threads);
+    /* Q6_K: one activation row (decode) goes dot by dot below, as before the gemm existed */
+    if (t.gemm != NULL && (wtype != KT_Q6_K || M > 1))
+        return matmul_gemm(wtype, &t, w, w_row_bytes, N, K_, x, M, y, n_threads);
     const size_t act_bytes = (size_t)(K_ / t.block) * t.act_block_bytes;
     const uint8_t *act = (const uint8_t *)x;
     uint8_t *buf = NULL;

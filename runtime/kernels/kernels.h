@@ -28,7 +28,8 @@ enum {
     KT_Q8_K = 15,
 };
 
-/* Picks the kernel set: "auto" (best the CPU supports), "avxvnni" (AVX2 plus AVX-VNNI), "avx2"
+/* Picks the kernel set: "auto" (best the CPU supports), "avx512vnni" (AVX-512 F/BW/VL/VNNI: zmm
+ * GEMM tiles), "avxvnni" (AVX2 plus AVX-VNNI), "avx2"
  * or "generic".
  * Returns 0 on success, -1 if the CPU lacks what was asked for. */
 int kernels_init(const char *which);

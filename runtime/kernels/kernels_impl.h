@@ -1,5 +1,6 @@
-/* Row kernels, compiled twice by kernels.c: once portable (SUFFIX = _generic) and once with
- * KERNELS_AVX2 under `#pragma GCC target("avx2,fma,f16c")` (SUFFIX = _avx2).
+/* Row kernels, compiled four times by kernels.c: once portable (SUFFIX = _generic), once with
+ * KERNELS_AVX2 under `#pragma GCC target("avx2,fma,f16c")` (SUFFIX = _avx2), and twice more with
+ * KERNELS_VNNI (_avxvnni) and KERNELS_VNNI + KERNELS_AVX512 (_avx512vnni: zmm GEMM tiles).
  * Only the bodies that matter for speed have intrinsics; the rest is plain C that the compiler
  * vectorizes for the target. Results of the two sets differ only in float summation order. */
 
@@ -179,7 +180,12 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(block_lanes)(__m256i 
                                                                         const int32_t *corr) {
 #ifdef KERNELS_VNNI
     (void)w_abs;
+#ifdef KERNELS_AVX512
+    /* AVX512-VNNI's EVEX form of the same instruction (CPUs with it may lack AVX-VNNI) */
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)corr), w, y));
+#else
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_loadu_si256((const __m256i *)corr), w, y));
+#endif
 #else
     (void)corr;
     const __m256i dot = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(y, w));
@@ -193,10 +199,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
                                                                  float *y, int64_t ldy) {
     const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
-    const block_q8_0 *yq[4];
-    const float *yd[4];
-    const int32_t *yc[4];
-    __m256 acc[4][4];
+    const block_q8_0 *yq[8];  /* RW <= 4, RA <= 8 */
+    const float *yd[8];
+    const int32_t *yc[8];
+    __m256 acc[4][8];
     for (int c = 0; c < RA; c++) {
         yq[c] = a->q + (m0 + c) * nb;
         yd[c] = a->d + (m0 + c) * nb;
@@ -234,6 +240,120 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_row)(int wtype, 
     for (; n < n_rows; n++) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
 }
 
+#ifdef KERNELS_AVX512
+/* AVX-512: a zmm holds block i of two weight rows (row r in the low 256 bits, r + 1 in the
+ * high), against activation block i broadcast into both halves. Each half then runs exactly the
+ * ymm steps of block_lanes (VNNI) and the fma, and is reduced by the same hsum8: two consecutive
+ * blocks of one dot product never share a register, so the float order does not change. */
+static inline __attribute__((always_inline)) __m512i SUFFIX(load_wpair)(int wtype, const uint8_t *b0,
+                                                                        const uint8_t *b1) {
+    if (wtype == KT_Q8_0) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)b0)->qs);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)b1)->qs);
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
+    }
+    /* 128-bit lanes [p0, p0, p1, p1] of the packed nibbles, lanes 1 and 3 shifted right by 4:
+     * each half is load_wblock's [low nibbles, high nibbles] of its row */
+    const __m128i p0 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b0)->qs);
+    const __m128i p1 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b1)->qs);
+    const __m512i z = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+                                               _mm512_castsi256_si512(_mm256_set_m128i(p1, p0)));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00FF00u, z, 4), _mm512_set1_epi8(0xF));
+}
+
+/* y[c * ldy + r] = dot(weight row r, activation row m0 + c) for r < 2 * RP, c < RA. */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, int RP, int RA, const uint8_t *w,
+                                                                    size_t w_stride, const q8_act *a, int64_t m0,
+                                                                    float *y, int64_t ldy) {
+    const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
+    const int64_t nb = a->nb;
+    const block_q8_0 *yq[8];  /* RP <= 4, RA <= 8 */
+    const float *yd[8];
+    const int32_t *yc[8];
+    __m512 acc[4][8];
+    for (int c = 0; c < RA; c++) {
+        yq[c] = a->q + (m0 + c) * nb;
+        yd[c] = a->d + (m0 + c) * nb;
+        yc[c] = a->corr + (m0 + c) * nb * 8;
+        for (int p = 0; p < RP; p++) acc[p][c] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i wq[4];
+        __m512 dx[4];
+        for (int p = 0; p < RP; p++) {
+            const uint8_t *b0 = w + 2 * p * w_stride + (size_t)i * bb;
+            const uint8_t *b1 = b0 + w_stride;
+            /* the next tile's rows into L2, as q_tile does */
+            _mm_prefetch((const char *)b0 + 2 * RP * w_stride, _MM_HINT_T1);
+            _mm_prefetch((const char *)b1 + 2 * RP * w_stride, _MM_HINT_T1);
+            dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
+                                               _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
+            wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
+        }
+        for (int c = 0; c < RA; c++) {
+            const __m512i yv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yq[c][i].qs));
+            const __m512i corr = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yc[c] + 8 * i)));
+            const __m512 dy = _mm512_set1_ps(yd[c][i]);
+            for (int p = 0; p < RP; p++) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, wq[p], yv));
+                acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(dx[p], dy), q, acc[p][c]);
+            }
+        }
+    }
+    for (int p = 0; p < RP; p++)
+        for (int c = 0; c < RA; c++) {
+            y[c * ldy + 2 * p] = SUFFIX(hsum8)(_mm512_castps512_ps256(acc[p][c]));
+            y[c * ldy + 2 * p + 1] =
+                SUFFIX(hsum8)(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][c]), 1)));
+        }
+}
+
+/* Activation rows m0 .. m0+RA-1 against all n_rows weight rows, 2 * RP rows at a time; what
+ * is left goes by pairs, then a last odd row by the ymm tile. */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtype, int RP, int RA,
+                                                                        const uint8_t *w, size_t w_stride,
+                                                                        int64_t n_rows, const q8_act *a,
+                                                                        int64_t m0, float *y, int64_t ldy) {
+    int64_t n = 0;
+    for (; n + 2 * RP <= n_rows; n += 2 * RP)
+        SUFFIX(q_tile512)(wtype, RP, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+    for (; n + 2 <= n_rows; n += 2) SUFFIX(q_tile512)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+    if (n < n_rows) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy);
+}
+
+/* Tile sizes (override with -D to try others). Measured on a Zen 5 core, 1 thread, 256 x 3072
+ * and 256 x 12288 activations: 6 weight rows x 8 activation rows (24 zmm accumulators) gave
+ * 115-140 GMAC/s, against 85-105 for 4 x 4 and 4 x 8 and 100-125 for 6 x 6, 8 x 4 and 8 x 5.
+ * One activation row (decode) goes best 4 weight rows at a time (2, 6 and 8 were slower). */
+#ifndef GEMM512_RP
+#define GEMM512_RP 3
+#endif
+#ifndef GEMM512_RA
+#define GEMM512_RA 8
+#endif
+#ifndef GEMM512_RP1
+#define GEMM512_RP1 2
+#endif
+
+/* Tiles of 2 x GEMM512_RP weight rows x GEMM512_RA activation rows; decode (one activation
+ * row) goes 2 * GEMM512_RP1 weight rows at a time. */
+static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, const uint8_t *w, size_t w_stride,
+                                                                 int64_t n_rows, const q8_act *a, int64_t M, float *y,
+                                                                 int64_t ldy) {
+    int64_t m = 0;
+    for (; m + GEMM512_RA <= M; m += GEMM512_RA)
+        SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
+    switch (M - m) {
+    case 7: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 7, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 6: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 6, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 5: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 5, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 4: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 4, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 3: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 3, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 2: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 2, w, w_stride, n_rows, a, m, y, ldy); break;
+    case 1: SUFFIX(q_tile512_row)(wtype, GEMM512_RP1, 1, w, w_stride, n_rows, a, m, y, ldy); break;
+    }
+}
+#else
 /* Tiles of RW weight rows x 4 activation rows: VNNI, which needs fewer registers per block,
  * fits 2 x 4 accumulators in the 16 ymm registers; AVX2 1 x 4. One activation row (decode)
  * goes 4 weight rows at a time so that its block is loaded once for four. */
@@ -253,6 +373,8 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
     case 1: SUFFIX(q_tile_row)(wtype, 4, 1, w, w_stride, n_rows, a, m, y, ldy); break;
     }
 }
+
+#endif
 
 static void SUFFIX(gemm_q8_0)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                               float *y, int64_t ldy) {
@@ -278,72 +400,153 @@ static void SUFFIX(gemm_q4_0)(const uint8_t *w, size_t w_stride, int64_t n_rows,
 }
 #endif
 
+#ifdef KERNELS_AVX2
+#ifndef Q6_K_UNPACK
+/* ggml's AVX2 unpacking of 128 Q6_K values (low bits b1, b2, high bits bh) into q[0..3], 6-bit
+ * unsigned bytes; W = 256 for one row, 512 for two rows (one per half) */
+#define Q6_K_UNPACK(W, b1, b2, bh, q)                                                                            \
+    do {                                                                                                          \
+        const __m##W##i m15_ = _mm##W##_set1_epi8(15);                                                            \
+        q[0] = _mm##W##_or_si##W(_mm##W##_and_si##W(b1, m15_),                                                    \
+                                 _mm##W##_slli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(3)), 4));          \
+        q[1] = _mm##W##_or_si##W(_mm##W##_and_si##W(b2, m15_),                                                    \
+                                 _mm##W##_slli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(12)), 2));         \
+        q[2] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(b1, 4), m15_),                            \
+                                 _mm##W##_and_si##W(bh, _mm##W##_set1_epi8(48)));                                 \
+        q[3] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(b2, 4), m15_),                            \
+                                 _mm##W##_srli_epi16(_mm##W##_and_si##W(bh, _mm##W##_set1_epi8(-64)), 2));        \
+    } while (0)
+#endif
+
+static const uint8_t SUFFIX(q6_K_shuffle)[128] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
+    8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,  10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11,
+    12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,  14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15};
+
+/* ggml's AVX2 ggml_vec_dot_q6_K_q8_K, step for step, for one Q6_K row against RA Q8_K rows at
+ * once: each weight block's 6-bit values and scales are decoded once for all RA rows. Per row the
+ * integer lanes are ggml's (exact: maddubs cannot saturate on 6-bit x 8-bit pairs) and the float
+ * steps are its own (acc = fma(d, float(lanes), acc) per block in order, then hsum8), so every
+ * output has the single-row kernel's bits; dot_q6_K is this with RA = 1. */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int64_t nb, const block_q6_K *xa,
+                                                                    const block_q8_K *const *ya, float *y,
+                                                                    int64_t ldy) {
+    __m256 acc[4];
+    for (int c = 0; c < RA; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q4 = xa[i].ql;
+        const uint8_t *qh = xa[i].qh;
+        const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
+        __m256i sumi[4];
+        for (int c = 0; c < RA; c++) sumi[c] = _mm256_setzero_si256();
+        for (int j = 0; j < QK_K / 128; ++j) {
+            const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
+            __m256i q6[4];
+            Q6_K_UNPACK(256, q4bits1, q4bits2, q4bitsH, q6);
+            const __m128i *shuf = (const __m128i *)SUFFIX(q6_K_shuffle) + 4 * j;
+            const __m256i scale_0 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 0)));
+            const __m256i scale_1 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 1)));
+            const __m256i scale_2 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 2)));
+            const __m256i scale_3 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_loadu_si128(shuf + 3)));
+            for (int c = 0; c < RA; c++) {
+                const __m256i *q8 = (const __m256i *)(ya[c][i].qs + 128 * j);
+                const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q6[0], _mm256_loadu_si256(q8 + 0)));
+                const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q6[1], _mm256_loadu_si256(q8 + 1)));
+                const __m256i p16_2 = _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q6[2], _mm256_loadu_si256(q8 + 2)));
+                const __m256i p16_3 = _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q6[3], _mm256_loadu_si256(q8 + 3)));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_0, p16_1));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16_2, p16_3));
+            }
+        }
+        const __m256i scales_16 = _mm256_cvtepi8_epi16(scales);
+        const float dx = fp16_to_fp32(xa[i].d);
+        for (int c = 0; c < RA; c++) {
+            const __m256i q8sums = _mm256_loadu_si256((const __m256i *)ya[c][i].bsums);
+            const __m256i q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales_16), 5);
+            const float d = ya[c][i].d * dx;
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[c], q8sclsub)), acc[c]);
+        }
+    }
+    for (int c = 0; c < RA; c++) y[c * ldy] = SUFFIX(hsum8)(acc[c]);
+}
+#endif
+
+#ifdef KERNELS_AVX512
+/* q6_K_tile for two weight rows at once: a zmm holds a vector of row r in its low 256 bits and
+ * the same vector of row r + 1 in its high 256 bits, against the activation vector broadcast
+ * into both halves. Each half does exactly q6_K_tile's integer and float steps for its row, and
+ * is reduced by the same hsum8: y[c * ldy] for row r, y[c * ldy + 1] for row r + 1. */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int64_t nb, const block_q6_K *x0,
+                                                                     size_t w_stride, const block_q8_K *const *ya,
+                                                                     float *y, int64_t ldy) {
+    const block_q6_K *x1 = (const block_q6_K *)((const uint8_t *)x0 + w_stride);
+    __m512 acc[4];
+    for (int c = 0; c < RA; c++) acc[c] = _mm512_setzero_ps();
+#define PAIR256(p0, p1) \
+    _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0))), \
+                       _mm256_loadu_si256((const __m256i *)(p1)), 1)
+    for (int64_t i = 0; i < nb; i++) {
+        /* the next pair of rows into L2 (measured: without it the two interleaved row streams
+         * ran at a third of the one-row kernel's speed on a head of 49152 rows) */
+        for (int l = 0; l < (int)sizeof(block_q6_K); l += 64) {
+            _mm_prefetch((const char *)&x0[i] + 2 * w_stride + l, _MM_HINT_T1);
+            _mm_prefetch((const char *)&x1[i] + 2 * w_stride + l, _MM_HINT_T1);
+        }
+        const __m256i scales = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)x1[i].scales),
+                                                _mm_loadu_si128((const __m128i *)x0[i].scales));
+        __m512i sumi[4];
+        for (int c = 0; c < RA; c++) sumi[c] = _mm512_setzero_si512();
+        for (int j = 0; j < QK_K / 128; ++j) {
+            const __m512i q4bits1 = PAIR256(x0[i].ql + 64 * j, x1[i].ql + 64 * j);
+            const __m512i q4bits2 = PAIR256(x0[i].ql + 64 * j + 32, x1[i].ql + 64 * j + 32);
+            const __m512i q4bitsH = PAIR256(x0[i].qh + 32 * j, x1[i].qh + 32 * j);
+            __m512i q6[4];
+            Q6_K_UNPACK(512, q4bits1, q4bits2, q4bitsH, q6);
+            const __m128i *shuf = (const __m128i *)SUFFIX(q6_K_shuffle) + 4 * j;
+            __m512i sc[4];
+            for (int k = 0; k < 4; k++)
+                sc[k] = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(scales, _mm256_broadcastsi128_si256(_mm_loadu_si128(shuf + k))));
+            for (int c = 0; c < RA; c++) {
+                const __m256i *q8 = (const __m256i *)(ya[c][i].qs + 128 * j);
+                const __m512i p16_0 = _mm512_madd_epi16(sc[0], _mm512_maddubs_epi16(q6[0], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 0))));
+                const __m512i p16_1 = _mm512_madd_epi16(sc[1], _mm512_maddubs_epi16(q6[1], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 1))));
+                const __m512i p16_2 = _mm512_madd_epi16(sc[2], _mm512_maddubs_epi16(q6[2], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 2))));
+                const __m512i p16_3 = _mm512_madd_epi16(sc[3], _mm512_maddubs_epi16(q6[3], _mm512_broadcast_i64x4(_mm256_loadu_si256(q8 + 3))));
+                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_add_epi32(p16_0, p16_1));
+                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_add_epi32(p16_2, p16_3));
+            }
+        }
+        const __m512i scales_16 = _mm512_cvtepi8_epi16(scales);
+        const __m512 dx = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_to_fp32(x0[i].d)), 0xFF00,
+                                                     _mm_set_ss(fp16_to_fp32(x1[i].d)));
+        for (int c = 0; c < RA; c++) {
+            const __m512i q8sums = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)ya[c][i].bsums));
+            const __m512i q8sclsub = _mm512_slli_epi32(_mm512_madd_epi16(q8sums, scales_16), 5);
+            const __m512 d = _mm512_mul_ps(_mm512_set1_ps(ya[c][i].d), dx);
+            acc[c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(sumi[c], q8sclsub)), acc[c]);
+        }
+    }
+#undef PAIR256
+    for (int c = 0; c < RA; c++) {
+        y[c * ldy] = SUFFIX(hsum8)(_mm512_castps512_ps256(acc[c]));
+        y[c * ldy + 1] = SUFFIX(hsum8)(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[c]), 1)));
+    }
+}
+#endif
+
 /* Q6_K weights against Q8_K activations. The AVX2 set runs ggml's AVX2 code; the portable set
  * computes the same 8 integer lanes in plain C (lane L holds bytes 4L..4L+3 of every 32-element
  * group, scaled, minus 32 * the scaled block sums 2L and 2L+1; each block adds d * lane to a
  * float lane with FMA; the lanes are summed at the end), so both give the same result. */
 static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
 #ifdef KERNELS_AVX2
-    /* ggml's AVX2 ggml_vec_dot_q6_K_q8_K, step for step */
-    static const uint8_t k_shuffle[128] = {
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,  6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
-        8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,  10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11,
-        12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,  14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15};
-    {
-        const block_q6_K *xa = (const block_q6_K *)vx;
-        const block_q8_K *ya = (const block_q8_K *)vy;
-        const __m256i m3 = _mm256_set1_epi8(3);
-        const __m256i m15 = _mm256_set1_epi8(15);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n / QK_K; i++) {
-            const float d = ya[i].d * fp16_to_fp32(xa[i].d);
-            const uint8_t *q4 = xa[i].ql;
-            const uint8_t *qh = xa[i].qh;
-            const int8_t *q8 = ya[i].qs;
-            const __m256i q8sums = _mm256_loadu_si256((const __m256i *)ya[i].bsums);
-            const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
-            const __m256i scales_16 = _mm256_cvtepi8_epi16(scales);
-            const __m256i q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales_16), 5);
-            __m256i sumi = _mm256_setzero_si256();
-            int is = 0;
-            for (int j = 0; j < QK_K / 128; ++j) {
-                const __m256i q4bits1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
-                const __m256i q4bits2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
-                const __m256i q4bitsH = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
-                const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m3), 4);
-                const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(12)), 2);
-                const __m256i q4h_2 = _mm256_and_si256(q4bitsH, _mm256_set1_epi8(48));
-                const __m256i q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bitsH, _mm256_set1_epi8(-64)), 2);
-                const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
-                const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
-                const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2);
-                const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3);
-                const __m256i q8_0 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_1 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_2 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                const __m256i q8_3 = _mm256_loadu_si256((const __m256i *)q8); q8 += 32;
-                __m256i p16_0 = _mm256_maddubs_epi16(q4_0, q8_0);
-                __m256i p16_1 = _mm256_maddubs_epi16(q4_1, q8_1);
-                __m256i p16_2 = _mm256_maddubs_epi16(q4_2, q8_2);
-                __m256i p16_3 = _mm256_maddubs_epi16(q4_3, q8_3);
-                const __m128i scale_0 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 0));
-                const __m128i scale_1 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 1));
-                const __m128i scale_2 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 2));
-                const __m128i scale_3 = _mm_shuffle_epi8(scales, _mm_loadu_si128((const __m128i *)k_shuffle + is + 3));
-                is += 4;
-                p16_0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_0), p16_0);
-                p16_1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_1), p16_1);
-                p16_2 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_2), p16_2);
-                p16_3 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scale_3), p16_3);
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_2, p16_3));
-            }
-            sumi = _mm256_sub_epi32(sumi, q8sclsub);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        }
-        return SUFFIX(hsum8)(acc);
-    }
+    const block_q8_K *ya = (const block_q8_K *)vy;
+    float y;
+    SUFFIX(q6_K_tile)(1, n / QK_K, (const block_q6_K *)vx, &ya, &y, 0);
+    return y;
 #else
 
     const block_q6_K *x = (const block_q6_K *)vx;
@@ -383,6 +586,60 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
     const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
     return (t0 + t2) + (t1 + t3);
 #endif
+}
+
+#ifdef KERNELS_AVX2
+/* ROWS (1, or 2 with AVX-512) weight rows from x against RA activation rows ya[0 .. RA-1] */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile_rows)(int ROWS, int RA, int64_t nb,
+                                                                         const block_q6_K *x, size_t w_stride,
+                                                                         const block_q8_K *const *ya, float *y,
+                                                                         int64_t ldy) {
+#ifdef KERNELS_AVX512
+    if (ROWS == 2) {
+        SUFFIX(q6_K_tile2)(RA, nb, x, w_stride, ya, y, ldy);
+        return;
+    }
+#endif
+    (void)w_stride;
+    SUFFIX(q6_K_tile)(RA, nb, x, ya, y, ldy);
+}
+
+/* ROWS weight rows from x against all M activation rows, 4 at a time */
+static inline __attribute__((always_inline)) void SUFFIX(q6_K_row_tiles)(int ROWS, const block_q6_K *x,
+                                                                         size_t w_stride, const q8_act *a,
+                                                                         int64_t M, float *y, int64_t ldy) {
+    for (int64_t m = 0; m < M; m += 4) {
+        const block_q8_K *ya[4] = {NULL, NULL, NULL, NULL};
+        for (int c = 0; c < 4 && m + c < M; c++) ya[c] = a->qk + (m + c) * a->nb;
+        float *ym = y + m * ldy;
+        switch (M - m) {
+        case 1: SUFFIX(q6_K_tile_rows)(ROWS, 1, a->nb, x, w_stride, ya, ym, ldy); break;
+        case 2: SUFFIX(q6_K_tile_rows)(ROWS, 2, a->nb, x, w_stride, ya, ym, ldy); break;
+        case 3: SUFFIX(q6_K_tile_rows)(ROWS, 3, a->nb, x, w_stride, ya, ym, ldy); break;
+        default: SUFFIX(q6_K_tile_rows)(ROWS, 4, a->nb, x, w_stride, ya, ym, ldy); break;
+        }
+    }
+}
+#endif
+
+/* y[m * ldy + r] = dot_q6_K(weight row r, activation row m) for r < n_rows, m < M, with the
+ * activations as a->qk (Q8_K): each weight row (each pair of rows with AVX-512) against 4
+ * activation rows at a time. */
+static void SUFFIX(gemm_q6_K)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
+                              float *y, int64_t ldy) {
+    int64_t r = 0;
+#ifdef KERNELS_AVX512
+    for (; r + 2 <= n_rows; r += 2)
+        SUFFIX(q6_K_row_tiles)(2, (const block_q6_K *)(w + (size_t)r * w_stride), w_stride, a, M, y + r, ldy);
+#endif
+    for (; r < n_rows; r++) {
+        const block_q6_K *x = (const block_q6_K *)(w + (size_t)r * w_stride);
+#ifdef KERNELS_AVX2
+        SUFFIX(q6_K_row_tiles)(1, x, w_stride, a, M, y + r, ldy);
+#else
+        for (int64_t m = 0; m < M; m++) y[m * ldy + r] = SUFFIX(dot_q6_K)(a->nb * QK_K, x, a->qk + m * a->nb);
+#endif
+    }
 }
 
 /* F16 and F32 dot products come in two summation orders, because ggml uses two: its vec_dot
@@ -536,6 +793,7 @@ static const kernel_set SUFFIX(kernel_set) = {
     .dot_q6_K = SUFFIX(dot_q6_K),
     .gemm_q8_0 = SUFFIX(gemm_q8_0),
     .gemm_q4_0 = SUFFIX(gemm_q4_0),
+    .gemm_q6_K = SUFFIX(gemm_q6_K),
 #ifdef KERNELS_VNNI
     .act_corr = 1,
 #endif

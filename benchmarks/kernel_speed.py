@@ -1,0 +1,79 @@
+"""Quantized matmul speed of each kernel set, on StarCoder2-3B's weight shapes.
+
+    python -m benchmarks.kernel_speed [--sets avxvnni,avx512vnni] [--types q8_0,q4_0,q6_k]
+        [--rows 1,4,256] [--threads 1] [--repeat 5]
+
+Weights are random bytes in the type's block layout (random fp16 scales), activations random
+floats; every call goes through `_kernels.matmul` (activation quantization included). Prints the
+best of `--repeat` calls as ms, GMAC/s and the weight bytes read per second (what bounds one
+activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 3072,
+12288 x 3072, 3072 x 12288), Q6_K on the LM head of the Q4_0 models (49152 x 3072). The machine
+is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from runtime.ggml_types import BLOCK_SIZE, GGMLType
+from runtime.kernels import _kernels
+
+TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q6_k": GGMLType.Q6_K}
+SHAPES = {
+    GGMLType.Q8_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
+    GGMLType.Q4_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
+    GGMLType.Q6_K: [(49152, 3072)],
+}
+
+
+def random_weights(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
+    """n raw rows of k elements: random quant bytes, fp16 scales of about 0.01."""
+    elems, size = BLOCK_SIZE[t]
+    blocks = rng.integers(0, 256, (n, k // elems, size), dtype=np.uint8)
+    d = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype("<f2").view(np.uint8)
+    at = size - 2 if t == GGMLType.Q6_K else 0  # where the block's fp16 scale lives
+    blocks[:, :, at : at + 2] = d.reshape(n, -1, 2)
+    return blocks.reshape(n, -1)
+
+
+def best_time(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int, repeat: int) -> float:
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _kernels.matmul(int(t), w, x.shape[1], x, out, threads)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", default="avxvnni,avx512vnni", help="kernel sets, compared side by side")
+    p.add_argument("--types", default="q8_0,q4_0,q6_k", help="comma-separated: q8_0, q4_0, q6_k")
+    p.add_argument("--rows", default="1,4,256", help="activation rows (M) to time")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
+    args = p.parse_args()
+    sets = args.sets.split(",")
+    rng = np.random.default_rng(0)
+    for name in args.types.split(","):
+        t = TYPES[name]
+        for n, k in SHAPES[t]:
+            w = random_weights(rng, t, n, k)
+            for m in (int(r) for r in args.rows.split(",")):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                cells = []
+                for s in sets:
+                    _kernels.use(s)
+                    sec = best_time(t, w, x, args.threads, args.repeat)
+                    gmac, gbs = m * n * k / sec / 1e9, w.nbytes / sec / 1e9
+                    cells.append(f"{s} {sec * 1e3:7.2f} ms {gmac:6.1f} GMAC/s {gbs:5.1f} GB/s")
+                print(f"{name} {n}x{k} M={m}: " + " | ".join(cells), flush=True)
+    _kernels.use("auto")
+
+
+if __name__ == "__main__":
+    main()
