@@ -283,9 +283,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, i
         for (int p = 0; p < RP; p++) {
             const uint8_t *b0 = w + 2 * p * w_stride + (size_t)i * bb;
             const uint8_t *b1 = b0 + w_stride;
-            /* the next tile's rows into L2, as q_tile does */
-            _mm_prefetch((const char *)b0 + 2 * RP * w_stride, _MM_HINT_T1);
-            _mm_prefetch((const char *)b1 + 2 * RP * w_stride, _MM_HINT_T1);
+            /* the next tile's rows, into L1 (T0): on a Zen 5 core, 2 threads decoded a 3B model
+             * 2-5% faster than with q_tile's T1 (into L2), about this machine's run-to-run noise */
+            _mm_prefetch((const char *)b0 + 2 * RP * w_stride, _MM_HINT_T0);
+            _mm_prefetch((const char *)b1 + 2 * RP * w_stride, _MM_HINT_T0);
             dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
                                                _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
             wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
