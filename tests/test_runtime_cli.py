@@ -269,6 +269,12 @@ def test_help_explains_options_and_defaults() -> None:
 # --- interruption ------------------------------------------------------------------------------
 
 
+def _interactive_sigint() -> None:
+    """In the child before exec: SIGINT handled by default, as under a terminal. A test run started
+    in the background (`cmd &` in a script, nohup) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_long_generation(models: dict[str, Path]) -> subprocess.Popen[bytes]:
     """Greedy generation that runs for ~20 s (this prompt does not meet end-of-text early)."""
     return subprocess.Popen(
@@ -277,6 +283,7 @@ def _start_long_generation(models: dict[str, Path]) -> subprocess.Popen[bytes]:
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_interactive_sigint,
     )
 
 
