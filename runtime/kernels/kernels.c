@@ -491,17 +491,17 @@ static void round_probs(float *p, int64_t n, float inv) {
     for (int64_t j = 0; j < n; j++) p[j] = fp16_to_fp32(fp32_to_fp16(p[j] * inv));
 }
 
-/* Summation of the weighted V rows in ggml's order. ggml computes out[d] = dot(V^T[d, :], p)
- * over the (zero-padded) cache; with one query row its vec_dot puts element j in accumulator
- * (j / 8) % 4, lane j % 8 (then reduce4); with two or more rows tinyBLAS puts it in lane j % 8
- * (then hsum8). acc holds one hd-vector per accumulator lane: 32 or 8 of them. */
-static void attend_values(const float *p, int64_t n_keys, const uint16_t *v_cache, int64_t kv_stride, int64_t hd,
-                          int batched, float *acc, float *o) {
-    const int64_t n_lanes = batched ? 8 : 32;
-    memset(acc, 0, sizeof(float) * (size_t)(n_lanes * hd));
-    for (int64_t j = 0; j < n_keys; j++) {
-        if (p[j] != 0.0f) K->axpy_f16(hd, p[j], v_cache + j * kv_stride, acc + (j % n_lanes) * hd);
-    }
+/* Scores p[0 .. n_keys-1] (largest: max) into probabilities as ggml's masked softmax makes them:
+ * the padding up to n_pad is -inf, exp and sum as ggml_vec_soft_max_f32, then round_probs. */
+static void scores_to_probs(float *p, int64_t n_keys, int64_t n_pad, float max) {
+    for (int64_t j = n_keys; j < n_pad; j++) p[j] = -INFINITY;
+    const double sum = K->softmax_exp(n_pad, p, max);
+    round_probs(p, n_keys, (float)(1.0 / sum));
+}
+
+/* o[d] = the sum over the accumulator lanes of acc (one hd-vector per lane: 32, or 8 when
+ * batched) in ggml's order: vec_dot's reduce4 then hsum, or tinyBLAS's hsum8. */
+static void sum_lanes(const float *acc, int64_t hd, int batched, float *o) {
     for (int64_t d = 0; d < hd; d++) {
         float x[8];
         if (batched) {
@@ -518,8 +518,29 @@ static void attend_values(const float *p, int64_t n_keys, const uint16_t *v_cach
     }
 }
 
+/* Summation of the weighted V rows in ggml's order. ggml computes out[d] = dot(V^T[d, :], p)
+ * over the (zero-padded) cache; with one query row its vec_dot puts element j in accumulator
+ * (j / 8) % 4, lane j % 8 (then reduce4); with two or more rows tinyBLAS puts it in lane j % 8
+ * (then hsum8). acc holds one hd-vector per accumulator lane: 32 or 8 of them. */
+static void attend_values(const float *p, int64_t n_keys, const uint16_t *v_cache, int64_t kv_stride, int64_t hd,
+                          int batched, float *acc, float *o) {
+    const int64_t n_lanes = batched ? 8 : 32;
+    memset(acc, 0, sizeof(float) * (size_t)(n_lanes * hd));
+    for (int64_t j = 0; j < n_keys; j++) {
+        if (p[j] != 0.0f) K->axpy_f16(hd, p[j], v_cache + j * kv_stride, acc + (j % n_lanes) * hd);
+    }
+    sum_lanes(acc, hd, batched, o);
+}
+
 #if defined(HAVE_AVX2_SET)
 #define ATT_ROWS 8 /* query rows of one head that share each key and value row */
+
+/* Q rounded to fp16, as ggml converts it to the cache type, and back to floats for the SIMD
+ * paths' dot products (half: hd scratch values). */
+static void query_as_fp16(const float *q, uint16_t *half, float *out, int64_t hd) {
+    K->quantize_f16(q, half, hd);
+    K->f16_to_f32(half, out, hd);
+}
 
 /* Prompt attention (tinyBLAS's order: two or more query rows) for query rows t0 .. t0+R-1 of
  * one head, R <= ATT_ROWS: each K and V row is converted from fp16 once for all R rows. Every
@@ -548,13 +569,7 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_rows_avx2(const floa
             if (sc > max[r]) max[r] = sc;
         }
     }
-    for (int r = 0; r < R; r++) {
-        float *p = scores + r * n_pad;
-        for (int64_t j = n_first + r; j < n_pad; j++) p[j] = -INFINITY;
-        const double sum = K->softmax_exp(n_pad, p, max[r]);
-        const float inv = (float)(1.0 / sum);
-        round_probs(p, n_first + r, inv);
-    }
+    for (int r = 0; r < R; r++) scores_to_probs(scores + r * n_pad, n_first + r, n_pad, max[r]);
     memset(acc, 0, sizeof(float) * (size_t)(R * 8 * hd));
     for (int64_t j = 0; j < n_last; j++) {
         const uint16_t *vj = v + j * kv_stride;
@@ -569,15 +584,7 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_rows_avx2(const floa
                 _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(y + d)));
         }
     }
-    for (int r = 0; r < R; r++) {
-        const float *ar = acc + (size_t)r * 8 * (size_t)hd;
-        for (int64_t d = 0; d < hd; d++) {
-            float x[8];
-            for (int l = 0; l < 8; l++) x[l] = ar[l * hd + d];
-            const float t0 = x[0] + x[4], t1 = x[1] + x[5], t2 = x[2] + x[6], t3 = x[3] + x[7];
-            out[r * out_stride + d] = (t0 + t2) + (t1 + t3);
-        }
-    }
+    for (int r = 0; r < R; r++) sum_lanes(acc + (size_t)r * 8 * (size_t)hd, hd, 1, out + r * out_stride);
 }
 
 #define ATT_HEADS 3 /* query heads of one KV head that share each K and V row (4 accumulators each) */
@@ -610,12 +617,7 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void atten
             if (sc > max[g]) max[g] = sc;
         }
     }
-    for (int g = 0; g < G; g++) {
-        float *p = scores + g * n_pad;
-        for (int64_t j = n_keys; j < n_pad; j++) p[j] = -INFINITY;
-        const double sum = K->softmax_exp(n_pad, p, max[g]);
-        round_probs(p, n_keys, (float)(1.0 / sum));
-    }
+    for (int g = 0; g < G; g++) scores_to_probs(scores + g * n_pad, n_keys, n_pad, max[g]);
     /* attend_values's 32 lanes (key j in lane j % 32), lane by lane in registers: for 8 values of
      * d at a time, lanes l, l+8, l+16, l+24 summed over their keys, then combined as there */
     for (int64_t d = 0; d < hd; d += 8) {
@@ -677,10 +679,7 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
                 const int64_t t = item / (n_kv_head * per_kv), kvh = (item / per_kv) % n_kv_head;
                 const int64_t h0 = kvh * group + (item % per_kv) * ATT_HEADS;
                 const int G = (int)(kvh * group + group - h0 < ATT_HEADS ? kvh * group + group - h0 : ATT_HEADS);
-                for (int g = 0; g < G; g++) { /* Q rounded to fp16, as ggml converts it to the cache type */
-                    K->quantize_f16(q + (t * n_head + h0 + g) * hd, half, hd);
-                    K->f16_to_f32(half, q16 + g * hd, hd);
-                }
+                for (int g = 0; g < G; g++) query_as_fp16(q + (t * n_head + h0 + g) * hd, half, q16 + g * hd, hd);
                 const int64_t n_keys = pos0 + t + 1;
                 const uint16_t *kh = k_cache + kvh * hd, *vh = v_cache + kvh * hd;
                 float *o = out + (t * n_head + h0) * hd;
@@ -718,10 +717,7 @@ static int attention_prompt_avx2(const float *q, const uint16_t *k_cache, const 
             for (int64_t item = 0; item < n_tiles * n_head; item++) {
                 const int64_t t0 = (item / n_head) * ATT_ROWS, h = item % n_head;
                 const int R = (int)(T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS);
-                for (int r = 0; r < R; r++) { /* Q rounded to fp16, as ggml converts it to the cache type */
-                    K->quantize_f16(q + ((t0 + r) * n_head + h) * hd, half, hd);
-                    K->f16_to_f32(half, q16 + r * hd, hd);
-                }
+                for (int r = 0; r < R; r++) query_as_fp16(q + ((t0 + r) * n_head + h) * hd, half, q16 + r * hd, hd);
                 const int64_t kvh = h / group;
                 attend_rows_avx2(q16, R, pos0 + t0 + 1, k_cache + kvh * hd, v_cache + kvh * hd, kv_stride, hd, n_pad,
                                  scale, scores, acc, q16 + ATT_ROWS * hd, out + (t0 * n_head + h) * hd, n_head * hd);
@@ -775,10 +771,7 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
                     scores[j] = s;
                     if (s > max) max = s;
                 }
-                for (int64_t j = n_keys; j < n_pad; j++) scores[j] = -INFINITY;
-                const double sum = K->softmax_exp(n_pad, scores, max);
-                const float inv = (float)(1.0 / sum);
-                round_probs(scores, n_keys, inv);
+                scores_to_probs(scores, n_keys, n_pad, max);
                 attend_values(scores, n_keys, v_cache + kvh * hd, kv_stride, hd, batched, acc, out + th * hd);
             }
         }

@@ -193,6 +193,17 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(block_lanes)(__m256i 
 #endif
 }
 
+/* Where activation rows m0 .. m0+RA-1 start: their Q8_0 blocks, float scales and VNNI corrections. */
+static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act *a, int64_t m0, int RA,
+                                                                   const block_q8_0 **yq, const float **yd,
+                                                                   const int32_t **yc) {
+    for (int c = 0; c < RA; c++) {
+        yq[c] = a->q + (m0 + c) * a->nb;
+        yd[c] = a->d + (m0 + c) * a->nb;
+        yc[c] = a->corr + (m0 + c) * a->nb * 8;
+    }
+}
+
 /* y[c * ldy + r] = dot(weight row r, activation row m0 + c) for r < RW, c < RA. */
 static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
                                                                  size_t w_stride, const q8_act *a, int64_t m0,
@@ -202,13 +213,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     const block_q8_0 *yq[8];  /* RW <= 4, RA <= 8 */
     const float *yd[8];
     const int32_t *yc[8];
+    SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
     __m256 acc[4][8];
-    for (int c = 0; c < RA; c++) {
-        yq[c] = a->q + (m0 + c) * nb;
-        yd[c] = a->d + (m0 + c) * nb;
-        yc[c] = a->corr + (m0 + c) * nb * 8;
+    for (int c = 0; c < RA; c++)
         for (int r = 0; r < RW; r++) acc[r][c] = _mm256_setzero_ps();
-    }
     for (int64_t i = 0; i < nb; i++) {
         for (int r = 0; r < RW; r++) {
             const uint8_t *blk = w + r * w_stride + (size_t)i * bb;
@@ -270,13 +278,10 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, i
     const block_q8_0 *yq[8];  /* RP <= 4, RA <= 8 */
     const float *yd[8];
     const int32_t *yc[8];
+    SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
     __m512 acc[4][8];
-    for (int c = 0; c < RA; c++) {
-        yq[c] = a->q + (m0 + c) * nb;
-        yd[c] = a->d + (m0 + c) * nb;
-        yc[c] = a->corr + (m0 + c) * nb * 8;
+    for (int c = 0; c < RA; c++)
         for (int p = 0; p < RP; p++) acc[p][c] = _mm512_setzero_ps();
-    }
     for (int64_t i = 0; i < nb; i++) {
         __m512i wq[4];
         __m512 dx[4];
