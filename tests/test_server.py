@@ -713,6 +713,35 @@ def test_health_while_loading_and_load_failure(model_file: Path, monkeypatch: py
     assert bad[3] == (0, [True])
 
 
+def test_a_scheduler_that_cannot_start_is_a_load_failure(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model loads but its slots cannot be set up (no memory for their caches): /health answers
+    500 naming the error and on_fatal is called, instead of "loading" forever."""
+    from runtime.server.app import create_app
+    from runtime.server.state import ServerState
+
+    def no_memory(self: ServerState, model: Model) -> Any:
+        raise MemoryError("cannot allocate the KV caches")
+
+    monkeypatch.setattr(ServerState, "_scheduler_for", no_memory)
+
+    async def scenario() -> tuple[int, Any, list[bool]]:
+        fatal: list[bool] = []
+        app = create_app(model_file, n_parallel=1, n_threads=1, on_fatal=lambda: fatal.append(True))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                for _ in range(500):
+                    r = await c.get("/health")
+                    if r.status_code != 503:
+                        break
+                    await asyncio.sleep(0.02)
+        return r.status_code, r.json(), fatal
+
+    status, body, fatal = asyncio.run(scenario())
+    assert status == 500 and body == {"status": "error", "error": "MemoryError: cannot allocate the KV caches"}
+    assert fatal == [True]
+
+
 # --- load ----------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """The server's model load, on a daemon thread that can start before the HTTP stack is imported.
 
 `python -m runtime serve` starts the load first and imports FastAPI and uvicorn while the file is
-mapped and pre-faulted (the mapping and the page faults run without the GIL), which takes about
-a third off the time to the first answer. The server attaches to the load when it starts; a load
+mapped and pre-faulted (the mapping and the page faults run without the GIL), so that the two
+overlap instead of following each other. The server attaches to the load when it starts; a load
 that already ended reports at once. Nothing here imports the HTTP stack.
 """
 
@@ -22,6 +22,12 @@ from runtime.verify import verify_weights
 log = logging.getLogger("llmctl.server")
 
 
+def failure_message(e: Exception) -> str:
+    """What a failed load reports: a ModelError's own one-line message, otherwise the type too
+    (OSError, MemoryError...)."""
+    return str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+
+
 class ModelLoad:
     """Loads `path` on a daemon thread from construction on: checks the pinned weights digest
     first (if any), then `Model.load`. Exactly one of `model` and `error` is set once it ends."""
@@ -39,15 +45,14 @@ class ModelLoad:
         self.model: Model | None = None
         self.error: str | None = None
         self.seconds = 0.0
-        self._options = (n_threads, n_ctx, weights_sha256, rehash)
         self._lock = threading.Lock()
         self._ended = False
         self._on_end: list[Callable[[ModelLoad], None]] = []
         # daemon: a SIGTERM during a long load is not held up by it
-        threading.Thread(target=self._run, name="llmctl-load", daemon=True).start()
+        options = (n_threads, n_ctx, weights_sha256, rehash)
+        threading.Thread(target=self._run, args=options, name="llmctl-load", daemon=True).start()
 
-    def _run(self) -> None:
-        n_threads, n_ctx, sha256, rehash = self._options
+    def _run(self, n_threads: int | None, n_ctx: int | None, sha256: str | None, rehash: bool) -> None:
         t0 = time.monotonic()
         try:
             if sha256 is not None:
@@ -55,7 +60,7 @@ class ModelLoad:
                 log.info("weights match sha256:%s (%s)", sha256, "hashed" if hashed else "check record")
             self.model = Model.load(self.path, n_threads=n_threads, n_ctx=n_ctx)
         except Exception as e:  # ModelError, OSError, MemoryError...: the server cannot serve
-            self.error = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+            self.error = failure_message(e)
         self.seconds = time.monotonic() - t0
         with self._lock:
             self._ended = True

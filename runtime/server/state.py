@@ -16,7 +16,7 @@ from pathlib import Path
 from runtime.engine import Model
 from runtime.server.body import MAX_BODY_BYTES
 from runtime.server.errors import APIError
-from runtime.server.loading import ModelLoad
+from runtime.server.loading import ModelLoad, failure_message
 from runtime.server.metrics import Metrics
 from runtime.server.scheduler import Scheduler, Stats
 
@@ -95,12 +95,17 @@ class ServerState:
             )
 
         def ended(load: ModelLoad) -> None:
+            model, scheduler, error = load.model, None, load.error or "unknown error"
+            if model is not None:
+                try:
+                    scheduler = self._scheduler_for(model)
+                except Exception as e:  # MemoryError for the slots' caches...: the server cannot serve
+                    error = failure_message(e)
             with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is gone (shutting down)
-                if load.model is None:
-                    loop.call_soon_threadsafe(self._failed, load.error or "unknown error")
+                if model is None or scheduler is None:
+                    loop.call_soon_threadsafe(self._failed, error)
                 else:
-                    scheduler = self._scheduler_for(load.model)
-                    loop.call_soon_threadsafe(self._ready, load.model, scheduler, load.seconds)
+                    loop.call_soon_threadsafe(self._ready, model, scheduler, load.seconds)
 
         load.when_ended(ended)
 
