@@ -28,7 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long
     }
 
 
-def long_prompt_tps(run: Any, reset: Any, long_ids: list[int]) -> float | None:
+def long_prompt_tps(run: Callable[[], object], reset: Callable[[], object], long_ids: list[int]) -> float | None:
     """Tokens/s of the second, longer prompt on an emptied cache (None when there is none)."""
     if not long_ids:
         return None
