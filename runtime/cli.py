@@ -531,13 +531,6 @@ def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from runtime.config import ModelConfig
-    from runtime.gguf import read_gguf
-
-    # Fail fast, before binding the port, on a file that is missing or not a supported model;
-    # the full load (every tensor checked, pages mapped) happens in the background while /health says "loading".
-    with read_gguf(args.model) as f:
-        ModelConfig.from_gguf(f)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLMCTL_API_KEY") or None
     sha256 = args.sha256 or os.environ.get("LLMCTL_WEIGHTS_SHA256") or None
     if sha256 is not None:
@@ -550,15 +543,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     from runtime.server.loading import ModelLoad
 
-    # The load starts now, and the HTTP stack is imported while the file is mapped (the mapping
-    # runs without the GIL): the first answer comes sooner than with one after the other.
-    logging.getLogger("llmctl.server").info("loading %s", args.model)
+    # The load starts now, and the HTTP stack is imported while the file is pre-faulted (without
+    # the GIL): the first answer comes sooner than with one after the other.
     load = ModelLoad(args.model, n_threads=args.threads, n_ctx=args.ctx, weights_sha256=sha256, rehash=args.rehash)
     try:
         from runtime.server.serve import run
         from runtime.server.state import ServerConfig
     except ImportError as e:  # an image built without the server's dependencies
         raise ModelError(f"the server needs fastapi, uvicorn and prometheus-client: {e}") from None
+    # Fail fast, before binding the port, on a file that is missing or not a supported model; the
+    # rest of the load (digest, every tensor checked, pages mapped) goes on while /health says "loading".
+    header_error = load.wait_checked()
+    if header_error is not None:
+        raise ModelError(header_error)
+    logging.getLogger("llmctl.server").info("loading %s", args.model)
     config = ServerConfig(
         n_parallel=args.parallel,
         max_queue=args.max_queue,

@@ -47,7 +47,12 @@ class Model:
     def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_ctx: int | None = None) -> Model:
         """Map `path` and check it fully (metadata, every tensor's shape and type, tokenizer).
         n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs."""
-        f = read_gguf(path, populate=True)
+        return cls.open(read_gguf(path, populate=True), n_threads=n_threads, n_ctx=n_ctx)
+
+    @classmethod
+    def open(cls, f: GGUFFile, *, n_threads: int | None = None, n_ctx: int | None = None) -> Model:
+        """`load` on a file already mapped and parsed; the Model takes it over (and closes it if
+        the model cannot be built)."""
         try:
             cfg = ModelConfig.from_gguf(f)
             tokenizer = CodeTokenizer.from_gguf(f)

@@ -9,6 +9,7 @@ never copied: `GGUFFile.tensor()` returns numpy views into the mapping.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -26,6 +27,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_NAME_BYTES = 64  # ggml's GGML_MAX_NAME
+MADV_POPULATE_READ = 22  # Linux 5.14+
 
 _NUMPY_DTYPES: dict[ValueType, str] = {
     ValueType.UINT8: "<u1",
@@ -88,6 +90,15 @@ class GGUFFile:
         rows = info.n_elements // info.shape[-1]
         return raw.reshape(rows, info.n_bytes // rows)
 
+    def populate(self) -> None:
+        """Pre-fault the whole mapping, as read_gguf(populate=True) does, on a file already
+        parsed: madvise(MADV_POPULATE_READ) through ctypes, which lets other threads run meanwhile
+        (Python's mmap.madvise holds the GIL); on kernels without it, one read per page."""
+        assert self._mmap is not None, "file is closed"
+        data = np.frombuffer(self._mmap, dtype=np.uint8)
+        if not _madvise_populate(data.ctypes.data, data.nbytes):
+            data[:: mmap.PAGESIZE].max()
+
     def close(self) -> None:
         if self._mmap is not None:
             try:
@@ -107,6 +118,17 @@ class GGUFFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _madvise_populate(address: int, n_bytes: int) -> bool:
+    """madvise(MADV_POPULATE_READ) over [address, address + n_bytes); False where unsupported."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # not Linux
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return bool(madvise(address, n_bytes, MADV_POPULATE_READ) == 0)
 
 
 class _Cursor:

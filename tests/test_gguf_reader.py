@@ -667,3 +667,31 @@ def test_known_but_unsupported_quantization_is_named(tmp_path: Path) -> None:
     path.write_bytes(_replace_info(0, tinfo("a", [32, 2], 6, 0)))
     with pytest.raises(UnsupportedModelError, match=r"tensor 'a' is Q5_0, .* use a Q8_0 or Q4_0 file"):
         read_gguf(path)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
+
+
+@pytest.mark.parametrize("madvise", [True, False], ids=["madvise", "page-reads"])
+def test_populate_faults_in_the_whole_mapping(
+    fuzz_model: Path, tmp_path: Path, madvise: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GGUFFile.populate (the server's pre-faulting after the header check) makes every page of a
+    parsed file resident, through madvise or, where the kernel lacks MADV_POPULATE_READ, by reading
+    one byte per page."""
+    import runtime.gguf as gguf_module
+
+    if not madvise:
+        monkeypatch.setattr(gguf_module, "_madvise_populate", lambda address, n_bytes: False)
+    path = tmp_path / "big.gguf"
+    shutil.copyfile(fuzz_model, path)
+    with open(path, "ab") as f:  # padding after the tensor data: 16 MiB the parse never reads
+        f.write(os.urandom(16 << 20))
+    size_kib = path.stat().st_size >> 10
+    with read_gguf(path) as f:
+        before = _rss_kib()
+        f.populate()
+        grown = _rss_kib() - before
+    assert grown >= 0.9 * size_kib, f"populate made {grown} KiB resident of {size_kib} KiB"

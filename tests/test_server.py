@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -666,22 +667,24 @@ def test_missing_model_file_fails_fast(tmp_path: Path) -> None:
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "nope.gguf" in p.stderr
 
 
-def test_health_while_loading_and_load_failure(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_while_loading_and_load_failure(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In-process: /health is 503 "loading" until the background load finishes; a failed load
     answers 500 and calls on_fatal (the CLI then exits 1)."""
     from runtime.server import state as state_module
     from runtime.server.app import create_app
 
     release = threading.Event()
-    real_load = Model.load
+    real_open = Model.open
 
-    def slow_load(path: Any, **kw: Any) -> Model:
+    def slow_open(f: Any, **kw: Any) -> Model:
         release.wait(10)
-        if "broken" in str(path):
-            raise ModelError(f"{path}: truncated file")
-        return real_load(path, **kw)
+        if "broken" in str(f.path):
+            raise ModelError(f"{f.path}: truncated file")
+        return real_open(f, **kw)
 
-    monkeypatch.setattr(state_module.Model, "load", slow_load)
+    monkeypatch.setattr(state_module.Model, "open", slow_open)
 
     async def scenario(path: Path) -> list[tuple[int, Any]]:
         fatal: list[bool] = []
@@ -707,10 +710,35 @@ def test_health_while_loading_and_load_failure(model_file: Path, monkeypatch: py
 
     ok = asyncio.run(scenario(model_file))
     assert ok == [(503, {"status": "loading"}), (503, "model_loading"), (200, {"status": "ok"}), (0, [])]
-    bad = asyncio.run(scenario(model_file.with_name("broken.gguf")))
+    broken = tmp_path / "broken.gguf"  # a valid header: the load fails after it
+    shutil.copyfile(model_file, broken)
+    bad = asyncio.run(scenario(broken))
     assert bad[0] == (503, {"status": "loading"})
     assert bad[2][0] == 500 and bad[2][1]["status"] == "error" and "truncated" in bad[2][1]["error"]
     assert bad[3] == (0, [True])
+
+
+def test_model_load_checks_the_header_before_the_rest(model_file: Path, tmp_path: Path) -> None:
+    """ModelLoad parses the file once: wait_checked answers as soon as the header is checked (what
+    `serve` waits for before binding its port), None for a model, the one-line error for a file
+    that is none; the load then ends with the model, or with that same error."""
+    from runtime.server.loading import ModelLoad
+
+    ended = threading.Event()
+    good = ModelLoad(model_file, n_threads=1, n_ctx=64)
+    good.when_ended(lambda _: ended.set())
+    assert good.wait_checked() is None
+    assert ended.wait(60) and good.model is not None and good.error is None
+    good.model.close()
+
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_bytes(b"GGUF" + bytes(60))
+    bad = ModelLoad(not_a_model, n_threads=1)
+    error = bad.wait_checked()
+    assert error is not None and error.startswith(f"{not_a_model}: ") and "\n" not in error
+    ended.clear()
+    bad.when_ended(lambda _: ended.set())
+    assert ended.wait(60) and bad.model is None and bad.error == error
 
 
 def test_a_scheduler_that_cannot_start_is_a_load_failure(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
