@@ -9,6 +9,13 @@ best of `--repeat` calls as ms, GMAC/s and the weight bytes read per second (wha
 activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 3072,
 12288 x 3072, 3072 x 12288), Q6_K on the LM head of the Q4_0 models (49152 x 3072). The machine
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
+
+    python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2]
+
+times decode as memory sees it instead: one activation row through every matrix of a generated
+StarCoder2-3B-shaped model (the runtime_speed files, several times larger than the caches), in
+the order of a forward pass, best of `--repeat` passes, as milliseconds per token and GB/s beside
+the read bandwidth. The single matmuls above come from the caches and so say little about decode.
 """
 
 from __future__ import annotations
@@ -49,15 +56,51 @@ def best_time(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int, repeat: i
     return best
 
 
+def stream(types: list[str], sets: list[str], threads: list[int], repeat: int) -> None:
+    """Decode's matmuls over a whole model, per kernel set: see the module docstring."""
+    from benchmarks.runtime_speed import VARIANTS, ensure_model, read_bandwidth
+    from runtime.engine import Model
+
+    bandwidth = {n: read_bandwidth(n) for n in threads}
+    print("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({n} thr)" for n in threads), flush=True)
+    for name in types:
+        with Model.load(ensure_model("3b", VARIANTS[name], False)) as model:
+            tr = model.transformer
+            linears = [lin for b in tr.blocks for lin in (b.wq, b.wk, b.wv, b.wqkv, b.wo, b.ffn_up, b.ffn_down) if lin]
+            linears.append(tr.output)
+            n_bytes = sum(lin.rows.nbytes for lin in linears)
+            rng = np.random.default_rng(0)
+            x = {lin.n_in: rng.standard_normal((1, lin.n_in)).astype(np.float32) for lin in linears}
+            for n in threads:
+                cells = []
+                for s in sets:
+                    _kernels.use(s)
+                    best = float("inf")
+                    for _ in range(repeat + 1):  # the first pass warms up
+                        t0 = time.perf_counter()
+                        for lin in linears:
+                            lin(x[lin.n_in], n)
+                        best = min(best, time.perf_counter() - t0)
+                    gbs = n_bytes / best / 1e9
+                    cells.append(f"{s} {best * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
+                print(f"{name} 3b decode matmuls, {n} thr: " + " | ".join(cells), flush=True)
+    _kernels.use("auto")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default="avxvnni,avx512vnni", help="kernel sets, compared side by side")
     p.add_argument("--types", default="q8_0,q4_0,q6_k", help="comma-separated: q8_0, q4_0, q6_k")
     p.add_argument("--rows", default="1,4,256", help="activation rows (M) to time")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
+    p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
     args = p.parse_args()
     sets = args.sets.split(",")
+    threads = [int(n) for n in args.threads.split(",")]
+    if args.stream:
+        stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, args.repeat)
+        return
     rng = np.random.default_rng(0)
     for name in args.types.split(","):
         t = TYPES[name]
@@ -68,7 +111,7 @@ def main() -> None:
                 cells = []
                 for s in sets:
                     _kernels.use(s)
-                    sec = best_time(t, w, x, args.threads, args.repeat)
+                    sec = best_time(t, w, x, threads[0], args.repeat)
                     gmac, gbs = m * n * k / sec / 1e9, w.nbytes / sec / 1e9
                     cells.append(f"{s} {sec * 1e3:7.2f} ms {gmac:6.1f} GMAC/s {gbs:5.1f} GB/s")
                 print(f"{name} {n}x{k} M={m}: " + " | ".join(cells), flush=True)

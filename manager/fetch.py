@@ -20,6 +20,7 @@ import requests
 
 from manager.blobstore import CHUNK, BlobStore, hash_file, parse_digest
 from manager.errors import DigestMismatchError, FetchError
+from runtime.folio_writer import FolioWriter
 
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before an attempt counts as stalled
 DEFAULT_BACKOFF = 1.0  # first retry delay; doubles per attempt
@@ -274,11 +275,13 @@ def _copy_local(path: Path, source: str, digest: str, store: BlobStore, rep: Rep
     hasher = hashlib.sha256()
     rep.start(str(path), path.stat().st_size, 0)
     try:
-        with open(path, "rb") as src, store.open_partial(digest, append=False) as dst:
+        with open(path, "rb") as src, store.open_partial(digest, append=False) as raw:
+            dst = FolioWriter(raw)  # huge pages for the mapped model: see runtime/folio_writer.py
             while chunk := src.read(CHUNK):
                 hasher.update(chunk)
                 dst.write(chunk)
                 rep.advance(len(chunk))
+            dst.flush()
     except OSError as exc:
         store.partial_path(digest).unlink(missing_ok=True)
         raise FetchError(f"cannot copy {path} into the cache: {exc.strerror or exc}") from exc
@@ -394,14 +397,18 @@ def _attempt(url: str, digest: str, store: BlobStore, rep: Reporter, http: reque
 
         received = 0
         try:
-            with store.open_partial(digest, append=append) as out:
-                for chunk in response.iter_content(NET_CHUNK):
-                    if not chunk:
-                        continue
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    received += len(chunk)
-                    rep.advance(len(chunk))
+            with store.open_partial(digest, append=append) as raw:
+                out = FolioWriter(raw)  # huge pages for the mapped model: see runtime/folio_writer.py
+                try:
+                    for chunk in response.iter_content(NET_CHUNK):
+                        if not chunk:
+                            continue
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        received += len(chunk)
+                        rep.advance(len(chunk))
+                finally:  # an interrupted transfer keeps everything it received
+                    out.flush()
         except requests.RequestException as exc:
             raise _Retry(_describe(exc), progress=received > 0) from None
         except OSError as exc:

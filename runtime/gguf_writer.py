@@ -11,10 +11,11 @@ import struct
 from collections.abc import Iterable, Sequence
 from math import prod
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from runtime.folio_writer import FolioWriter
 from runtime.ggml_types import SCALAR_FORMATS, GGMLType, ValueType, row_bytes
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
@@ -153,7 +154,8 @@ class GGUFWriter:
         """
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as raw:
+                f = FolioWriter(raw)
                 f.write(self._header())
                 it = iter(tensor_data)
                 for name, _shape, _t, nbytes in self._infos:
@@ -166,13 +168,14 @@ class GGUFWriter:
                     self._write_tensor(f, name, chunks, nbytes)
                 if next(it, None) is not None:
                     raise ValueError("more tensor data than tensor infos")
+                f.flush()
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return self.path
 
-    def _write_tensor(self, f: BinaryIO, name: str, chunks: Iterable[Chunk], nbytes: int) -> None:
+    def _write_tensor(self, f: FolioWriter, name: str, chunks: Iterable[Chunk], nbytes: int) -> None:
         done = 0
         for chunk in chunks:
             if isinstance(chunk, np.ndarray):
