@@ -101,6 +101,8 @@ def main() -> None:
     if args.stream:
         stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, args.repeat)
         return
+    if len(threads) != 1:
+        p.error("single matmuls take one thread count; a list of them goes with --stream")
     rng = np.random.default_rng(0)
     for name in args.types.split(","):
         t = TYPES[name]

@@ -91,8 +91,8 @@ class GGUFFile:
         return raw.reshape(rows, info.n_bytes // rows)
 
     def populate(self) -> None:
-        """Pre-fault the whole mapping, as read_gguf(populate=True) does, on a file already
-        parsed: madvise(MADV_POPULATE_READ) through ctypes, which lets other threads run meanwhile
+        """Pre-fault the whole mapping (what read_gguf(populate=True) does after parsing):
+        madvise(MADV_POPULATE_READ) through ctypes, which lets other threads run meanwhile
         (Python's mmap.madvise holds the GIL); on kernels without it, one read per page."""
         assert self._mmap is not None, "file is closed"
         data = np.frombuffer(self._mmap, dtype=np.uint8)
@@ -330,17 +330,16 @@ def parse(buf: memoryview | bytes, path: Path) -> tuple[int, int, dict[str, Any]
 def read_gguf(path: str | os.PathLike[str], *, populate: bool = False) -> GGUFFile:
     """Map and parse `path`; raises GGUFError for a malformed or unreadable file.
 
-    populate=True pre-faults the whole mapping (MAP_POPULATE, as llama.cpp does) so that the
-    first forward pass does not page the weights in one fault at a time; reading metadata only
-    should leave it off."""
+    populate=True pre-faults the whole mapping once it is parsed (`GGUFFile.populate`; llama.cpp
+    maps with MAP_POPULATE) so that the first forward pass does not page the weights in one fault
+    at a time; reading metadata only should leave it off."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise GGUFError(f"{path}: file is empty")
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -358,7 +357,7 @@ def read_gguf(path: str | os.PathLike[str], *, populate: bool = False) -> GGUFFi
     except BaseException:
         mm.close()
         raise
-    return GGUFFile(
+    gguf = GGUFFile(
         path=path,
         version=version,
         alignment=alignment,
@@ -367,3 +366,6 @@ def read_gguf(path: str | os.PathLike[str], *, populate: bool = False) -> GGUFFi
         data_offset=data_offset,
         _mmap=mm,
     )
+    if populate:
+        gguf.populate()
+    return gguf
