@@ -1,6 +1,6 @@
 """Quantized matmul speed of each kernel set, on StarCoder2-3B's weight shapes.
 
-    python -m benchmarks.kernel_speed [--sets avxvnni,avx512vnni] [--types q8_0,q4_0,q6_k]
+    python -m benchmarks.kernel_speed [--sets avx2,avx512vnni] [--types q8_0,q4_0,q6_k]
         [--rows 1,4,256] [--threads 1] [--repeat 5]
 
 Weights are random bytes in the type's block layout (random fp16 scales), activations random
@@ -10,12 +10,14 @@ activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 
 12288 x 3072, 3072 x 12288), Q6_K on the LM head of the Q4_0 models (49152 x 3072). The machine
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
 
-    python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2]
+    python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2] [--rows 1,4]
 
-times decode as memory sees it instead: one activation row through every matrix of a generated
-StarCoder2-3B-shaped model (the runtime_speed files, several times larger than the caches), in
-the order of a forward pass, best of `--repeat` passes, as milliseconds per token and GB/s beside
-the read bandwidth. The single matmuls above come from the caches and so say little about decode.
+times decode as memory sees it instead: one activation row (or --rows rows: sequences decoded
+together) through every matrix of a generated StarCoder2-3B-shaped model (the runtime_speed
+files, several times larger than the caches), in the order of a forward pass, best of `--repeat`
+passes, as milliseconds per token and GB/s beside the read bandwidth. The single matmuls above
+come from the caches and so say little about decode. --sets defaults to every SIMD set this CPU
+runs.
 """
 
 from __future__ import annotations
@@ -29,11 +31,25 @@ from runtime.ggml_types import BLOCK_SIZE, GGMLType
 from runtime.kernels import _kernels
 
 TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q6_k": GGMLType.Q6_K}
+ROWS = "1,4,256"
 SHAPES = {
     GGMLType.Q8_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
     GGMLType.Q4_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
     GGMLType.Q6_K: [(49152, 3072)],
 }
+
+
+def simd_sets() -> list[str]:
+    """The SIMD kernel sets this CPU can run."""
+    sets = []
+    for s in ("avx2", "avxvnni", "avx512vnni"):
+        try:
+            _kernels.use(s)
+        except ValueError:
+            continue
+        sets.append(s)
+    _kernels.use("auto")
+    return sets
 
 
 def random_weights(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
@@ -56,8 +72,9 @@ def best_time(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int, repeat: i
     return best
 
 
-def stream(types: list[str], sets: list[str], threads: list[int], repeat: int) -> None:
-    """Decode's matmuls over a whole model, per kernel set: see the module docstring."""
+def stream(types: list[str], sets: list[str], threads: list[int], rows: list[int], repeat: int) -> None:
+    """Decode's matmuls over a whole model, per kernel set and number of sequences decoded together
+    (activation rows): see the module docstring."""
     from benchmarks.runtime_speed import VARIANTS, ensure_model, read_bandwidth
     from runtime.engine import Model
 
@@ -70,8 +87,8 @@ def stream(types: list[str], sets: list[str], threads: list[int], repeat: int) -
             linears.append(tr.output)
             n_bytes = sum(lin.rows.nbytes for lin in linears)
             rng = np.random.default_rng(0)
-            x = {lin.n_in: rng.standard_normal((1, lin.n_in)).astype(np.float32) for lin in linears}
-            for n in threads:
+            for m, n in ((m, n) for m in rows for n in threads):
+                x = {lin.n_in: rng.standard_normal((m, lin.n_in)).astype(np.float32) for lin in linears}
                 cells = []
                 for s in sets:
                     _kernels.use(s)
@@ -83,15 +100,15 @@ def stream(types: list[str], sets: list[str], threads: list[int], repeat: int) -
                         best = min(best, time.perf_counter() - t0)
                     gbs = n_bytes / best / 1e9
                     cells.append(f"{s} {best * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
-                print(f"{name} 3b decode matmuls, {n} thr: " + " | ".join(cells), flush=True)
+                print(f"{name} 3b decode matmuls, {m} seq, {n} thr: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sets", default="avxvnni,avx512vnni", help="kernel sets, compared side by side")
+    p.add_argument("--sets", default=",".join(simd_sets()), help="kernel sets, compared side by side")
     p.add_argument("--types", default="q8_0,q4_0,q6_k", help="comma-separated: q8_0, q4_0, q6_k")
-    p.add_argument("--rows", default="1,4,256", help="activation rows (M) to time")
+    p.add_argument("--rows", default=ROWS, help="activation rows (M) to time (--stream: sequences, default 1)")
     p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
     p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
@@ -99,7 +116,8 @@ def main() -> None:
     sets = args.sets.split(",")
     threads = [int(n) for n in args.threads.split(",")]
     if args.stream:
-        stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, args.repeat)
+        rows = [int(r) for r in args.rows.split(",")] if args.rows != ROWS else [1]
+        stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, rows, args.repeat)
         return
     if len(threads) != 1:
         p.error("single matmuls take one thread count; a list of them goes with --stream")

@@ -192,9 +192,15 @@ def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]], vnni:
             assert np.array_equal(avx2.view(np.uint32), out.view(np.uint32)), (key, rows)
 
 
-def test_read_sum() -> None:
+@pytest.mark.parametrize("streams", [1, 2, 4, 8])
+def test_read_sum(streams: int) -> None:
     buf = np.arange(1 << 16, dtype=np.uint64)
-    assert _kernels.read_sum(buf.view(np.uint8), 2) == int(buf.sum())
+    assert _kernels.read_sum(buf.view(np.uint8), 2, streams) == int(buf.sum())
+
+
+def test_read_sum_refuses_a_stream_count_out_of_range() -> None:
+    with pytest.raises(ValueError, match="streams must be 1 to 64"):
+        _kernels.read_sum(np.zeros(64, dtype=np.uint8), 1, 0)
 
 
 def test_get_rows_matches_gguf_py(kernel_set: str, weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:

@@ -29,7 +29,7 @@ cdef extern from "kernels.h" nogil:
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
     float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k)
-    uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads)
+    uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
 
 kernels_init(b"auto")
 
@@ -73,17 +73,19 @@ def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x):
     return r
 
 
-def read_sum(const uint8_t[::1] buf, int n_threads=1):
-    """Sum of buf's 64-bit words, read with n_threads threads: time it for the memory read
-    bandwidth (benchmarks/runtime_speed.py). len(buf) must be a multiple of 64; all of it is
-    read when it is a multiple of 256 * n_threads."""
+def read_sum(const uint8_t[::1] buf, int n_threads=1, int streams=4):
+    """Sum of buf's 64-bit words, read with n_threads threads, each reading `streams` parts side
+    by side: time it for the memory read bandwidth (benchmarks/runtime_speed.py). len(buf) must be
+    a multiple of 64; all of it is read when it is a multiple of 64 * streams * n_threads."""
     if buf.shape[0] % 64:
         raise ValueError("read_sum: length must be a multiple of 64")
+    if not 1 <= streams <= 64:
+        raise ValueError("read_sum: streams must be 1 to 64")
     if buf.shape[0] == 0:
         return 0
     cdef uint64_t r
     with nogil:
-        r = kernels_read_sum(&buf[0], buf.shape[0], n_threads)
+        r = kernels_read_sum(&buf[0], buf.shape[0], n_threads, streams)
     return r
 
 

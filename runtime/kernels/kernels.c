@@ -951,14 +951,16 @@ float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k
     return y;
 }
 
-uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads) {
-    /* Each thread reads its contiguous part as 4 streams with prefetches 2 KiB ahead, 8 sums
-     * at a time: this reaches the machine's read bandwidth where a single plain stream does
-     * not (it is bound by the misses one core keeps in flight). */
-    enum { STREAMS = 4, PREFETCH = 2048 };
+uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams) {
+    /* Each thread reads its contiguous part as `streams` streams with prefetches 2 KiB ahead, 8
+     * sums at a time: several streams reach the machine's read bandwidth where a single plain
+     * stream does not (it is bound by the misses one core keeps in flight); how many is best
+     * differs between CPUs, so the benchmark tries several. */
+    enum { PREFETCH = 2048 };
+    const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
     uint64_t sum = 0;
-    const int nt = threads_for(n_threads, (int64_t)(lines / STREAMS));
+    const int nt = threads_for(n_threads, (int64_t)(lines / ns));
 #pragma omp parallel num_threads(nt) reduction(+ : sum)
     {
 #ifdef _OPENMP
@@ -966,11 +968,11 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads) {
 #else
         const size_t t = 0;
 #endif
-        const size_t part = lines / (size_t)nt / STREAMS;  /* lines per stream */
-        const uint8_t *base = p + t * part * STREAMS * 64;
+        const size_t part = lines / (size_t)nt / ns;  /* lines per stream */
+        const uint8_t *base = p + t * part * ns * 64;
         for (size_t i = 0; i < part; i++) {
-            for (int s = 0; s < STREAMS; s++) {
-                const uint8_t *q = base + ((size_t)s * part + i) * 64;
+            for (size_t s = 0; s < ns; s++) {
+                const uint8_t *q = base + (s * part + i) * 64;
                 __builtin_prefetch(q + PREFETCH);
                 uint64_t w[8];
                 memcpy(w, q, sizeof(w));
@@ -978,5 +980,5 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads) {
             }
         }
     }
-    return sum;  /* of the first nt * STREAMS * part lines: the tail is not read */
+    return sum;  /* of the first nt * streams * part lines: the tail is not read */
 }
