@@ -317,22 +317,50 @@ def test_prompt_attention_gives_the_same_bits_in_any_tiling(kernel_set: str) -> 
         assert np.array_equal(whole.view(np.uint32), parts.view(np.uint32)), (kernel_set, step)
 
 
+def _decode_attention_inputs(seed: int, pos0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One query row of 24 heads of 128 over 2 KV heads (StarCoder2-3B's shape), caches of pos0 + 1."""
+    rng = np.random.default_rng(seed)
+    n_head, n_kv, hd = 24, 2, 128
+    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
+    return q, k, v, float(np.float32(hd**-0.5))
+
+
 def test_decode_attention_gives_the_same_bits_in_any_head_grouping(kernel_set: str) -> None:
     """One query row: the heads of a KV head are computed a few at a time sharing each K/V row; a
     head's result must not depend on that: all 24 heads at once against heads 0 and 12 alone, and
     against heads 0-1 and 12-13 (groups of 3, 1 and 2)."""
-    rng = np.random.default_rng(8)
-    n_head, n_kv, hd, pos0 = 24, 2, 128, 70
-    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
-    v = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
-    scale = float(np.float32(hd**-0.5))
+    pos0 = 70
+    q, k, v, scale = _decode_attention_inputs(8, pos0)
     whole = np.empty_like(q)
     _kernels.attention(q, k, v, whole, pos0, scale, 2)
     for heads in ([0, 12], [0, 1, 12, 13]):
-        part = np.empty((1, len(heads), hd), dtype=np.float32)
+        part = np.empty((1, len(heads), q.shape[2]), dtype=np.float32)
         _kernels.attention(np.ascontiguousarray(q[:, heads]), k, v, part, pos0, scale, 1)
         assert np.array_equal(whole[:, heads].view(np.uint32), part.view(np.uint32)), (kernel_set, heads)
+
+
+@pytest.mark.parametrize("pos0", [4, 70, 300])
+@pytest.mark.parametrize("name", ["avxvnni", "avx512vnni"])
+def test_decode_attention_gives_the_avx2_bits_on_every_simd_set(name: str, pos0: int) -> None:
+    """The avx512vnni set weighs V rows a lane class at a time with zmm registers, the AVX2 path
+    sixteen bytes of 32 rows at a time with ymm: the sums, and so the bits, must be the avx2 set's
+    (positions 4 and 70 leave some of the 32 classes with no key or one, 300 gives each ten)."""
+    q, k, v, scale = _decode_attention_inputs(10, pos0)
+    try:
+        _kernels.use(name)
+    except ValueError:
+        pytest.skip(f"this CPU has no {name} kernels")
+    try:
+        out = np.empty_like(q)
+        _kernels.attention(q, k, v, out, pos0, scale, 2)
+        _kernels.use("avx2")
+        ref = np.empty_like(q)
+        _kernels.attention(q, k, v, ref, pos0, scale, 2)
+    finally:
+        _kernels.use("auto")
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
 def test_layer_norm_matches_numpy() -> None:
