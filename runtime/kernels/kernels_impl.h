@@ -344,6 +344,87 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
     if (n < n_rows) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
 }
 
+/* Q4_0 with AVX-512, four weight rows per zmm: one zmm holds the low nibbles of block i of four
+ * rows (16 bytes each, row r in 128-bit lane r) and another their high nibbles, against bytes
+ * 0-15 and 16-31 of the activation block broadcast to every 128-bit lane. Lane 4r + l of the
+ * first is row r's block_lanes lane l (elements 4l..4l+3), of the second its lane 4 + l, so each
+ * of a row's 8 lanes takes exactly the integer and float steps of q_tile512 (one multiply of the
+ * scales serves both zmm), and hsum8 of [first lanes 4r..4r+3, second lanes 4r..4r+3] is its
+ * dot product. Against q_tile512's pairs this drops the nibble shuffles and half of the scale
+ * work, which bound Q4_0 decode on one core of an AMD EPYC (Zen 4) below the read bandwidth:
+ * 8 rows (RQ = 2) per tile, for 1 to 4 activation rows, took a 3B model's decode matmuls from
+ * 110-125 to 103-106 ms (1 thread) and 4 sequences' from 257-271 to 223-234 ms (4 rows per tile
+ * were in between for one activation row). */
+static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int RA, const uint8_t *w, size_t gs,
+                                                                     const q8_act *a, int64_t m0, float *y,
+                                                                     int64_t ldy, int64_t ys) {
+    const int64_t nb = a->nb;
+    const block_q8_0 *yq[4];  /* RQ <= 2, RA <= 4 */
+    const float *yd[4];
+    const int32_t *yc[4];
+    SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i low = _mm512_set1_epi8(0xF);
+    __m512 lo[2][4], hi[2][4];
+    for (int q = 0; q < RQ; q++)
+        for (int c = 0; c < RA; c++) lo[q][c] = hi[q][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i wlo[2], whi[2];
+        __m512 dx[2];
+        for (int q = 0; q < RQ; q++) {
+            const block_q4_0 *b[4];
+            for (int r = 0; r < 4; r++) {
+                b[r] = (const block_q4_0 *)(w + (4 * q + r) * gs) + i;
+                _mm_prefetch((const char *)b[r] + PREFETCH_AHEAD, _MM_HINT_T0);
+            }
+            __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b[0]->qs));
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[1]->qs), 1);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[2]->qs), 2);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[3]->qs), 3);
+            wlo[q] = _mm512_and_si512(z, low);
+            whi[q] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+            __m128i h = _mm_cvtsi32_si128(b[0]->d);
+            h = _mm_insert_epi16(h, b[1]->d, 1);
+            h = _mm_insert_epi16(h, b[2]->d, 2);
+            h = _mm_insert_epi16(h, b[3]->d, 3);
+            dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+        }
+        for (int c = 0; c < RA; c++) {
+            const __m512i ylo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yq[c][i].qs));
+            const __m512i yhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(yq[c][i].qs + 16)));
+            const __m512i clo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(yc[c] + 8 * i)));
+            const __m512i chi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(yc[c] + 8 * i + 4)));
+            const __m512 dy = _mm512_set1_ps(yd[c][i]);
+            for (int q = 0; q < RQ; q++) {
+                const __m512 d = _mm512_mul_ps(dx[q], dy);
+                lo[q][c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(clo, wlo[q], ylo)), lo[q][c]);
+                hi[q][c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(chi, whi[q], yhi)), hi[q][c]);
+            }
+        }
+    }
+    for (int q = 0; q < RQ; q++)
+        for (int c = 0; c < RA; c++) {
+            const __m128 l4[4] = {_mm512_extractf32x4_ps(lo[q][c], 0), _mm512_extractf32x4_ps(lo[q][c], 1),
+                                  _mm512_extractf32x4_ps(lo[q][c], 2), _mm512_extractf32x4_ps(lo[q][c], 3)};
+            const __m128 h4[4] = {_mm512_extractf32x4_ps(hi[q][c], 0), _mm512_extractf32x4_ps(hi[q][c], 1),
+                                  _mm512_extractf32x4_ps(hi[q][c], 2), _mm512_extractf32x4_ps(hi[q][c], 3)};
+            for (int r = 0; r < 4; r++) y[c * ldy + (4 * q + r) * ys] = SUFFIX(hsum8)(_mm256_set_m128(h4[r], l4[r]));
+        }
+}
+
+/* Activation rows m0 .. m0+RA-1 of a Q4_0 matmul by q4_tile512: its 4 * RQ weight rows from as
+ * many groups of consecutive rows (see GROUPED_ROWS); the rows left over go to q_tile512_row. */
+static inline __attribute__((always_inline)) void SUFFIX(q4_tile512_row)(int RQ, int RA, const uint8_t *w,
+                                                                         size_t w_stride, int64_t n_rows,
+                                                                         const q8_act *a, int64_t m0, float *y,
+                                                                         int64_t ldy) {
+    const int64_t g = n_rows / (4 * RQ);
+    for (int64_t j = 0; j < g; j++)
+        SUFFIX(q4_tile512)(RQ, RA, w + j * w_stride, g * w_stride, a, m0, y + m0 * ldy + j, ldy, g);
+    const int64_t n = 4 * RQ * g;
+    if (n < n_rows) SUFFIX(q_tile512_row)(KT_Q4_0, 1, RA, w + n * w_stride, w_stride, n_rows - n, a, m0, y + n, ldy);
+}
+
 /* Tile sizes (override with -D to try others). Measured on a Zen 5 core, 1 thread, 256 x 3072
  * and 256 x 12288 activations: 6 weight rows x 8 activation rows (24 zmm accumulators) gave
  * 115-140 GMAC/s, against 85-105 for 4 x 4 and 4 x 8 and 100-125 for 6 x 6, 8 x 4 and 8 x 5.
@@ -366,6 +447,15 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
     int64_t m = 0;
     for (; m + GEMM512_RA <= M; m += GEMM512_RA)
         SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
+    if (wtype == KT_Q4_0 && M - m <= 4) { /* decode, batched decode, a prompt's last rows */
+        switch (M - m) {
+        case 4: SUFFIX(q4_tile512_row)(2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 3: SUFFIX(q4_tile512_row)(2, 3, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 2: SUFFIX(q4_tile512_row)(2, 2, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 1: SUFFIX(q4_tile512_row)(2, 1, w, w_stride, n_rows, a, m, y, ldy); break;
+        }
+        return;
+    }
     switch (M - m) {
     case 7: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 7, w, w_stride, n_rows, a, m, y, ldy); break;
     case 6: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 6, w, w_stride, n_rows, a, m, y, ldy); break;
