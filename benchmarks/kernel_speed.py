@@ -31,7 +31,6 @@ from runtime.ggml_types import BLOCK_SIZE, GGMLType
 from runtime.kernels import _kernels
 
 TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q6_k": GGMLType.Q6_K}
-ROWS = "1,4,256"
 SHAPES = {
     GGMLType.Q8_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
     GGMLType.Q4_0: [(3072, 3072), (12288, 3072), (3072, 12288)],
@@ -108,7 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default=",".join(simd_sets()), help="kernel sets, compared side by side")
     p.add_argument("--types", default="q8_0,q4_0,q6_k", help="comma-separated: q8_0, q4_0, q6_k")
-    p.add_argument("--rows", default=ROWS, help="activation rows (M) to time (--stream: sequences, default 1)")
+    p.add_argument("--rows", help="activation rows (M) to time: default 1,4,256 (--stream: sequences, default 1)")
     p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
     p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
@@ -116,7 +115,7 @@ def main() -> None:
     sets = args.sets.split(",")
     threads = [int(n) for n in args.threads.split(",")]
     if args.stream:
-        rows = [int(r) for r in args.rows.split(",")] if args.rows != ROWS else [1]
+        rows = [int(r) for r in (args.rows or "1").split(",")]
         stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, rows, args.repeat)
         return
     if len(threads) != 1:
@@ -126,7 +125,7 @@ def main() -> None:
         t = TYPES[name]
         for n, k in SHAPES[t]:
             w = random_weights(rng, t, n, k)
-            for m in (int(r) for r in args.rows.split(",")):
+            for m in (int(r) for r in (args.rows or "1,4,256").split(",")):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 cells = []
                 for s in sets:

@@ -660,7 +660,7 @@ ATTEND_HEADS(3)
 /* attend_heads_avx2 with AVX-512 for hd == ATT_HD512, giving the same bits with half the
  * instructions and without its L1 misses. Scores: a zmm holds two of vec_dot's accumulators
  * (elements 0-15 of each step of 32 are accumulators 0 and 1, elements 16-31 accumulators 2 and
- * 3), so (0 + 2) + (1 + 3) is one zmm add and a 256-bit add, the rest reduce4's tail. Values:
+ * 3), whose four 256-bit halves reduce4 then sums as the AVX2 path does. Values:
  * the same lane classes as the AVX2 loop (key j weighs into class j % 32, each class summed over
  * its keys in key order with fma, the classes combined as attend_values combines them), but a
  * class at a time over whole V rows, 16 values of d per zmm: the AVX2 loop reads 16 bytes of each
@@ -687,11 +687,10 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512
             }
         }
         for (int g = 0; g < G; g++) {
-            const __m512 s = _mm512_add_ps(a01[g], a23[g]);
-            const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-            const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            const __m128 t1 = _mm_hadd_ps(t0, t0);
-            const float sc = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) * scale;
+#define HI256(z) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))
+            const float sc = reduce4_avx2(_mm512_castps512_ps256(a01[g]), HI256(a01[g]), _mm512_castps512_ps256(a23[g]),
+                                          HI256(a23[g])) * scale;
+#undef HI256
             scores[g * n_pad + j] = sc;
             if (sc > max[g]) max[g] = sc;
         }

@@ -77,8 +77,9 @@ void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k);
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k);
 
 /* Reads the n bytes at p with n_threads threads, as fast as the memory allows, and returns their
- * sum as 64-bit words (all n bytes when n is a multiple of 256 * n_threads; otherwise a short
- * tail is left out): the benchmark times it to measure the memory read bandwidth. */
+ * sum as 64-bit words (all n bytes when n is a multiple of 64 * streams * n_threads; otherwise a
+ * short tail is left out), each thread reading its part as `streams` streams side by side: the
+ * benchmark times it to measure the memory read bandwidth. */
 uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams);
 
 #endif
