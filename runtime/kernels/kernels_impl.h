@@ -383,11 +383,11 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int
             z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[3]->qs), 3);
             wlo[q] = _mm512_and_si512(z, low);
             whi[q] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
-            __m128i h = _mm_cvtsi32_si128(b[0]->d);
-            h = _mm_insert_epi16(h, b[1]->d, 1);
-            h = _mm_insert_epi16(h, b[2]->d, 2);
-            h = _mm_insert_epi16(h, b[3]->d, 3);
-            dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+            /* the four fp16 scales gathered in a general register, not by vector inserts: those
+             * compete with the loads' inserts for the one shuffle port */
+            const uint64_t h = (uint64_t)b[0]->d | (uint64_t)b[1]->d << 16 | (uint64_t)b[2]->d << 32 |
+                               (uint64_t)b[3]->d << 48;
+            dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)h))));
         }
         for (int c = 0; c < RA; c++) {
             const __m512i ylo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yq[c][i].qs));
