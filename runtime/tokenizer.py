@@ -102,15 +102,10 @@ class CodeTokenizer:
             if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
             raise TokenizerError(f"{source}: vocabulary/merges are inconsistent: {e}") from None
-        # The bytes each token stands for: byte-level tokens through GPT-2's map (str.translate to
-        # latin-1 code points, then encode: C speed over ~50k tokens), others as their UTF-8 text.
-        to_latin1, not_byte_level = _byte_translation()
-        self._bytes: list[bytes] = [
-            t.encode("utf-8")
-            if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or not_byte_level.search(t)
-            else t.translate(to_latin1).encode("latin-1")
-            for t, kind in zip(tokens, token_types, strict=True)
-        ]
+        # The bytes each token stands for, filled in as tokens are first decoded: working them all
+        # out took ~80 ms of the GIL while a server started, for a vocabulary of 49k of which a
+        # session decodes a few thousand.
+        self._bytes: list[bytes | None] = [None] * len(tokens)
         self.eog_ids = frozenset(
             i
             for i in (eos_id, self.fim_ids.get("pad"), self.fim_ids.get("repo"), self.fim_ids.get("sep"))
@@ -192,11 +187,23 @@ class CodeTokenizer:
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        b = self._bytes[token_id]
+        if b is None:
+            b = self._bytes[token_id] = self._token_bytes(self.tokens[token_id], self.token_types[token_id])
+        return b
+
+    @staticmethod
+    def _token_bytes(text: str, kind: int) -> bytes:
+        """Byte-level tokens through GPT-2's map (str.translate to latin-1 code points, then
+        encode), control and user-defined tokens and any outside that alphabet as their UTF-8."""
+        to_latin1, not_byte_level = _byte_translation()
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or not_byte_level.search(text):
+            return text.encode("utf-8")
+        return text.translate(to_latin1).encode("latin-1")
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; bytes that do not form valid UTF-8 become U+FFFD."""
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
