@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.errors import GGUFError, UnsupportedModelError
 from runtime.ggml_types import BLOCK_SIZE, OTHER_GGML_TYPES, SCALAR_FORMATS, GGMLType, ValueType
+from runtime.kernels import _kernels
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -206,32 +207,16 @@ def _read_value(cur: _Cursor, vtype: ValueType, key: str) -> Any:
     return arr.astype(bool) if elem == ValueType.BOOL else arr
 
 
-_U64 = struct.Struct("<Q")
-
-
 def _read_strings(cur: _Cursor, count: int, key: str) -> list[str]:
-    """`count` strings, as `cur.string` reads them but without its per-call overhead: a tokenizer's
-    vocabulary and merges are ~100k strings, read at every model load. On anything unusual (a
-    length past the end, invalid UTF-8) the checked path reads that element and raises its error."""
-    buf, size, pos = cur.buf, cur.size, cur.pos
-    unpack = _U64.unpack_from
-    out: list[str] = []
-    append = out.append
-    for i in range(count):
-        end = pos + 8
-        if end <= size:
-            (n,) = unpack(buf, pos)
-            if end + n <= size:
-                try:
-                    append(str(buf[end : end + n], "utf-8"))
-                    pos = end + n
-                    continue
-                except UnicodeDecodeError:
-                    pass
-        cur.pos = pos
-        cur.string(f"element {i} of {key!r}")  # raises the precise error
-        raise AssertionError("unreachable: the checked read accepted what the fast read refused")
+    """`count` strings, as `cur.string` reads them but in C: a tokenizer's vocabulary and merges
+    are ~100k strings, read at every model load (80 ms of the GIL in Python while a server
+    starts). On anything unusual (a length past the end, invalid UTF-8) the checked path reads
+    that element and raises its error."""
+    out, pos = _kernels.read_strings(cur.buf, cur.pos, count)
     cur.pos = pos
+    if len(out) < count:
+        cur.string(f"element {len(out)} of {key!r}")  # raises the precise error
+        raise AssertionError("unreachable: the checked read accepted what the fast read refused")
     return out
 
 

@@ -285,6 +285,14 @@ CORRUPTIONS: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: _replace_kv(10, array("x.strs", ValueType.STRING, 2**62, s("a"))),
         r"4611686018427387904 strings of 'x.strs' needs",
     ),
+    "string array element not UTF-8": (
+        lambda: _replace_kv(10, array("x.strs", ValueType.STRING, 3, s("a") + s(b"\xff\xfe") + s(""))),
+        r"element 1 of 'x.strs' is not valid UTF-8",
+    ),
+    "string array element past the end": (
+        lambda: _replace_kv(10, array("x.strs", ValueType.STRING, 3, s("a") + struct.pack("<Q", 2**40) + b"bc")),
+        r"element 1 of 'x.strs' needs 1099511627776 bytes",
+    ),
     "absurd number array count": (
         lambda: _replace_kv(11, array("x.i32s", ValueType.INT32, 2**61, b"\0" * 12)),
         r"2305843009213693952 elements of 'x.i32s' needs",

@@ -8,6 +8,7 @@ the C code read or write out of bounds.
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 cnp.import_array()
 
@@ -205,3 +206,32 @@ def f32_to_f16(const float[::1] x):
         with nogil:
             kernels_f32_to_f16(&x[0], &o[0], x.shape[0])
     return out
+
+
+def read_strings(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t count):
+    """Up to `count` GGUF strings (a little-endian u64 length, then that many UTF-8 bytes) from
+    buf[pos:], as (strings, the position after the last one read). It stops early, without
+    raising, at a string that runs past the end or is not valid UTF-8, so that the caller's
+    checked read can name the error. Holds the GIL (it builds str objects); a tokenizer's ~100k
+    strings take ~10 ms here against ~80 ms read one by one in Python."""
+    cdef Py_ssize_t size = buf.shape[0], i
+    cdef uint64_t n
+    cdef int b
+    out = []
+    if pos < 0 or pos > size:
+        return out, pos
+    for i in range(count):
+        if size - pos < 8:
+            break
+        n = 0
+        for b in range(8):
+            n |= (<uint64_t>buf[pos + b]) << (8 * b)
+        if n > <uint64_t>(size - pos - 8):
+            break
+        try:
+            s = PyUnicode_DecodeUTF8(<const char *>&buf[0] + pos + 8, <Py_ssize_t>n, NULL)
+        except UnicodeDecodeError:
+            break
+        out.append(s)
+        pos += 8 + <Py_ssize_t>n
+    return out, pos
