@@ -703,3 +703,31 @@ def test_populate_faults_in_the_whole_mapping(
         f.populate()
         grown = _rss_kib() - before
     assert grown >= 0.9 * size_kib, f"populate made {grown} KiB resident of {size_kib} KiB"
+
+
+@settings(max_examples=200, deadline=None)
+@given(strings=st.lists(st.text(max_size=12), max_size=8), cut=st.integers(min_value=0, max_value=200))
+def test_read_strings_reads_whole_strings_and_stops_before_a_cut_one(strings: list[str], cut: int) -> None:
+    """The Cython reader of string arrays returns every string of a well-formed run with the
+    position after it; cut short anywhere, it returns the strings before the cut one, and the
+    position where that one starts, without raising (the checked read then names the error)."""
+    from runtime.kernels import _kernels
+
+    image = b"".join(s(t) for t in strings)
+    assert _kernels.read_strings(image, 0, len(strings)) == (strings, len(image))
+    cut = min(cut, len(image))
+    read, pos = _kernels.read_strings(image[:cut], 0, len(strings))
+    assert read == strings[: len(read)]
+    assert pos == len(b"".join(s(t) for t in read))
+    if len(read) < len(strings):
+        assert pos + len(s(strings[len(read)])) > cut  # the next string did not fit
+
+
+def test_read_strings_stops_at_invalid_utf8_and_bad_positions() -> None:
+    from runtime.kernels import _kernels
+
+    image = s("ok") + s(b"\xc3") + s("never")
+    assert _kernels.read_strings(image, 0, 3) == (["ok"], len(s("ok")))
+    assert _kernels.read_strings(image, len(image) + 1, 1) == ([], len(image) + 1)
+    assert _kernels.read_strings(image, -1, 1) == ([], -1)
+    assert _kernels.read_strings(image, 0, 0) == ([], 0)
