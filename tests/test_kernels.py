@@ -4,6 +4,7 @@ other CPUs get."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +21,24 @@ from runtime.testing.make_model import make_model
 SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 
 
+@contextlib.contextmanager
+def _using(name: str) -> Iterator[None]:
+    """Run the block on kernel set `name`, then go back to `auto`; skip the test if this CPU lacks
+    the set."""
+    try:
+        _kernels.use(name)
+    except ValueError:
+        pytest.skip(f"this CPU has no {name} kernels")
+    try:
+        yield
+    finally:
+        _kernels.use("auto")
+
+
 @pytest.fixture(params=SETS)
 def kernel_set(request: pytest.FixtureRequest) -> Iterator[str]:
-    try:
-        _kernels.use(request.param)
-    except ValueError:
-        pytest.skip(f"this CPU has no {request.param} kernels")
-    yield request.param
-    _kernels.use("auto")
+    with _using(request.param):
+        yield request.param
 
 
 def _activations(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
@@ -106,22 +117,16 @@ def _outputs_on_sets(
     when the CPU lacks one of the sets."""
     rng = np.random.default_rng(3)
     results = []
-    try:
-        for key, (raw, t) in weights.items():
-            k = _n_cols(raw, t)
-            x = _activations(rng, rows, k)
-            outs = []
-            for name in sets:
-                try:
-                    _kernels.use(name)
-                except ValueError:
-                    pytest.skip(f"this CPU has no {name} kernels")
+    for key, (raw, t) in weights.items():
+        k = _n_cols(raw, t)
+        x = _activations(rng, rows, k)
+        outs = []
+        for name in sets:
+            with _using(name):
                 out = np.empty((rows, raw.shape[0]), dtype=np.float32)
                 _kernels.matmul(int(t), raw, k, x, out, threads)
-                outs.append(out)
-            results.append((key, t, outs[0], outs[1]))
-    finally:
-        _kernels.use("auto")
+            outs.append(out)
+        results.append((key, t, outs[0], outs[1]))
     return results
 
 
@@ -348,18 +353,11 @@ def test_decode_attention_gives_the_avx2_bits_on_every_simd_set(name: str, pos0:
     sixteen bytes of 32 rows at a time with ymm: the sums, and so the bits, must be the avx2 set's
     (positions 4 and 70 leave some of the 32 classes with no key or one, 300 gives each ten)."""
     q, k, v, scale = _decode_attention_inputs(10, pos0)
-    try:
-        _kernels.use(name)
-    except ValueError:
-        pytest.skip(f"this CPU has no {name} kernels")
-    try:
-        out = np.empty_like(q)
+    out, ref = np.empty_like(q), np.empty_like(q)
+    with _using(name):
         _kernels.attention(q, k, v, out, pos0, scale, 2)
-        _kernels.use("avx2")
-        ref = np.empty_like(q)
+    with _using("avx2"):
         _kernels.attention(q, k, v, ref, pos0, scale, 2)
-    finally:
-        _kernels.use("auto")
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
