@@ -550,7 +550,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from runtime.server.serve import run
         from runtime.server.state import ServerConfig
     except ImportError as e:  # an image built without the server's dependencies
-        raise ModelError(f"the server needs fastapi, uvicorn and prometheus-client: {e}") from None
+        raise ModelError(f"the server needs starlette, uvicorn and prometheus-client: {e}") from None
     # Fail fast, before binding the port, on a file that is missing or not a supported model; the
     # rest of the load (digest, every tensor checked, pages mapped) goes on while /health says "loading".
     header_error = load.wait_checked()

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(model_path or Model, ...)`.
+"""The ASGI application (Starlette): `create_app(model_path or Model, ...)`.
 
 The model loads in the background when the app starts (GET /health answers 503 `{"status":
 "loading"}` until it is ready, then 200 `{"status": "ok"}`); the app's shutdown stops the scheduler
@@ -14,20 +14,23 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from runtime.engine import Model
 from runtime.server import llama_api, openai_api
 from runtime.server.auth import require_api_key
-from runtime.server.errors import install_error_handlers
+from runtime.server.errors import EXCEPTION_HANDLERS
 from runtime.server.loading import ModelLoad
 from runtime.server.metrics import RequestCounter
+from runtime.server.routes import Endpoints
 from runtime.server.state import ServerConfig, ServerState
 
-public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+public = Endpoints()
+protected = Endpoints()  # with the API key, as every endpoint of the two APIs
 
 
 @public.get("/health")
@@ -54,7 +57,7 @@ def create_app(
     config: ServerConfig | None = None,
     on_fatal: Callable[[], None] | None = None,
     **options: Any,
-) -> FastAPI:
+) -> Starlette:
     """The server for one model. `options` are ServerConfig fields (n_parallel, max_queue, n_ctx,
     n_threads, api_key, alias, request_timeout, shutdown_timeout, max_body_bytes) when no `config`
     is given. `on_fatal` is called if the model fails to load (the CLI stops the server then)."""
@@ -62,27 +65,17 @@ def create_app(
     state = ServerState(model, cfg, on_fatal)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.start(asyncio.get_running_loop())
         try:
             yield
         finally:
             await state.shutdown()
 
-    app = FastAPI(
-        title="llmctl runtime",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    routes = public.routes()
+    for endpoints in (protected, openai_api.api, llama_api.api):
+        routes += endpoints.routes(guard=require_api_key)
+    counter = Middleware(RequestCounter, metrics=state.metrics, known_paths=[route.path for route in routes])
+    app = Starlette(routes=routes, middleware=[counter], exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.llm = state
-    install_error_handlers(app)
-    routers = (public, protected, openai_api.router, llama_api.router)
-    app.include_router(public)
-    app.include_router(protected)
-    for router in (openai_api.router, llama_api.router):
-        app.include_router(router, dependencies=[Depends(require_api_key)])
-    paths = [path for router in routers for r in router.routes if isinstance(path := getattr(r, "path", None), str)]
-    app.add_middleware(RequestCounter, metrics=state.metrics, known_paths=lambda: paths)
     return app

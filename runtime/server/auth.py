@@ -10,7 +10,8 @@ from runtime.server.errors import APIError
 
 
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 unless the request carries the server's key (compared in constant time)."""
+    """The guard of every endpoint but /health: 401 unless the request carries the server's key
+    (compared in constant time)."""
     key: str | None = request.app.state.llm.config.api_key
     if key is None:
         return

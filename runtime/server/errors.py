@@ -2,21 +2,20 @@
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-Handlers raise `APIError`; FastAPI's own errors (404, 405, request validation) and anything
-unexpected (500) are converted to the same shape.
+Handlers raise `APIError`; the router's own errors (404, 405) and anything unexpected (500) are
+converted to the same shape by `EXCEPTION_HANDLERS`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 log = logging.getLogger("llmctl.server")
 
@@ -99,29 +98,32 @@ def _is_type_tag(part: str) -> bool:
     return part in ("str", "int", "float", "bool", "dict", "list") or "[" in part
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def api_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, APIError)
-        return exc.response()
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        message = {404: f"no such endpoint: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        if exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError | ValidationError)
-        return from_validation_error(list(exc.errors())).response()
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no such endpoint: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        body = error_body(500, f"internal server error: {type(exc).__name__}")
-        return JSONResponse(body, status_code=500)
 
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ValidationError)
+    return from_validation_error(list(exc.errors())).response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500)
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    APIError: _api_error,
+    HTTPException: _http_error,
+    ValidationError: _validation_error,
+    Exception: _internal_error,
+}

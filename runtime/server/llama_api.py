@@ -10,8 +10,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from runtime.engine import Model
 from runtime.server import body
@@ -25,6 +25,7 @@ from runtime.server.prompts import (
     stop_list,
     tokenize,
 )
+from runtime.server.routes import Endpoints
 from runtime.server.scheduler import FinalEvent, TokenEvent
 from runtime.server.schemas import (
     DetokenizeRequest,
@@ -36,7 +37,7 @@ from runtime.server.schemas import (
 from runtime.server.state import ServerState
 from runtime.tokenizer import CodeTokenizer
 
-router = APIRouter()
+api = Endpoints()
 
 DEFAULTS = LlamaOptions()
 
@@ -202,8 +203,7 @@ async def _generate(request: Request, state: ServerState, model: Model, req: Lla
     return JSONResponse(result)
 
 
-@router.post("/completion")
-@router.post("/completions")
+@api.post("/completion", "/completions")
 async def completion(request: Request) -> Response:
     state = _state(request)
     req = await body.parse(request, LlamaCompletionRequest, state.config.max_body_bytes)
@@ -212,7 +212,7 @@ async def completion(request: Request) -> Response:
     return await _generate(request, state, model, req, ids)
 
 
-@router.post("/infill")
+@api.post("/infill")
 async def infill(request: Request) -> Response:
     """Fill in the middle: <fim_prefix>{input_prefix}<fim_suffix>{input_suffix}<fim_middle>{prompt};
     with input_extra, the repository-level form with a <file_sep> section per extra file."""
@@ -224,7 +224,7 @@ async def infill(request: Request) -> Response:
     return await _generate(request, state, model, req, ids)
 
 
-@router.post("/tokenize")
+@api.post("/tokenize")
 async def tokenize_(request: Request) -> Response:
     state = _state(request)
     req = await body.parse(request, TokenizeRequest, state.config.max_body_bytes)
@@ -244,7 +244,7 @@ async def tokenize_(request: Request) -> Response:
     return JSONResponse({"tokens": pieces})
 
 
-@router.post("/detokenize")
+@api.post("/detokenize")
 async def detokenize(request: Request) -> Response:
     state = _state(request)
     req = await body.parse(request, DetokenizeRequest, state.config.max_body_bytes)
@@ -253,7 +253,7 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"content": model.tokenizer.decode(ids)})
 
 
-@router.get("/props")
+@api.get("/props")
 async def props(request: Request) -> Response:
     state = _state(request)
     model, _ = state.require_model()
@@ -273,7 +273,7 @@ async def props(request: Request) -> Response:
     )
 
 
-@router.get("/slots")
+@api.get("/slots")
 async def slots(request: Request) -> Response:
     state = _state(request)
     model, scheduler = state.require_model()

@@ -1,6 +1,6 @@
 """The server's model load, on a daemon thread that can start before the HTTP stack is imported.
 
-`python -m runtime serve` starts the load first and imports FastAPI and uvicorn while the file is
+`python -m runtime serve` starts the load first and imports Starlette and uvicorn while the file is
 mapped and pre-faulted (the page faults run without the GIL), so that the two overlap instead of
 following each other. The file is parsed once: its header is checked first, and `wait_checked`
 lets the command refuse a file that is no model before it binds the port. The server attaches

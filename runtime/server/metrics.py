@@ -62,15 +62,12 @@ class RequestCounter:
     """Pure ASGI middleware (so streaming is untouched): counts every HTTP request under its route's
     path, or "other" for unknown paths so that scanners cannot blow up the label set."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Iterable[str]) -> None:
         self.app = app
         self.metrics = metrics
-        self._known_paths = known_paths
-        self._paths: frozenset[str] | None = None
+        self._paths = frozenset(known_paths)
 
     def _endpoint(self, path: str) -> str:
-        if self._paths is None:
-            self._paths = frozenset(self._known_paths())
         return path if path in self._paths else "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,8 +7,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from runtime.engine import Model
 from runtime.sampling import SamplingParams
@@ -24,12 +24,13 @@ from runtime.server.prompts import (
     stop_list,
     tokenize,
 )
+from runtime.server.routes import Endpoints
 from runtime.server.scheduler import FinalEvent, TokenEvent
 from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIOptions
 from runtime.server.state import ServerState
 from runtime.tokenizer import CodeTokenizer
 
-router = APIRouter()
+api = Endpoints()
 
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's
 
@@ -118,7 +119,7 @@ class _LegacyLogprobs:
 # --- /v1/completions ---------------------------------------------------------------------------
 
 
-@router.post("/v1/completions")
+@api.post("/v1/completions")
 async def completions(request: Request) -> Response:
     state = _state(request)
     req = await body.parse(request, CompletionRequest, state.config.max_body_bytes)
@@ -211,7 +212,7 @@ def _chat_logprobs(tok: CodeTokenizer, events: Sequence[TokenEvent], top_n: int)
     ]
 
 
-@router.post("/v1/chat/completions")
+@api.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = await body.parse(request, ChatCompletionRequest, state.config.max_body_bytes)
@@ -287,7 +288,7 @@ async def chat_completions(request: Request) -> Response:
 # --- /v1/models --------------------------------------------------------------------------------
 
 
-@router.get("/v1/models")
+@api.get("/v1/models")
 async def models(request: Request) -> Response:
     state = _state(request)
     entry: dict[str, Any] = {"id": state.alias, "object": "model", "created": state.created, "owned_by": "llmctl"}
