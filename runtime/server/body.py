@@ -1,5 +1,5 @@
-"""Reading a request body into a validated pydantic model, refusing anything malformed with a 400
-(or 413 when it is too big) before a handler sees it.
+"""Reading a request body into a validated request type (runtime/server/schemas.py), refusing
+anything malformed with a 400 (or 413 when it is too big) before a handler sees it.
 
 Bodies are parsed whatever their Content-Type (`curl -d` sends form encoding; llama.cpp accepts it).
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from runtime.server.errors import APIError, bad_request, from_validation_error
+from runtime.server import validation
+from runtime.server.errors import APIError, bad_request
 
 MAX_BODY_BYTES = 8 << 20  # 8 MiB: a whole source file and its neighbours fit many times over
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 
 
 def _no_constants(name: str) -> Any:
@@ -101,10 +101,9 @@ def _check_strings(obj: object) -> None:
 
 def validate(model: type[M], obj: dict[str, Any]) -> M:
     try:
-        return model.model_validate(obj)
-    except ValidationError as e:
-        hints = {name: f.description for name, f in model.model_fields.items()}
-        raise from_validation_error(list(e.errors()), hints) from None
+        return validation.validate(model, obj)
+    except validation.Invalid as e:
+        raise bad_request(e.message, param=e.param) from None
 
 
 async def parse(request: Request, model: type[M], limit: int = MAX_BODY_BYTES) -> M:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -74,30 +73,6 @@ def context_error(message: str, *, param: str | None = "prompt") -> APIError:
     return APIError(400, message, param=param, code="context_length_exceeded")
 
 
-def from_validation_error(errors: list[Any], descriptions: Mapping[str, str | None] | None = None) -> APIError:
-    """One readable 400 from pydantic's error list: the first field at fault, with what it must be."""
-    if not errors:
-        return bad_request("invalid request")
-    first = errors[0]
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    param = str(loc[0]) if loc else None
-    same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
-    hint = (descriptions or {}).get(param or "") if param else None
-    if first.get("type") == "missing":
-        message = f"'{param}' is required" + (f": {hint}" if hint else "")
-    elif len(same_field) > 1 and hint:  # a union: say what the field may be rather than why each member failed
-        message = f"'{param}' must be {hint}"
-    else:
-        where = ".".join(str(p) for p in loc if isinstance(p, int) or not _is_type_tag(str(p)))
-        message = f"'{where}': {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid"))
-    return bad_request(message, param=param)
-
-
-def _is_type_tag(part: str) -> bool:
-    """pydantic names the member of a union that failed ('str', 'list[int]', 'function-after[...]')."""
-    return part in ("str", "int", "float", "bool", "dict", "list") or "[" in part
-
-
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
@@ -111,11 +86,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ValidationError)
-    return from_validation_error(list(exc.errors())).response()
-
-
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500)
@@ -124,6 +94,5 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
     APIError: _api_error,
     HTTPException: _http_error,
-    ValidationError: _validation_error,
     Exception: _internal_error,
 }
