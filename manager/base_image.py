@@ -49,7 +49,7 @@ PYTHON_SITE = "usr/lib/python3/dist-packages"
 PYTHON_STDLIB = "usr/lib/python3.11"
 
 # What the runtime imports; their dependency closure (minus EXCLUDED_DISTS) is requirements.txt.
-RUNTIME_DISTS = ("numpy", "tokenizers", "fastapi", "pydantic", "uvicorn", "prometheus-client")
+RUNTIME_DISTS = ("numpy", "tokenizers", "starlette", "uvicorn", "prometheus-client")
 # tokenizers depends on huggingface-hub only for Tokenizer.from_pretrained (downloads); the runtime
 # reads its tokenizer from the GGUF file, so the hub client and its tree (requests, fsspec, tqdm,
 # pyyaml, filelock, hf-xet...) stay out of the image.
