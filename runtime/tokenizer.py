@@ -7,6 +7,7 @@ import codecs
 import re
 from collections.abc import Iterable
 from functools import lru_cache
+from itertools import repeat
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -52,6 +53,16 @@ def _byte_translation() -> tuple[dict[int, int], re.Pattern[str]]:
     return {ord(c): b for c, b in decoder.items()}, re.compile(f"[^{alphabet}]")
 
 
+def _bad_merge(merges: list[str], vocab: dict[str, int]) -> str | None:
+    """What is wrong with the first merge that does not join two tokens of the vocabulary into a
+    third, or None."""
+    for i, merge in enumerate(merges):
+        a, space, b = merge.partition(" ")
+        if not (space and a in vocab and b in vocab and a + b in vocab):
+            return f"merge {i} ({merge!r}) does not join two tokens of the vocabulary into a third"
+    return None
+
+
 class CodeTokenizer:
     """Text <-> token ids exactly as llama.cpp does for StarCoder-family GGUFs."""
 
@@ -74,34 +85,26 @@ class CodeTokenizer:
         self.n_vocab = len(tokens)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.fim_ids = fim_ids or {}
-        vocab: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            vocab.setdefault(t, i)
-        # Checked here because the tokenizers library panics (an uncatchable-looking BaseException)
-        # on some merges whose result is not in the vocabulary.
-        parts = [m.partition(" ") for m in merges]
-        bad = (
-            i for i, (a, space, b) in enumerate(parts) if not (space and a in vocab and b in vocab and a + b in vocab)
-        )
-        first_bad = next(bad, None)
-        if first_bad is not None:
-            raise TokenizerError(
-                f"{source}: merge {first_bad} ({merges[first_bad]!r}) does not join two tokens of the vocabulary "
-                "into a third"
-            )
-        pairs = [(a, b) for a, _, b in parts]
-        control = [i for i, t in enumerate(token_types) if t == TOKEN_CONTROL]
-        user = [i for i, t in enumerate(token_types) if t == TOKEN_USER_DEFINED]
+        # a string listed twice keeps its first id, as llama.cpp's vocabulary does
+        vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1), strict=True))
+        pairs = [(a, b) for a, _, b in map(str.partition, merges, repeat(" "))]
+        kinds = np.asarray(token_types)
+        control = np.flatnonzero(kinds == TOKEN_CONTROL).tolist()
+        user = np.flatnonzero(kinds == TOKEN_USER_DEFINED).tolist()
         try:
             # Control tokens are recognised in text only when asked (llama.cpp's parse_special);
             # user-defined tokens always are. Both tokenizers share one BPE model (read-only).
+            # The library checks that every merge joins two tokens into a third; the check is
+            # repeated here only to name the merge at fault once it has refused one (repeating it
+            # up front took 60 ms of the GIL while a server started).
             bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
             self._special = self._build(bpe, control + user)
             self._plain = self._build(bpe, user)
         except BaseException as e:  # plain Exceptions, or pyo3's PanicException (a BaseException)
             if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
-            raise TokenizerError(f"{source}: vocabulary/merges are inconsistent: {e}") from None
+            problem = _bad_merge(merges, vocab) or f"vocabulary/merges are inconsistent: {e}"
+            raise TokenizerError(f"{source}: {problem}") from None
         # The bytes each token stands for, filled in as tokens are first decoded: working them all
         # out took ~80 ms of the GIL while a server started, for a vocabulary of 49k of which a
         # session decodes a few thousand.
@@ -160,12 +163,11 @@ class CodeTokenizer:
                 raise TokenizerError(f"{f.path}: {key} = {v!r} is not a token id (vocabulary has {len(tokens)})")
             return v
 
-        index = {t: i for i, t in enumerate(tokens)}
         fim: dict[str, int] = {}
         for role, (key, text) in FIM_KEYS.items():
             tid = token_id(key)
-            if tid is None:
-                tid = index.get(text)
+            if tid is None and text in tokens:
+                tid = tokens.index(text)
             if tid is not None:
                 fim[role] = tid
         return cls(
