@@ -165,6 +165,9 @@ GEMM_SHAPES = [
     (10, 96, 11),
     (203, 1024, 6),
     (531, 64, 2),
+    # rows as long as a feed-forward down projection's, and many tiles in one unit of work
+    (61, 4160, 8),
+    (450, 2240, 9),
 ]
 
 
