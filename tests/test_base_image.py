@@ -6,6 +6,7 @@ and manager/base_image.py, and the .debs under ~/.cache/llmctl/debs, so reruns s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -67,7 +68,11 @@ def test_rootfs_layout_and_size(rootfs: tuple[Path, base_image.BuildReport]) -> 
                    "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/lib2to3", "usr/lib/python3/dist-packages/bin",
                    "usr/lib/python3/dist-packages/numpy/_core/tests"):  # fmt: skip
         assert not (root / pruned).exists(), pruned
-    assert not list(root.rglob("__pycache__"))
+    # every module is byte-compiled, checked by source hash (flags 0b01: hash-based, unchecked)
+    for module in ("usr/lib/python3.11/json/__init__.py", "usr/lib/python3/dist-packages/numpy/__init__.py"):
+        pyc = root / importlib.util.cache_from_source(module)
+        assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01, pyc
+    assert report.bytecode > 0
     assert sorted(p.name for p in (root / "usr/bin").iterdir()) == ["python3", "python3.11"]
     assert report.total == base_image.tree_size(root)
     assert report.debian["libc6"] > 0 and report.python["numpy"] > 0
@@ -120,8 +125,11 @@ def test_base_image_runs_the_runtime(
             "import os, ssl, json, asyncio, numpy, tokenizers, runtime.server.serve; "
             "from runtime.kernels import _kernels; print(os.getuid(), os.getgid()); print(_kernels.active())"
         )
-        run = _run(tag, "-c", probe)
+        run = _run(tag, "-v", "-c", probe)
         assert run.returncode == 0, run.stderr
+        # -v names each module's code: compiled from source ("from /usr/...py") or read from its .pyc
+        compiled = [line for line in run.stderr.splitlines() if line.startswith("# code object from /usr/")]
+        assert not compiled, compiled[:5]
         from runtime.kernels import _kernels
 
         assert run.stdout.splitlines() == ["65532 65532", _kernels.active()]  # same CPU as the host
@@ -178,3 +186,23 @@ def test_base_image_sbom_lists_every_package(rootfs: tuple[Path, base_image.Buil
     for requirement in base_image.read_requirements(base_image.REQUIREMENTS_FILE):
         name = requirement.split("==")[0].lower().replace("_", "-")
         assert any(p.startswith(f"pkg:pypi/{name}@") for p in purls), name
+
+
+def test_byte_compiled_modules_are_reproducible(tmp_path: Path) -> None:
+    """Two builds of the same modules give the same .pyc bytes (the image digest depends on them),
+    named for the image's paths."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip(f"the image's .pyc files are made by a Python 3.11 host, not {sys.version.split()[0]}")
+    source = "KINDS = frozenset({'alpha', 'beta', 'gamma', 'delta'})\n\ndef kind(x):\n    return x in {'a', 'b', 'c'}\n"
+    builds = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        for rel in (base_image.PYTHON_STDLIB, base_image.PYTHON_SITE):
+            (root / rel / "pkg").mkdir(parents=True)
+            (root / rel / "pkg" / "__init__.py").write_text(source)
+        assert base_image._byte_compile(root) > 0
+        builds.append({p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.pyc"))})
+    assert len(builds[0]) == 2 and builds[0] == builds[1]
+    # named for the image's paths, not the build directory's
+    code = builds[0][Path(base_image.PYTHON_SITE, "pkg/__pycache__/__init__.cpython-311.pyc")]
+    assert f"/{base_image.PYTHON_SITE}/pkg/__init__.py".encode() in code and str(tmp_path).encode() not in code
