@@ -145,7 +145,7 @@ class BuildReport:
 
     debian: dict[str, int] = field(default_factory=dict)
     python: dict[str, int] = field(default_factory=dict)
-    bytecode: int = 0  # the .pyc files of the stdlib and the wheels (see _byte_compile)
+    bytecode: int = 0  # the .pyc files of the stdlib and the wheels (see byte_compile)
     extra: int = 0
     total: int = 0
 
@@ -459,24 +459,24 @@ def _prune_python(site: Path) -> None:
                 Path(dirpath, f).unlink()
 
 
-def _byte_compile(rootfs: Path) -> int:
-    """Byte-compile the stdlib and the wheels' modules into ``__pycache__``; returns the bytes added.
+def byte_compile(root: Path, dirs: Sequence[Path]) -> int:
+    """Byte-compile the modules under `dirs` into their ``__pycache__``, named for their paths in the
+    image (`root` is the image's /); returns the bytes of .pyc files there.
 
     The containers run with a read-only root, so without these Python compiled every module it
     imports at every start: importing the server took 1.3-1.6 s instead of 0.5 (docs/images.md).
     The .pyc files are reproducible: checked against their source by hash, not by timestamp
-    (``unchecked-hash``), compiled in one process in a fixed order with a fixed hash seed, and
-    named for the image's paths. Only a Python 3.11 host can make them (the image's Python reads
-    ``cpython-311`` files only); another host builds the image without them.
+    (``unchecked-hash``), compiled in a fresh process in a fixed order with a fixed hash seed.
+    Only a Python 3.11 host can make them (the image's Python reads ``cpython-311`` files only);
+    another host builds the image without them.
     """
     if sys.version_info[:2] != (3, 11):
         print(f"warning: Python {sys.version.split()[0]} cannot byte-compile for the image's 3.11", file=sys.stderr)
         return 0
-    dirs = [str(rootfs / PYTHON_STDLIB), str(rootfs / PYTHON_SITE)]
     cmd = ["env", "PYTHONHASHSEED=0", sys.executable, "-m", "compileall", "-q", "-j", "1",
-           "--invalidation-mode", "unchecked-hash", "-s", str(rootfs), "-p", "/", *dirs]  # fmt: skip
+           "--invalidation-mode", "unchecked-hash", "-s", str(root), "-p", "/", *map(str, dirs)]  # fmt: skip
     _run(cmd, "byte-compiling the image's Python modules", timeout=1800)
-    return sum(_size(p) for d in dirs for p in Path(d).rglob("__pycache__/*.pyc"))
+    return sum(_size(p) for d in dirs for p in d.rglob("__pycache__/*.pyc"))
 
 
 # -- the build -------------------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def build_rootfs(
     _prune_python(site)
     report.python = _dist_sizes(site)
 
-    report.bytecode = _byte_compile(rootfs)
+    report.bytecode = byte_compile(rootfs, [rootfs / PYTHON_STDLIB, site])
 
     _system_files(rootfs)
     report.total = tree_size(rootfs)

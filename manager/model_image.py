@@ -8,10 +8,12 @@ weights' pinned digest, so the container re-checks the weights before it serves 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.base_image import USER_ID, rootfs_entries
+from manager.base_image import USER_ID, byte_compile, rootfs_entries
 from manager.errors import ImageBuildError
 from registry.oci import Entry, Healthcheck, Image, Layer
 
@@ -62,8 +64,10 @@ class ModelImageSpec:
 
 
 def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
-    """The runtime's Python modules and its compiled kernels, under /opt/llmctl/runtime (no tests,
-    no test-model generator, no caches)."""
+    """The runtime's Python modules, byte-compiled too (the root is read-only: see
+    base_image.byte_compile), and its compiled kernels, under /opt/llmctl/runtime (no tests, no
+    test-model generator, no caches)."""
+    sources: list[Path] = []
     entries = []
     for path in sorted(package.rglob("*")):
         rel = path.relative_to(package.parent)
@@ -71,17 +75,30 @@ def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
             continue
         if path.suffix == ".py" or (path.suffix == ".so" and path.name.startswith("_kernels")):
             entries.append(Entry.file(f"{RUNTIME_PREFIX}/{rel.as_posix()}", path, mode=0o644))
+            if path.suffix == ".py":
+                sources.append(rel)
     if not any(e.path.endswith(".so") for e in entries):
         raise ImageBuildError(f"{package}/kernels has no compiled _kernels module: run `make bootstrap` first")
+    with tempfile.TemporaryDirectory(prefix="llmctl-pyc-") as tmp:
+        root = Path(tmp)
+        staged = root / RUNTIME_PREFIX
+        for rel in sources:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(package.parent / rel, staged / rel)
+        byte_compile(root, [staged / package.name])
+        for pyc in sorted(staged.rglob("*.pyc")):
+            entries.append(Entry.file(f"{RUNTIME_PREFIX}/{pyc.relative_to(staged).as_posix()}", data=pyc.read_bytes()))
     return entries
 
 
 def runtime_digest(package: Path = RUNTIME_PACKAGE) -> str:
-    """sha256 over the runtime files the image carries (paths and contents): changes with the code."""
+    """sha256 over the runtime files the image carries (paths and contents): changes with the code.
+    The .pyc files are left out: they are made from the sources, by the host's Python."""
     h = hashlib.sha256()
     for entry in runtime_entries(package):
+        if entry.source is None:
+            continue
         h.update(entry.path.encode() + b"\0")
-        assert entry.source is not None
         h.update(Path(entry.source).read_bytes())
     return "sha256:" + h.hexdigest()
 
