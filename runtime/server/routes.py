@@ -2,7 +2,7 @@
 `@api.post("/v1/completions")` on each handler; the app takes `api.routes(guard)`.
 
 Plain Starlette routes: the server needs routing, not FastAPI's dependency injection and OpenAPI
-models, whose import alone doubled the time to the first answer (docs/benchmarks.md).
+models, whose import was a third of the interpreter's work before the port opened (docs/server.md).
 """
 
 from __future__ import annotations
