@@ -63,28 +63,33 @@ class ModelImageSpec:
         return f"{self.name}.gguf"
 
 
-def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
-    """The runtime's Python modules, byte-compiled too (the root is read-only: see
-    base_image.byte_compile), and its compiled kernels, under /opt/llmctl/runtime (no tests, no
-    test-model generator, no caches)."""
-    sources: list[Path] = []
-    entries = []
+def _runtime_files(package: Path) -> list[Path]:
+    """The runtime files an image carries, relative to the package's parent: its Python modules and
+    its compiled kernels (no tests, no test-model generator, no caches)."""
+    files = []
     for path in sorted(package.rglob("*")):
         rel = path.relative_to(package.parent)
         if "__pycache__" in rel.parts or "testing" in rel.parts or not path.is_file():
             continue
         if path.suffix == ".py" or (path.suffix == ".so" and path.name.startswith("_kernels")):
-            entries.append(Entry.file(f"{RUNTIME_PREFIX}/{rel.as_posix()}", path, mode=0o644))
-            if path.suffix == ".py":
-                sources.append(rel)
-    if not any(e.path.endswith(".so") for e in entries):
+            files.append(rel)
+    if not any(rel.suffix == ".so" for rel in files):
         raise ImageBuildError(f"{package}/kernels has no compiled _kernels module: run `make bootstrap` first")
+    return files
+
+
+def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
+    """The runtime's files under /opt/llmctl/runtime, with its modules byte-compiled too (the root
+    is read-only: see base_image.byte_compile)."""
+    files = _runtime_files(package)
+    entries = [Entry.file(f"{RUNTIME_PREFIX}/{rel.as_posix()}", package.parent / rel, mode=0o644) for rel in files]
     with tempfile.TemporaryDirectory(prefix="llmctl-pyc-") as tmp:
         root = Path(tmp)
         staged = root / RUNTIME_PREFIX
-        for rel in sources:
-            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(package.parent / rel, staged / rel)
+        for rel in files:
+            if rel.suffix == ".py":
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(package.parent / rel, staged / rel)
         byte_compile(root, [staged / package.name])
         for pyc in sorted(staged.rglob("*.pyc")):
             entries.append(Entry.file(f"{RUNTIME_PREFIX}/{pyc.relative_to(staged).as_posix()}", data=pyc.read_bytes()))
@@ -93,13 +98,11 @@ def runtime_entries(package: Path = RUNTIME_PACKAGE) -> list[Entry]:
 
 def runtime_digest(package: Path = RUNTIME_PACKAGE) -> str:
     """sha256 over the runtime files the image carries (paths and contents): changes with the code.
-    The .pyc files are left out: they are made from the sources, by the host's Python."""
+    The .pyc files are left out (nor compiled here): they are made from these sources."""
     h = hashlib.sha256()
-    for entry in runtime_entries(package):
-        if entry.source is None:
-            continue
-        h.update(entry.path.encode() + b"\0")
-        h.update(Path(entry.source).read_bytes())
+    for rel in _runtime_files(package):
+        h.update(f"{RUNTIME_PREFIX}/{rel.as_posix()}".encode() + b"\0")
+        h.update((package.parent / rel).read_bytes())
     return "sha256:" + h.hexdigest()
 
 
