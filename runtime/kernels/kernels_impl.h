@@ -352,9 +352,12 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
  * scales serves both zmm), and hsum8 of [first lanes 4r..4r+3, second lanes 4r..4r+3] is its
  * dot product. Against q_tile512's pairs this drops the nibble shuffles and half of the scale
  * work, which bound Q4_0 decode on one core of an AMD EPYC (Zen 4) below the read bandwidth:
- * 8 rows (RQ = 2) per tile, for 1 to 4 activation rows, took a 3B model's decode matmuls from
- * 110-125 to 103-106 ms (1 thread) and 4 sequences' from 257-271 to 223-234 ms (4 rows per tile
- * were in between for one activation row). */
+ * 8 rows (RQ = 2) per tile took a 3B model's decode matmuls from 110-125 to 103-106 ms (1 thread)
+ * and 4 sequences' from 257-271 to 223-234 ms. One activation row (decode) now goes 4 rows
+ * (RQ = 1) at a time: 8 rows are 8 streams of reads, and no CPU measured so far reads 8 streams
+ * per core as fast as 4 (kernels_read_sum: AMD EPYC Zen 5 39.7 against 31.9 GB/s); on Zen 5
+ * the decode matmuls went from 53 to 49 ms with 1 thread and from 42 to 36 ms with 2 (medians
+ * of 7 alternated passes), where Zen 4, bound by arithmetic, had been ~2% slower with 4 rows. */
 static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int RA, const uint8_t *w, size_t gs,
                                                                      const q8_act *a, int64_t m0, float *y,
                                                                      int64_t ldy, int64_t ys) {
@@ -452,7 +455,7 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
         case 4: SUFFIX(q4_tile512_row)(2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
         case 3: SUFFIX(q4_tile512_row)(2, 3, w, w_stride, n_rows, a, m, y, ldy); break;
         case 2: SUFFIX(q4_tile512_row)(2, 2, w, w_stride, n_rows, a, m, y, ldy); break;
-        case 1: SUFFIX(q4_tile512_row)(2, 1, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 1: SUFFIX(q4_tile512_row)(1, 1, w, w_stride, n_rows, a, m, y, ldy); break;
         }
         return;
     }
