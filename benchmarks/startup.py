@@ -40,12 +40,12 @@ from benchmarks.runtime_speed import (
     VARIANTS,
     cpu_model,
     ensure_model,
+    hold_in_page_cache,
     log,
     open_llama,
     peak_rss_mib,
     prompt_ids,
     run_child,
-    warm_page_cache,
 )
 from benchmarks.server_load import free_port
 
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_model(args.preset, variant, regen=False)
         rows.append(Row(variant.label, path, _kv_mib(path, args.ctx)))
     ids = prompt_ids(rows[0].path, args.prompt)
+    _held = [hold_in_page_cache(row.path) for row in rows]  # mapped until the rounds end
     for i in range(args.rounds):
         for row in rows:
-            warm_page_cache(row.path)
             for engine in ("llmctl", "llama.cpp") if have_llama else ("llmctl",):
                 run = run_llmctl if engine == "llmctl" else run_llama
                 result = run(row.path, ids, args.threads, args.ctx)
