@@ -357,7 +357,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
  * (RQ = 1) at a time: 8 rows are 8 streams of reads, and no CPU measured so far reads 8 streams
  * per core as fast as 4 (kernels_read_sum: AMD EPYC Zen 5 39.7 against 31.9 GB/s); on Zen 5
  * the decode matmuls went from 53 to 49 ms with 1 thread and from 42 to 36 ms with 2 (medians
- * of 7 alternated passes), where Zen 4, bound by arithmetic, had been ~2% slower with 4 rows. */
+ * of 7 alternated passes), where on Zen 4, bound by arithmetic, 4 rows had been a little slower. */
 static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int RA, const uint8_t *w, size_t gs,
                                                                      const q8_act *a, int64_t m0, float *y,
                                                                      int64_t ldy, int64_t ys) {
