@@ -752,11 +752,11 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_row_tiles)(int ROW
 
 /* y[m * ldy + r] = dot_q6_K(weight row r, activation row m) for r < n_rows, m < M, with the
  * activations as a->qk (Q8_K): each weight row (each pair of rows with AVX-512) against 4
- * activation rows at a time. With AVX-512 the pairs take row j of each half of the rows
- * (GROUPED_ROWS): neighbouring rows read side by side, with the next pair prefetched, read the
- * LM head of a 3B Q4_0 model (49152 rows) at ~20 GB/s on one AMD EPYC (Zen 5) core, where the
- * two streams take 3.7-3.9 ms instead of 6.1-7.8 (~33 GB/s), and 2.6-2.9 instead of 3.7-4.0 ms
- * with 2 threads. */
+ * activation rows at a time. With AVX-512 a pair is row j of each half of the rows
+ * (GROUPED_ROWS), so that each half is read front to back as one stream. On one AMD EPYC (Zen 5)
+ * core that reads the LM head of a 3B Q4_0 model (49152 rows) in 3.7-3.9 ms (~33 GB/s); pairs of
+ * neighbouring rows, with the next pair prefetched, took 6.1-7.8 ms (~18 GB/s). With 2 threads:
+ * 2.6-2.9 against 3.7-4.0 ms. */
 static void SUFFIX(gemm_q6_K)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                               float *y, int64_t ldy) {
     int64_t r = 0;
