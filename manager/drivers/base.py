@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -201,7 +202,25 @@ def check_port_free(host: str, port: int) -> None:
 START_PERIOD = 120.0  # seconds after a start during which an unanswered probe means "starting" (as the image's)
 
 
-def probe_health(endpoint: str, timeout: float = 2.0) -> int | None:
+PROBE_TIMEOUT = 2.0  # seconds a /health probe waits for its answer
+
+
+def healthy_by(endpoint: str, deadline: float) -> bool:
+    """Whether GET {endpoint}/health answers 200 before `deadline` (a time.monotonic() value). A
+    server that has bound its port but is still starting holds the request open, so the probe's
+    wait ends at the deadline: with the full PROBE_TIMEOUT, a server that became healthy during
+    that wait counted as healthy within a timeout shorter than it."""
+    remaining = deadline - time.monotonic()
+    return probe_health(endpoint, timeout=min(PROBE_TIMEOUT, max(remaining, 0.01))) == 200
+
+
+def sleep_before(deadline: float, interval: float) -> None:
+    """Sleep `interval` seconds, or less so as to wake by `deadline` (a time.monotonic() value): a
+    poll for something that must happen within a timeout must not take its next look after it."""
+    time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def probe_health(endpoint: str, timeout: float = PROBE_TIMEOUT) -> int | None:
     """The status of GET {endpoint}/health; None if nothing answered. Never goes through a proxy."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:

@@ -47,8 +47,10 @@ from manager.drivers.base import (
     endpoint_url,
     free_port,
     health_from_probe,
+    healthy_by,
     instance_name,
     probe_health,
+    sleep_before,
 )
 from manager.model_image import PORT, WEIGHTS_DIGEST_LABEL, WEIGHTS_MOUNTED_LABEL, WEIGHTS_PATH_LABEL
 
@@ -327,7 +329,7 @@ class DockerDriver:
     def wait_healthy(self, instance: Instance, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            if probe_health(instance.endpoint) == 200:
+            if healthy_by(instance.endpoint, deadline):
                 return True
             with _engine_errors(f"cannot inspect {instance.id[:12]}"):
                 container = self._container(instance)
@@ -340,7 +342,7 @@ class DockerDriver:
                 return False  # the runtime refused to start: restarts will not help
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.25)
+            sleep_before(deadline, 0.25)
 
     def health(self, instance: Instance) -> str:
         with _engine_errors(f"cannot inspect {instance.id[:12]}"):

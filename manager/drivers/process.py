@@ -31,7 +31,9 @@ from manager.drivers.base import (
     endpoint_url,
     free_port,
     health_from_probe,
+    healthy_by,
     probe_health,
+    sleep_before,
 )
 from manager.drivers.procfs import alive, read_json, tail_lines, utc_now, write_json_atomic
 
@@ -199,14 +201,14 @@ class ProcessDriver:
     def wait_healthy(self, instance: Instance, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            if probe_health(instance.endpoint) == 200:
+            if healthy_by(instance.endpoint, deadline):
                 return True
             state = self._state_of(instance)
             if state is None or self._run_state(state) == "exited":
                 return False
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.2)
+            sleep_before(deadline, 0.2)
 
     def health(self, instance: Instance) -> str:
         state = self._state_of(instance)
