@@ -18,6 +18,13 @@ files, several times larger than the caches), in the order of a forward pass, be
 passes, as milliseconds per token and GB/s beside the read bandwidth. The single matmuls above
 come from the caches and so say little about decode. --sets defaults to every SIMD set this CPU
 runs.
+
+    python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
+
+times decode attention per token over the 30 layers of the 3B shape (24 heads, 2 KV heads, head
+size 128; random fp16 caches) at each position: warm (one layer's cache, again and again, so it
+stays in L2) and cold (the 30 layers' caches in turn, with a 64 MB read between layers, as
+decode's weight stream evicts them). Decode meets its attention cold.
 """
 
 from __future__ import annotations
@@ -103,6 +110,48 @@ def stream(types: list[str], sets: list[str], threads: list[int], rows: list[int
     _kernels.use("auto")
 
 
+EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
+
+
+def attention(sets: list[str], threads: list[int], positions: list[int], repeat: int) -> None:
+    """Decode attention per token, warm and cold: see the module docstring."""
+    from runtime.testing.make_model import PRESETS
+
+    d = PRESETS["3b"]
+    hd, n_ctx = d.n_embd // d.n_head, max(positions) + 1
+    rng = np.random.default_rng(0)
+    caches = [
+        tuple(rng.standard_normal((n_ctx, d.n_head_kv, hd)).astype(np.float16).view(np.uint16) for _ in "kv")
+        for _ in range(d.n_layer)
+    ]
+    q = rng.standard_normal((1, d.n_head, hd)).astype(np.float32)
+    out = np.empty_like(q)
+    evict = np.ones(EVICT_BYTES, dtype=np.uint8)
+    scale = float(1 / np.sqrt(hd))
+
+    def per_token(pos: int, n: int, cold: bool) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            total = 0.0
+            for k, v in caches if cold else caches[:1] * d.n_layer:
+                if cold:
+                    evict[::64].sum()  # one byte of every cache line
+                t0 = time.perf_counter()
+                _kernels.attention(q, k, v, out, pos, scale, n)
+                total += time.perf_counter() - t0
+            best = min(best, total)
+        return best
+
+    for pos, n in ((p, n) for p in positions for n in threads):
+        cells = []
+        for s in sets:
+            _kernels.use(s)
+            warm, cold = per_token(pos, n, False), per_token(pos, n, True)
+            cells.append(f"{s} warm {warm * 1e3:6.2f} ms cold {cold * 1e3:6.2f} ms")
+        print(f"attention, {d.n_layer} layers, position {pos}, {n} thr: " + " | ".join(cells), flush=True)
+    _kernels.use("auto")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default=",".join(simd_sets()), help="kernel sets, compared side by side")
@@ -111,9 +160,14 @@ def main() -> None:
     p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
     p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
+    p.add_argument("--attention", action="store_true", help="decode attention per token, warm and cold, instead")
+    p.add_argument("--positions", default="256,1000,2000", help="--attention: cache positions to time")
     args = p.parse_args()
     sets = args.sets.split(",")
     threads = [int(n) for n in args.threads.split(",")]
+    if args.attention:
+        attention(sets, threads, [int(x) for x in args.positions.split(",")], args.repeat)
+        return
     if args.stream:
         rows = [int(r) for r in (args.rows or "1").split(",")]
         stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, rows, args.repeat)
