@@ -679,9 +679,7 @@ ATTEND_HEADS(3)
  * V row is converted and read half as often; the values then go half of d at a time, to keep
  * 6 x 4 accumulators in registers. x: scratch of 32 x G x hd / 2 floats. */
 #define ATT_HD512 128
-#ifndef ATT_HEADS512
-#define ATT_HEADS512 6
-#endif
+#define ATT_HEADS512 6 /* attend512_by_heads has one kernel per G up to this */
 static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512vl"))) void attend_heads_avx512(
     const float *q16, int G, int64_t n_keys, const uint16_t *k, const uint16_t *v, int64_t kv_stride, int64_t n_pad,
     float scale, float *scores, float *x, float *out) {
@@ -759,7 +757,7 @@ ATTEND_HEADS512(6)
 
 typedef void (*attend512_fn)(const float *, int64_t, const uint16_t *, const uint16_t *, int64_t, int64_t, float,
                              float *, float *, float *);
-static const attend512_fn attend512_by_heads[7] = {NULL,            attend_heads512_1, attend_heads512_2,
+static const attend512_fn attend512_by_heads[ATT_HEADS512 + 1] = {NULL,            attend_heads512_1, attend_heads512_2,
                                                     attend_heads512_3, attend_heads512_4, attend_heads512_5,
                                                     attend_heads512_6};
 
