@@ -11,13 +11,15 @@ activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
 
     python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2] [--rows 1,4]
+        [--prefetch l1,l2]
 
 times decode as memory sees it instead: one activation row (or --rows rows: sequences decoded
 together) through every matrix of a generated StarCoder2-3B-shaped model (the runtime_speed
 files, several times larger than the caches), in the order of a forward pass, best of `--repeat`
-passes, as milliseconds per token and GB/s beside the read bandwidth. The single matmuls above
-come from the caches and so say little about decode. --sets defaults to every SIMD set this CPU
-runs.
+passes (alternating between the variants compared), as milliseconds per token and GB/s beside the
+read bandwidth. The single matmuls above come from the caches and so say little about decode.
+--sets defaults to every SIMD set this CPU runs; --prefetch l1,l2 compares prefetching the weights
+into L1 and into L2 (`auto` is what the runtime picks for this CPU).
 
     python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
 
@@ -78,9 +80,11 @@ def best_time(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int, repeat: i
     return best
 
 
-def stream(types: list[str], sets: list[str], threads: list[int], rows: list[int], repeat: int) -> None:
-    """Decode's matmuls over a whole model, per kernel set and number of sequences decoded together
-    (activation rows): see the module docstring."""
+def stream(
+    types: list[str], sets: list[str], prefetch: list[str], threads: list[int], rows: list[int], repeat: int
+) -> None:
+    """Decode's matmuls over a whole model, per kernel set, prefetch level and number of sequences
+    decoded together (activation rows): see the module docstring."""
     from benchmarks.runtime_speed import VARIANTS, ensure_model, read_bandwidth
     from runtime.engine import Model
 
@@ -93,21 +97,27 @@ def stream(types: list[str], sets: list[str], threads: list[int], rows: list[int
             linears.append(tr.output)
             n_bytes = sum(lin.rows.nbytes for lin in linears)
             rng = np.random.default_rng(0)
+            variants = [(s, level) for s in sets for level in prefetch]
             for m, n in ((m, n) for m in rows for n in threads):
                 x = {lin.n_in: rng.standard_normal((m, lin.n_in)).astype(np.float32) for lin in linears}
-                cells = []
-                for s in sets:
-                    _kernels.use(s)
-                    best = float("inf")
-                    for _ in range(repeat + 1):  # the first pass warms up
+                best = dict.fromkeys(variants, float("inf"))
+                for i in range(repeat + 1):  # passes alternate between variants; the first warms up
+                    for s, level in variants:
+                        _kernels.use(s)
+                        _kernels.prefetch(level)
                         t0 = time.perf_counter()
                         for lin in linears:
                             lin(x[lin.n_in], n)
-                        best = min(best, time.perf_counter() - t0)
-                    gbs = n_bytes / best / 1e9
-                    cells.append(f"{s} {best * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
+                        if i:
+                            best[s, level] = min(best[s, level], time.perf_counter() - t0)
+                cells = []
+                for (s, level), sec in best.items():
+                    gbs = n_bytes / sec / 1e9
+                    label = s if len(prefetch) == 1 else f"{s} {level}"
+                    cells.append(f"{label} {sec * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
                 print(f"{name} 3b decode matmuls, {m} seq, {n} thr: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
+    _kernels.prefetch("auto")
 
 
 EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
@@ -160,6 +170,9 @@ def main() -> None:
     p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
     p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
+    p.add_argument(
+        "--prefetch", default="auto", help="--stream: where weights are prefetched, compared side by side: auto, l1, l2"
+    )
     p.add_argument("--attention", action="store_true", help="decode attention per token, warm and cold, instead")
     p.add_argument("--positions", default="256,1000,2000", help="--attention: cache positions to time")
     args = p.parse_args()
@@ -170,7 +183,8 @@ def main() -> None:
         return
     if args.stream:
         rows = [int(r) for r in (args.rows or "1").split(",")]
-        stream([t for t in args.types.split(",") if t != "q6_k"], sets, threads, rows, args.repeat)
+        types = [t for t in args.types.split(",") if t != "q6_k"]
+        stream(types, sets, args.prefetch.split(","), threads, rows, args.repeat)
         return
     if len(threads) != 1:
         p.error("single matmuls take one thread count; a list of them goes with --stream")

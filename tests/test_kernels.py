@@ -191,6 +191,44 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
             assert np.array_equal(row[0].view(np.uint32), ref[i].view(np.uint32)), (kernel_set, n, k, i)
 
 
+def _cpu_vendor_and_family() -> tuple[str, int]:
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields["vendor_id"], int(fields["cpu family"])
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
+def test_prefetch_level_changes_no_bits(kernel_set: str, t: GGMLType) -> None:
+    """Prefetching weights into L1 or L2 (kernels.c, WEIGHT_PREFETCH) only moves bytes earlier:
+    decode, batched decode and prompt tiles give the single-row dot products' bits at both."""
+    rng = np.random.default_rng(5)
+    n, k = 260, 512 * (BLOCK_SIZE[t][0] // 32)
+    raw = _random_q_rows(rng, t, n, k)
+    x = _activations(rng, 9, k)
+    ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(9)], np.float32)
+    try:
+        for level in ("l1", "l2"):
+            assert _kernels.prefetch(level) == level
+            for m in (1, 4, 9):
+                out = np.empty((m, n), dtype=np.float32)
+                _kernels.matmul(int(t), raw, k, x[:m], out, 2)
+                assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, level, m)
+    finally:
+        _kernels.prefetch("auto")
+
+
+def test_prefetch_level_is_picked_from_the_cpu() -> None:
+    """AMD family 25 (Zen 3/4) prefetches weights into L2, every other CPU into L1."""
+    vendor, family = _cpu_vendor_and_family()
+    expected = "l2" if (vendor, family) == ("AuthenticAMD", 25) else "l1"
+    assert _kernels.prefetch("auto") == expected
+    with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
+        _kernels.prefetch("l3")
+    assert _kernels.prefetch() == expected
+
+
 @pytest.mark.parametrize("vnni", ["avxvnni", "avx512vnni"])
 def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]], vnni: str) -> None:
     """AVX-VNNI and AVX512-VNNI compute the same integers as AVX2's maddubs (and the zmm tiles

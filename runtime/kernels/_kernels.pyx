@@ -15,6 +15,8 @@ cnp.import_array()
 cdef extern from "kernels.h" nogil:
     int kernels_init(const char *which)
     const char *kernels_active()
+    int kernels_prefetch(const char *where)
+    const char *kernels_prefetch_active()
     int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
                        const float *x, int64_t M, float *y, int n_threads)
     int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
@@ -45,6 +47,14 @@ def use(str which="auto"):
 def active():
     """Name of the kernel set in use ("avx512vnni", "avxvnni", "avx2" or "generic")."""
     return kernels_active().decode()
+
+
+def prefetch(str where="auto"):
+    """Where the matmuls prefetch weights: "auto" (picked from the CPU), "l1" or "l2"; the same
+    results either way. Returns the level now in use. ValueError for any other name."""
+    if kernels_prefetch(where.encode()) != 0:
+        raise ValueError(f"prefetch level {where!r}: expected auto, l1 or l2")
+    return kernels_prefetch_active().decode()
 
 
 def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,

@@ -35,6 +35,12 @@ enum {
 int kernels_init(const char *which);
 /* Name of the kernel set in use. */
 const char *kernels_active(void);
+/* Where the matmuls prefetch weights ahead of their use: "auto" (picked from the CPU, see
+ * WEIGHT_PREFETCH in kernels.c), "l1" or "l2". The same results either way.
+ * Returns 0 on success, -1 for any other name. */
+int kernels_prefetch(const char *where);
+/* "l1" or "l2": where the matmuls prefetch weights now. */
+const char *kernels_prefetch_active(void);
 
 /* y[m, n] = dot(W[n, :], x[m, :]) for m < M, n < N; W rows are `w_row_bytes` apart, of type
  * `wtype`, each holding K elements. x is float32 [M, K], y float32 [M, N].

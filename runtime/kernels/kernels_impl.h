@@ -234,7 +234,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     for (int64_t i = 0; i < nb; i++) {
         for (int r = 0; r < RW; r++) {
             const uint8_t *blk = w + r * gs + (size_t)i * bb;
-            _mm_prefetch((const char *)blk + PREFETCH_AHEAD, _MM_HINT_T0);
+            prefetch_weights((const char *)blk + PREFETCH_AHEAD);
             const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]);
             const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
             const __m256i w_abs = _mm256_sign_epi8(wq, wq);
@@ -304,8 +304,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, i
         for (int p = 0; p < RP; p++) {
             const uint8_t *b0 = w + 2 * p * gs + (size_t)i * bb;
             const uint8_t *b1 = b0 + gs;
-            _mm_prefetch((const char *)b0 + PREFETCH_AHEAD, _MM_HINT_T0);
-            _mm_prefetch((const char *)b1 + PREFETCH_AHEAD, _MM_HINT_T0);
+            prefetch_weights((const char *)b0 + PREFETCH_AHEAD);
+            prefetch_weights((const char *)b1 + PREFETCH_AHEAD);
             dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
                                                _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
             wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
@@ -378,7 +378,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int
             const block_q4_0 *b[4];
             for (int r = 0; r < 4; r++) {
                 b[r] = (const block_q4_0 *)(w + (4 * q + r) * gs) + i;
-                _mm_prefetch((const char *)b[r] + PREFETCH_AHEAD, _MM_HINT_T0);
+                prefetch_weights((const char *)b[r] + PREFETCH_AHEAD);
             }
             __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b[0]->qs));
             z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[1]->qs), 1);
@@ -558,7 +558,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
         /* the row is one stream (decode takes rows one after another): without this, a
          * 3B model's LM head read 8.6 GB/s, far below what the core computes from L2 */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64)
-            _mm_prefetch((const char *)&xa[i] + PREFETCH_AHEAD + l, _MM_HINT_T0);
+            prefetch_weights((const char *)&xa[i] + PREFETCH_AHEAD + l);
         const uint8_t *q4 = xa[i].ql;
         const uint8_t *qh = xa[i].qh;
         const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
@@ -616,8 +616,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int
     for (int64_t i = 0; i < nb; i++) {
         /* each row's group is one stream (GROUPED_ROWS), read as the other kernels read theirs */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64) {
-            _mm_prefetch((const char *)&x0[i] + PREFETCH_AHEAD + l, _MM_HINT_T0);
-            _mm_prefetch((const char *)&x1[i] + PREFETCH_AHEAD + l, _MM_HINT_T0);
+            prefetch_weights((const char *)&x0[i] + PREFETCH_AHEAD + l);
+            prefetch_weights((const char *)&x1[i] + PREFETCH_AHEAD + l);
         }
         const __m256i scales = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)x1[i].scales),
                                                 _mm_loadu_si128((const __m128i *)x0[i].scales));
