@@ -486,8 +486,8 @@ def section(
         f"- Command: `{command}`",
         f"- Date: {now}",
         f"- Machine: {machine_line(llama_ver)}",
-        "- Memory read bandwidth (1 GiB read as 1, 2, 4 and 8 streams per thread, 3 passes each, "
-        f"before each round; the best of all): {bw}",
+        "- Memory read bandwidth (1 GiB read as 1, 2, 4 and 8 streams per thread, prefetched into L1 and "
+        f"into L2, 3 passes each, before each round; the best of all): {bw}",
         f"- Files (random weights): {files}",
         f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time"
         + (f", then a {args.long_prompt}-token prompt on an emptied cache" if args.long_prompt else "")
