@@ -726,6 +726,13 @@ ATTEND_HEADS(3)
  * 6 x 4 accumulators in registers. x: scratch of 32 x G x hd / 2 floats. */
 #define ATT_HD512 128
 #define ATT_HEADS512 6 /* attend512_by_heads has one kernel per G up to this */
+/* ATT_AHEAD. The score loop also asks for the K row ATT_AHEAD keys ahead (into L1) and the V row
+ * as far ahead (into L2, for the value passes), on top of prefetch_kv_rows' sweep: on an AMD EPYC
+ * (Zen 4), where the sweep alone changed nothing (its prefetches issued back to back, it seems,
+ * are dropped), `kernel_speed --attention`'s cold layers at position 2000 took 17-22 instead of
+ * 22-26 ms per token with 1 thread (medians of 5 passes alternated with the build before; no
+ * change at 500; noisy with 2 threads). 8 and 32 rows ahead did about as well. The same bits. */
+#define ATT_AHEAD 16
 static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512vl"))) void attend_heads_avx512(
     const float *q16, int G, int64_t n_keys, const uint16_t *k, const uint16_t *v, int64_t kv_stride, int64_t n_pad,
     float scale, float *scores, float *x, float *out) {
@@ -734,6 +741,14 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512
     for (int g = 0; g < G; g++) max[g] = -INFINITY;
     for (int64_t j = 0; j < n_keys; j++) {
         const uint16_t *kj = k + j * kv_stride;
+        if (j + ATT_AHEAD < n_keys) { /* see ATT_AHEAD */
+            const char *kp = (const char *)(kj + ATT_AHEAD * kv_stride);
+            const char *vp = (const char *)(v + (j + ATT_AHEAD) * kv_stride);
+            for (int b = 0; b < ATT_HD512 * (int)sizeof(uint16_t); b += 64) {
+                _mm_prefetch(kp + b, _MM_HINT_T0);
+                _mm_prefetch(vp + b, _MM_HINT_T1);
+            }
+        }
         __m512 a01[ATT_HEADS512], a23[ATT_HEADS512];
         for (int g = 0; g < G; g++) a01[g] = a23[g] = _mm512_setzero_ps();
         for (int i = 0; i < ATT_HD512; i += 32) {
