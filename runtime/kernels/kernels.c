@@ -263,8 +263,8 @@ static int cpu_prefers_l2_prefetch(void) {
     if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
     const int amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
     if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    const unsigned family = ((a >> 8) & 0xF) + ((a >> 8 & 0xF) == 0xF ? (a >> 20) & 0xFF : 0);
-    return family == 25;
+    const unsigned base = (a >> 8) & 0xF; /* the extended family adds to base family 15 only */
+    return base + (base == 0xF ? (a >> 20) & 0xFF : 0) == 25;
 #else
     return 0;
 #endif
@@ -742,8 +742,8 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512
     for (int64_t j = 0; j < n_keys; j++) {
         const uint16_t *kj = k + j * kv_stride;
         if (j + ATT_AHEAD < n_keys) { /* see ATT_AHEAD */
-            const char *kp = (const char *)(kj + ATT_AHEAD * kv_stride);
-            const char *vp = (const char *)(v + (j + ATT_AHEAD) * kv_stride);
+            const int64_t ahead = (j + ATT_AHEAD) * kv_stride;
+            const char *kp = (const char *)(k + ahead), *vp = (const char *)(v + ahead);
             for (int b = 0; b < ATT_HD512 * (int)sizeof(uint16_t); b += 64) {
                 _mm_prefetch(kp + b, _MM_HINT_T0);
                 _mm_prefetch(vp + b, _MM_HINT_T1);
@@ -818,9 +818,9 @@ ATTEND_HEADS512(6)
 
 typedef void (*attend512_fn)(const float *, int64_t, const uint16_t *, const uint16_t *, int64_t, int64_t, float,
                              float *, float *, float *);
-static const attend512_fn attend512_by_heads[ATT_HEADS512 + 1] = {NULL,            attend_heads512_1, attend_heads512_2,
-                                                    attend_heads512_3, attend_heads512_4, attend_heads512_5,
-                                                    attend_heads512_6};
+static const attend512_fn attend512_by_heads[ATT_HEADS512 + 1] = {
+    NULL, attend_heads512_1, attend_heads512_2, attend_heads512_3, attend_heads512_4, attend_heads512_5,
+    attend_heads512_6};
 
 /* Decode meets a layer's K and V rows cold: the weights streamed in since the last token have
  * evicted them, and the score and value loops, which read 256 bytes of every 512 (a row of one
@@ -1152,9 +1152,10 @@ float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k
 
 uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams) {
     /* Each thread reads its contiguous part as `streams` streams with prefetches 2 KiB ahead
-     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), 8 sums at a time: several streams reach the machine's read bandwidth where a single plain
-     * stream does not (it is bound by the misses one core keeps in flight); how many is best
-     * differs between CPUs, so the benchmark tries several. */
+     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), 8 sums at a time:
+     * several streams reach the machine's read bandwidth where a single plain stream does not
+     * (it is bound by the misses one core keeps in flight); how many is best differs between
+     * CPUs, so the benchmark tries several. */
     enum { PREFETCH = 2048 };
     const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
