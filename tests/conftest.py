@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.kernel_sets import SETS, using
+
 
 @pytest.fixture(scope="session")
 def llama_oracle() -> Iterator[Callable[..., Any]]:
@@ -58,3 +60,10 @@ def docker_client() -> Iterator[object]:
         pytest.skip(f"the Docker engine is not reachable: {e}")
     yield client
     client.close()
+
+
+@pytest.fixture(params=SETS)
+def kernel_set(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each kernel set in turn (tests/kernel_sets.py); skipped, saying so, where the CPU lacks it."""
+    with using(request.param):
+        yield request.param

@@ -4,41 +4,18 @@ other CPUs get."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from runtime import quants
+from runtime import Model, quants
 from runtime.ggml_types import BLOCK_SIZE, GGMLType
 from runtime.gguf import read_gguf
 from runtime.kernels import _kernels
 from runtime.testing.make_model import make_model
-
-SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
-
-
-@contextlib.contextmanager
-def _using(name: str) -> Iterator[None]:
-    """Run the block on kernel set `name`, then go back to `auto`; skip the test if this CPU lacks
-    the set."""
-    try:
-        _kernels.use(name)
-    except ValueError:
-        pytest.skip(f"this CPU has no {name} kernels")
-    try:
-        yield
-    finally:
-        _kernels.use("auto")
-
-
-@pytest.fixture(params=SETS)
-def kernel_set(request: pytest.FixtureRequest) -> Iterator[str]:
-    with _using(request.param):
-        yield request.param
+from tests.kernel_sets import SETS, using
 
 
 def _activations(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
@@ -122,7 +99,7 @@ def _outputs_on_sets(
         x = _activations(rng, rows, k)
         outs = []
         for name in sets:
-            with _using(name):
+            with using(name):
                 out = np.empty((rows, raw.shape[0]), dtype=np.float32)
                 _kernels.matmul(int(t), raw, k, x, out, threads)
             outs.append(out)
@@ -130,11 +107,15 @@ def _outputs_on_sets(
     return results
 
 
-def test_kernel_sets_agree(weights: dict[str, tuple[np.ndarray, GGMLType]]) -> None:
-    """The portable fallback computes the same products as the AVX2 kernels (up to summation order)."""
-    for key, t, avx2, generic in _outputs_on_sets(weights, ("avx2", "generic"), 3, 1):
-        if t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K):
-            np.testing.assert_allclose(avx2, generic, rtol=1e-5, atol=1e-5 * np.abs(avx2).max(), err_msg=key)
+@pytest.mark.parametrize("name", SETS[1:])
+def test_every_set_gives_the_portable_sets_bits(weights: dict[str, tuple[np.ndarray, GGMLType]], name: str) -> None:
+    """Every set sums each product in ggml's AVX2 order, the portable fallback too (eight float
+    lanes with fmaf, the same horizontal sums), and VNNI computes the integers AVX2's maddubs
+    does, so every result is identical: one row (vec_dot's order), and 3 and 6 rows (the tiles,
+    and tinyBLAS's order for F16/F32)."""
+    for rows in (1, 3, 6):
+        for key, _, ref, out in _outputs_on_sets(weights, ("generic", name), rows, 2):
+            assert np.array_equal(ref.view(np.uint32), out.view(np.uint32)), (key, name, rows)
 
 
 def _random_q_rows(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.ndarray:
@@ -227,15 +208,6 @@ def test_prefetch_level_is_picked_from_the_cpu() -> None:
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
         _kernels.prefetch("l3")
     assert _kernels.prefetch() == expected
-
-
-@pytest.mark.parametrize("vnni", ["avxvnni", "avx512vnni"])
-def test_vnni_equals_avx2(weights: dict[str, tuple[np.ndarray, GGMLType]], vnni: str) -> None:
-    """AVX-VNNI and AVX512-VNNI compute the same integers as AVX2's maddubs (and the zmm tiles
-    keep each dot product's float order), so every result is identical."""
-    for rows in (1, 6):
-        for key, _, avx2, out in _outputs_on_sets(weights, ("avx2", vnni), rows, 2):
-            assert np.array_equal(avx2.view(np.uint32), out.view(np.uint32)), (key, rows)
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])
@@ -389,18 +361,60 @@ def test_decode_attention_gives_the_same_bits_in_any_head_grouping(kernel_set: s
 
 
 @pytest.mark.parametrize("pos0", [4, 70, 300])
-@pytest.mark.parametrize("name", ["avxvnni", "avx512vnni"])
-def test_decode_attention_gives_the_avx2_bits_on_every_simd_set(name: str, pos0: int) -> None:
+@pytest.mark.parametrize("name", ["generic", "avxvnni", "avx512vnni"])
+def test_decode_attention_gives_the_avx2_bits_on_every_set(name: str, pos0: int) -> None:
     """The avx512vnni set weighs V rows a lane class at a time with zmm registers, the AVX2 path
-    sixteen bytes of 32 rows at a time with ymm: the sums, and so the bits, must be the avx2 set's
-    (positions 4 and 70 leave some of the 32 classes with no key or one, 300 gives each ten)."""
+    sixteen bytes of 32 rows at a time with ymm, the portable set one value at a time with fmaf:
+    the sums, and so the bits, must be the avx2 set's (positions 4 and 70 leave some of the 32
+    classes with no key or one, 300 gives each ten)."""
     q, k, v, scale = _decode_attention_inputs(10, pos0)
     out, ref = np.empty_like(q), np.empty_like(q)
-    with _using(name):
+    with using(name):
         _kernels.attention(q, k, v, out, pos0, scale, 2)
-    with _using("avx2"):
+    with using("avx2"):
         _kernels.attention(q, k, v, ref, pos0, scale, 2)
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("pos0", [0, 70, 300])
+def test_prompt_attention_gives_the_avx2_bits_on_the_portable_set(pos0: int) -> None:
+    """Prompt rows (tinyBLAS's order): the AVX2 tiles of query rows against the portable loop,
+    whose softmax runs ggml's vectorized expf lane by lane and whose weighted sums fuse like FMA."""
+    rng = np.random.default_rng(11)
+    n_head, n_kv, hd, T = 6, 2, 64, 9
+    q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
+    k = (rng.standard_normal((pos0 + T, n_kv, hd)) * 3).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((pos0 + T, n_kv, hd)).astype(np.float16).view(np.uint16)
+    scale = float(np.float32(hd**-0.5))
+    out, ref = np.empty_like(q), np.empty_like(q)
+    with using("generic"):
+        _kernels.attention(q, k, v, out, pos0, scale, 2)
+    with using("avx2"):
+        _kernels.attention(q, k, v, ref, pos0, scale, 2)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("arch", ["starcoder2", "starcoder"])
+@pytest.mark.parametrize("wtype,head", [("q8_0", None), ("q4_0", "q6_k"), ("f16", None)])
+@pytest.mark.parametrize("name", SETS[1:])
+def test_every_set_gives_the_same_logits(name: str, arch: str, wtype: str, head: str | None, tmp_path: Path) -> None:
+    """A whole model, prompt then decode, gives the portable set's logits bit for bit on every
+    set: the same model answers the same on every CPU."""
+    dims = dict(n_embd=256, n_ff=512, n_head=8) if head else {}
+    path = make_model(tmp_path / "m.gguf", arch=arch, preset="tiny", wtype=wtype, head_type=head, seed=5, **dims)
+    ids = [int(i) for i in np.random.default_rng(2).integers(5, 990, 200)]
+
+    def logits() -> np.ndarray:
+        with Model.load(path, n_ctx=256) as model:
+            prompt = model.eval(ids[:190])
+            steps = [model.transformer.forward(np.array([t]), model.cache)[0] for t in ids[190:]]
+        return np.concatenate([prompt, np.stack(steps)])
+
+    with using(name):
+        ours = logits()
+    with using("generic"):
+        ref = logits()
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), name
 
 
 def test_layer_norm_matches_numpy() -> None:

@@ -2,7 +2,10 @@
 
 - logits: max |ours - llama.cpp| <= 1% of the standard deviation of llama.cpp's logits, at every
   position, for every architecture, tensor type and shape below;
-- greedy 64-token continuations identical for at least 19 of 20 prompts.
+- greedy 64-token continuations identical for at least 19 of 20 prompts;
+
+on every kernel set this CPU has (the `kernel_set` fixture: the portable fallback, AVX2, AVX-VNNI,
+AVX-512), since the runtime picks one by CPU and each must meet the bar on its own.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("case_id,kwargs", CASES)
 def test_logits_match_llama_cpp(
-    case_id: str, kwargs: dict[str, Any], tmp_path: Path, llama_oracle: Callable[..., Any]
+    case_id: str, kwargs: dict[str, Any], kernel_set: str, tmp_path: Path, llama_oracle: Callable[..., Any]
 ) -> None:
     path = make_model(tmp_path / f"{case_id}.gguf", preset="tiny", seed=7, **kwargs)
     text = _source_text(4000)
@@ -102,11 +105,11 @@ def test_logits_match_llama_cpp(
         ours = model.eval(ids)
     assert ours.shape == ref.shape == (len(ids), model.config.n_vocab)
     err = _logit_error(ours, ref)
-    assert err <= TOLERANCE, f"{case_id}: logits differ by {err:.2%} of their std (bar: {TOLERANCE:.0%})"
+    assert err <= TOLERANCE, f"{case_id} ({kernel_set}): logits differ by {err:.2%} of their std (bar: {TOLERANCE:.0%})"
 
 
 @pytest.mark.slow
-def test_logits_match_at_2048_tokens(tmp_path: Path, llama_oracle: Callable[..., Any]) -> None:
+def test_logits_match_at_2048_tokens(kernel_set: str, tmp_path: Path, llama_oracle: Callable[..., Any]) -> None:
     """A full 2048-token context (four 512-token batches) on both architectures."""
     for arch in ("starcoder2", "starcoder"):
         path = make_model(tmp_path / f"{arch}.gguf", arch=arch, preset="tiny", wtype="q8_0", n_ctx=2048, seed=3)
@@ -115,7 +118,7 @@ def test_logits_match_at_2048_tokens(tmp_path: Path, llama_oracle: Callable[...,
             assert len(ids) == 2048
             ref = _llama_logits(llama_oracle(path, n_ctx=2048), ids)
             err = _logit_error(model.eval(ids), ref)
-        assert err <= TOLERANCE, f"{arch}: logits at 2048 tokens differ by {err:.2%} of their std"
+        assert err <= TOLERANCE, f"{arch} ({kernel_set}): logits at 2048 tokens differ by {err:.2%} of their std"
 
 
 def _llama_greedy(llm: Any, prompt: list[int], n: int, stop_ids: frozenset[int]) -> list[int]:
@@ -134,7 +137,7 @@ def _llama_greedy(llm: Any, prompt: list[int], n: int, stop_ids: frozenset[int])
 
 @pytest.mark.parametrize("wtype,head", [("q8_0", None), ("q4_0", "q6_k")])
 def test_greedy_continuations_match_llama_cpp(
-    wtype: str, head: str | None, tmp_path: Path, llama_oracle: Callable[..., Any]
+    wtype: str, head: str | None, kernel_set: str, tmp_path: Path, llama_oracle: Callable[..., Any]
 ) -> None:
     path = make_model(tmp_path / "m.gguf", preset="small", wtype=wtype, head_type=head, n_layer=2, seed=11)
     with Model.load(path, n_ctx=512) as model:
@@ -147,4 +150,4 @@ def test_greedy_continuations_match_llama_cpp(
             ref = _llama_greedy(llm, prompt, 64, model.tokenizer.eog_ids)
             same += res.tokens == ref
             assert len(res.tokens) > 0
-    assert same >= 19, f"only {same} of 20 greedy continuations match llama.cpp"
+    assert same >= 19, f"{kernel_set}: only {same} of 20 greedy continuations match llama.cpp"

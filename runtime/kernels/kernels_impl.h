@@ -86,6 +86,15 @@ static inline __m256 SUFFIX(mul_sum_i8)(__m256i x, __m256i y) {
     const __m256i dot = _mm256_maddubs_epi16(ax, sy);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
 }
+#else
+/* The portable set keeps ggml's AVX2 summation order for the quantized dot products, so that
+ * every set gives the same bits (and meets llama.cpp's AVX2 build): eight float lanes, lane l
+ * summing bytes 4l..4l+3 of every 32-byte group as an exact integer, one fmaf per lane and block,
+ * then hsum8's pairing: (hi + lo), then [0]+[2] and [1]+[3], then the two. */
+static inline float SUFFIX(hsum8_lanes)(const float acc[8]) {
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
+}
 #endif
 
 static float SUFFIX(dot_q8_0)(int64_t n, const void *vx, const void *vy) {
@@ -102,13 +111,16 @@ static float SUFFIX(dot_q8_0)(int64_t n, const void *vx, const void *vy) {
     }
     return SUFFIX(hsum8)(acc);
 #else
-    float sum = 0.0f;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < QK8_0; j++) sumi += x[i].qs[j] * y[i].qs[j];
-        sum += (float)sumi * (fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d));
+        const float d = fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+        for (int l = 0; l < 8; l++) {
+            int32_t lane = 0;
+            for (int j = 4 * l; j < 4 * l + 4; j++) lane += x[i].qs[j] * y[i].qs[j];
+            acc[l] = fmaf(d, (float)lane, acc[l]);
+        }
     }
-    return sum;
+    return SUFFIX(hsum8_lanes)(acc);
 #endif
 }
 
@@ -131,17 +143,19 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
     }
     return SUFFIX(hsum8)(acc);
 #else
-    float sum = 0.0f;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < QK4_0 / 2; j++) {
-            const int lo = (x[i].qs[j] & 0x0F) - 8;
-            const int hi = (x[i].qs[j] >> 4) - 8;
-            sumi += lo * y[i].qs[j] + hi * y[i].qs[j + QK4_0 / 2];
+        const float d = fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+        for (int l = 0; l < 8; l++) {  /* elements 0..15 are the low nibbles, 16..31 the high */
+            int32_t lane = 0;
+            for (int j = 4 * l; j < 4 * l + 4; j++) {
+                const uint8_t b = x[i].qs[j % (QK4_0 / 2)];
+                lane += ((j < QK4_0 / 2 ? b & 0x0F : b >> 4) - 8) * y[i].qs[j];
+            }
+            acc[l] = fmaf(d, (float)lane, acc[l]);
         }
-        sum += (float)sumi * (fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d));
     }
-    return sum;
+    return SUFFIX(hsum8_lanes)(acc);
 #endif
 }
 
@@ -706,9 +720,7 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
             acc[L] = fmaf(d, (float)lane[L], acc[L]);
         }
     }
-    /* hsum_float_8: (hi + lo), then [0]+[2] and [1]+[3], then the two */
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return SUFFIX(hsum8_lanes)(acc);
 #endif
 }
 
@@ -795,33 +807,59 @@ static inline float SUFFIX(reduce4)(__m256 a0, __m256 a1, __m256 a2, __m256 a3) 
 #define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #endif
 
+#ifndef KERNELS_AVX2
+/* reduce4's order on four 8-lane accumulators, for the portable set: (a0 + a2) + (a1 + a3) lane
+ * by lane, then (hi + lo), then two horizontal adds */
+static inline float SUFFIX(reduce4_lanes)(float a[4][8]) {
+    float s[8];
+    for (int l = 0; l < 8; l++) s[l] = (a[0][l] + a[2][l]) + (a[1][l] + a[3][l]);
+    const float t0 = s[0] + s[4], t1 = s[1] + s[5], t2 = s[2] + s[6], t3 = s[3] + s[7];
+    return (t0 + t1) + (t2 + t3);
+}
+#endif
+
+/* F16/F32 dot products in ggml's two AVX2 orders (vec: 4 x 8 lanes over steps of 32, reduce4,
+ * the tail in double for F16; blas: tinyBLAS's one 8-lane accumulator, hsum8). The portable set
+ * runs the same lanes with fmaf, so every set gives the same bits. */
 static float SUFFIX(dot_f16_vec)(int64_t n, const void *vx, const void *vy) {
     const uint16_t *x = (const uint16_t *)vx;
     const uint16_t *y = (const uint16_t *)vy;
     int64_t i = 0;
     double sum = 0.0;
-#ifdef KERNELS_AVX2
     const int64_t np = n & ~(int64_t)31;
+#ifdef KERNELS_AVX2
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (; i < np; i += 32) {
         for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(LOAD_F16(x + i + 8 * j), LOAD_F16(y + i + 8 * j), a[j]);
     }
     sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
+#else
+    float a[4][8] = {{0}};
+    for (; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++)
+                a[j][l] = fmaf(fp16_to_fp32(x[i + 8 * j + l]), fp16_to_fp32(y[i + 8 * j + l]), a[j][l]);
+    sum = SUFFIX(reduce4_lanes)(a);
 #endif
     for (; i < n; i++) sum += (double)(fp16_to_fp32(x[i]) * fp16_to_fp32(y[i]));
     return (float)sum;
 }
 
 static float SUFFIX(dot_f16_blas)(int64_t n, const void *vx, const void *vy) {
-#ifdef KERNELS_AVX2
     if (n % 8 == 0) {
         const uint16_t *x = (const uint16_t *)vx;
         const uint16_t *y = (const uint16_t *)vy;
+#ifdef KERNELS_AVX2
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(LOAD_F16(x + i), LOAD_F16(y + i), acc);
         return SUFFIX(hsum8)(acc);
-    }
+#else
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] = fmaf(fp16_to_fp32(x[i + l]), fp16_to_fp32(y[i + l]), acc[l]);
+        return SUFFIX(hsum8_lanes)(acc);
 #endif
+    }
     return SUFFIX(dot_f16_vec)(n, vx, vy);
 }
 
@@ -830,28 +868,39 @@ static float SUFFIX(dot_f32_vec)(int64_t n, const void *vx, const void *vy) {
     const float *y = (const float *)vy;
     int64_t i = 0;
     float sum = 0.0f;
-#ifdef KERNELS_AVX2
     const int64_t np = n & ~(int64_t)31;
+#ifdef KERNELS_AVX2
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (; i < np; i += 32) {
         for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), _mm256_loadu_ps(y + i + 8 * j), a[j]);
     }
     sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
+#else
+    float a[4][8] = {{0}};
+    for (; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++) a[j][l] = fmaf(x[i + 8 * j + l], y[i + 8 * j + l], a[j][l]);
+    sum = SUFFIX(reduce4_lanes)(a);
 #endif
     for (; i < n; i++) sum += x[i] * y[i];
     return sum;
 }
 
 static float SUFFIX(dot_f32_blas)(int64_t n, const void *vx, const void *vy) {
-#ifdef KERNELS_AVX2
     if (n % 8 == 0) {
         const float *x = (const float *)vx;
         const float *y = (const float *)vy;
+#ifdef KERNELS_AVX2
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
         return SUFFIX(hsum8)(acc);
-    }
+#else
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] = fmaf(x[i + l], y[i + l], acc[l]);
+        return SUFFIX(hsum8_lanes)(acc);
 #endif
+    }
     return SUFFIX(dot_f32_vec)(n, vx, vy);
 }
 
@@ -885,18 +934,56 @@ static inline __m256 SUFFIX(v_expf)(__m256 x) {
 }
 #endif
 
+#ifndef KERNELS_AVX2
+static inline float SUFFIX(bits_to_float)(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+static inline uint32_t SUFFIX(float_to_bits)(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    return u;
+}
+
+/* v_expf above for one lane, operation for operation (fmaf for each fused step, the same bit
+ * arithmetic, the same choice between its three results), so the portable set's softmax gives
+ * the AVX2 sets' bits */
+static float SUFFIX(v_expf_lane)(float x) {
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const uint32_t e = SUFFIX(float_to_bits)(z) << 23;
+    const float k = SUFFIX(bits_to_float)(e + SUFFIX(float_to_bits)(1.0f));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
+                         0x1.ffffecp-1f * b);
+    if (!(fabsf(n) > 126.0f)) return fmaf(k, j, k);
+    const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
+    const float s1 = SUFFIX(bits_to_float)(g + 0x7f000000u);
+    const float s2 = SUFFIX(bits_to_float)(e - g);
+    if (fabsf(n) > 192.0f) return s1 * s1;
+    return fmaf(s2, j, s2) * s1;
+}
+#endif
+
 /* e[j] = exp(s[j] - max) for j < n (n a multiple of 8, masked entries already -INFINITY);
  * returns their sum as ggml_vec_soft_max_f32 accumulates it. */
 static double SUFFIX(softmax_exp)(int64_t n, float *s, float max) {
     double sum = 0.0;
     int64_t i = 0;
-#ifdef KERNELS_AVX2
     for (; i + 8 <= n; i += 8) {
+#ifdef KERNELS_AVX2
         const __m256 v = SUFFIX(v_expf)(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(max)));
         _mm256_storeu_ps(s + i, v);
         sum += (double)SUFFIX(hsum8)(v);
-    }
+#else
+        for (int l = 0; l < 8; l++) s[i + l] = SUFFIX(v_expf_lane)(s[i + l] - max);
+        sum += (double)SUFFIX(hsum8_lanes)(s + i);
 #endif
+    }
     for (; i < n; i++) {
         s[i] = expf(s[i] - max);
         sum += (double)s[i];
@@ -913,6 +1000,8 @@ static void SUFFIX(axpy_f16)(int64_t n, float a, const uint16_t *v, float *y) {
         const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i)));
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, vv, _mm256_loadu_ps(y + i)));
     }
+#else
+    for (; i < (n & ~(int64_t)7); i++) y[i] = fmaf(a, fp16_to_fp32(v[i]), y[i]); /* the AVX2 sets' fused steps */
 #endif
     for (; i < n; i++) y[i] += a * fp16_to_fp32(v[i]);
 }

@@ -1,0 +1,27 @@
+"""The runtime's kernel sets, for the tests that run on each: the portable fallback, AVX2, AVX2
+with AVX-VNNI, and AVX-512 with VNNI."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from runtime.kernels import _kernels
+
+SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Run the block on kernel set `name`, then go back to `auto`; skip the test, saying so, if
+    this CPU lacks the set."""
+    try:
+        _kernels.use(name)
+    except ValueError:
+        pytest.skip(f"this CPU has no {name} kernels")
+    try:
+        yield
+    finally:
+        _kernels.use("auto")
