@@ -8,8 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtime.kernels import _kernels
-
 SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 
 
@@ -17,6 +15,8 @@ SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 def using(name: str) -> Iterator[None]:
     """Run the block on kernel set `name`, then go back to `auto`; skip the test, saying so, if
     this CPU lacks the set."""
+    from runtime.kernels import _kernels  # here, not at import: conftest.py loads this module for every test
+
     try:
         _kernels.use(name)
     except ValueError:
