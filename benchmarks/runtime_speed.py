@@ -367,13 +367,19 @@ class Result:
 
 
 def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers, which tell CPU generations apart
+    where a VM hides the name ("Intel(R) Xeon(R) Processor (family 6, model 207)")."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine_line(llama_version: str | None) -> str:

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.report import write_section
+from benchmarks.runtime_speed import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,10 +159,7 @@ def model_path(args: argparse.Namespace) -> Path:
 
 def section(args: argparse.Namespace, command: str, path: Path, points: list[Point], llama: str | None) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     lines = [
         f"### Server: {args.preset} {args.type}, {args.threads} threads, streams {', '.join(map(str, args.streams))}",
         "",
