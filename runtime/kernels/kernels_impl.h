@@ -87,10 +87,10 @@ static inline __m256 SUFFIX(mul_sum_i8)(__m256i x, __m256i y) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
 }
 #else
-/* The portable set keeps ggml's AVX2 summation order for the quantized dot products, so that
- * every set gives the same bits (and meets llama.cpp's AVX2 build): eight float lanes, lane l
- * summing bytes 4l..4l+3 of every 32-byte group as an exact integer, one fmaf per lane and block,
- * then hsum8's pairing: (hi + lo), then [0]+[2] and [1]+[3], then the two. */
+/* The portable set keeps ggml's AVX2 summation orders, so that every set gives the same bits
+ * (and meets llama.cpp's AVX2 build): eight float lanes (for the quantized dot products lane l
+ * sums bytes 4l..4l+3 of every 32-byte group as an exact integer), one fmaf per lane and step,
+ * then hsum8's pairing, which this is: (hi + lo), then [0]+[2] and [1]+[3], then the two. */
 static inline float SUFFIX(hsum8_lanes)(const float acc[8]) {
     const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6], t3 = acc[3] + acc[7];
     return (t0 + t2) + (t1 + t3);
@@ -935,18 +935,6 @@ static inline __m256 SUFFIX(v_expf)(__m256 x) {
 #endif
 
 #ifndef KERNELS_AVX2
-static inline float SUFFIX(bits_to_float)(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof(f));
-    return f;
-}
-
-static inline uint32_t SUFFIX(float_to_bits)(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    return u;
-}
-
 /* v_expf above for one lane, operation for operation (fmaf for each fused step, the same bit
  * arithmetic, the same choice between its three results), so the portable set's softmax gives
  * the AVX2 sets' bits */
@@ -955,15 +943,15 @@ static float SUFFIX(v_expf_lane)(float x) {
     const float z = fmaf(x, 0x1.715476p+0f, r);
     const float n = z - r;
     const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-    const uint32_t e = SUFFIX(float_to_bits)(z) << 23;
-    const float k = SUFFIX(bits_to_float)(e + SUFFIX(float_to_bits)(1.0f));
+    const uint32_t e = fp32_to_bits(z) << 23;
+    const float k = fp32_from_bits(e + fp32_to_bits(1.0f));
     const float u = b * b;
     const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
                          0x1.ffffecp-1f * b);
     if (!(fabsf(n) > 126.0f)) return fmaf(k, j, k);
     const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
-    const float s1 = SUFFIX(bits_to_float)(g + 0x7f000000u);
-    const float s2 = SUFFIX(bits_to_float)(e - g);
+    const float s1 = fp32_from_bits(g + 0x7f000000u);
+    const float s2 = fp32_from_bits(e - g);
     if (fabsf(n) > 192.0f) return s1 * s1;
     return fmaf(s2, j, s2) * s1;
 }
