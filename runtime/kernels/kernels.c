@@ -72,9 +72,10 @@ typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
 
 /* The activations of a matmul, quantized once per call, M rows of nb blocks each. Q8_0/Q4_0
- * weights: q holds the Q8_0 blocks, d each block's scale as float, and for the VNNI sets corr
- * each block's 8 correction lanes (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0
- * weights, 8 for Q4_0). Q6_K weights: qk holds the Q8_K blocks. */
+ * weights: q holds the Q8_0 blocks, d each block's scale as float, and where the set's gemm
+ * reads them (act_corr: the VNNI sets, AVX2 with Q4_0 weights) corr each block's 8 correction
+ * lanes (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0 weights, 8 for Q4_0).
+ * Q6_K weights: qk holds the Q8_K blocks. */
 typedef struct {
     const block_q8_0 *q;
     const float *d;
@@ -94,7 +95,7 @@ typedef struct {
     dot_fn dot_q8_0, dot_q4_0, dot_q6_K;
     gemm_fn gemm_q8_0, gemm_q4_0;  /* many rows at once, each output as dot_q8_0 / dot_q4_0 */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
-    int act_corr;                  /* the gemm reads q8_act.corr */
+    unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
@@ -109,8 +110,10 @@ typedef struct {
  * measured with L1 prefetches (Intel Xeon, Zen 5) keep them. kernels_prefetch sets it. */
 static int weights_to_l2 = 0;
 
-static inline __attribute__((always_inline)) void prefetch_weights(const void *p) {
-    if (weights_to_l2)
+/* to_l2: weights_to_l2, which each tile reads once into a local (tested at every block, the
+ * global was loaded again each time, the prefetch being a memory access to the compiler). */
+static inline __attribute__((always_inline)) void prefetch_weights(const void *p, int to_l2) {
+    if (to_l2)
         __builtin_prefetch(p, 0, 2); /* _MM_HINT_T1 */
     else
         __builtin_prefetch(p, 0, 3); /* _MM_HINT_T0 */
@@ -379,8 +382,9 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     const int q8_0 = wtype != KT_Q6_K;
     uint8_t *q = (uint8_t *)malloc(n_blocks * t->act_block_bytes);
     float *d = q8_0 ? (float *)malloc(n_blocks * sizeof(float)) : NULL;
-    int32_t *corr = q8_0 && K->act_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
-    if (q == NULL || (q8_0 && d == NULL) || (q8_0 && K->act_corr && corr == NULL)) {
+    const int with_corr = q8_0 && (K->act_corr >> wtype & 1u);
+    int32_t *corr = with_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
+    if (q == NULL || (q8_0 && d == NULL) || (with_corr && corr == NULL)) {
         free(q);
         free(d);
         free(corr);
@@ -1160,6 +1164,7 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams
     const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
     uint64_t sum = 0;
+    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     const int nt = threads_for(n_threads, (int64_t)(lines / ns));
 #pragma omp parallel num_threads(nt) reduction(+ : sum)
     {
@@ -1173,7 +1178,7 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams
         for (size_t i = 0; i < part; i++) {
             for (size_t s = 0; s < ns; s++) {
                 const uint8_t *q = base + (s * part + i) * 64;
-                prefetch_weights(q + PREFETCH);
+                prefetch_weights(q + PREFETCH, to_l2);
                 uint64_t w[8];
                 memcpy(w, q, sizeof(w));
                 sum += ((w[0] + w[1]) + (w[2] + w[3])) + ((w[4] + w[5]) + (w[6] + w[7]));
