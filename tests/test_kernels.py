@@ -172,12 +172,12 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
             assert np.array_equal(row[0].view(np.uint32), ref[i].view(np.uint32)), (kernel_set, n, k, i)
 
 
-def _cpu_vendor_and_family() -> tuple[str, int]:
+def _cpu_vendor_family_model() -> tuple[str, int, int]:
     fields = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    return fields["vendor_id"], int(fields["cpu family"])
+    return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
@@ -201,9 +201,11 @@ def test_prefetch_level_changes_no_bits(kernel_set: str, t: GGMLType) -> None:
 
 
 def test_prefetch_level_is_picked_from_the_cpu() -> None:
-    """AMD family 25 (Zen 3/4) prefetches weights into L2, every other CPU into L1."""
-    vendor, family = _cpu_vendor_and_family()
-    expected = "l2" if (vendor, family) == ("AuthenticAMD", 25) else "l1"
+    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2,
+    every other CPU (Zen 3, the rest of family 25, among them) into L1."""
+    vendor, family, model = _cpu_vendor_family_model()
+    zen4 = vendor == "AuthenticAMD" and family == 25 and (model >> 4) in (0x1, 0x6, 0x7, 0xA)
+    expected = "l2" if zen4 else "l1"
     assert _kernels.prefetch("auto") == expected
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
         _kernels.prefetch("l3")

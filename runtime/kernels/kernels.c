@@ -107,7 +107,9 @@ typedef struct {
  * matmuls in 128 instead of 197 ms with 1 thread and 75 instead of 109 ms with 2 (medians of 5
  * alternated passes, the same bits), where Q4_0, bound by its arithmetic there, did not change:
  * a core of that CPU keeps few L1 misses in flight, and prefetches into L1 hold them. The CPUs
- * measured with L1 prefetches (Intel Xeon, Zen 5) keep them. kernels_prefetch sets it. */
+ * measured with L1 prefetches keep them: Intel Xeon, Zen 5, and Zen 3 (family 25, model 1),
+ * where L1 was as fast or faster in every case (Q8_0 1 thread 161 against 171 ms, Q4_0 124
+ * against 130; best of 7 alternated passes). kernels_prefetch sets it. */
 static int weights_to_l2 = 0;
 
 /* to_l2: weights_to_l2, which each tile reads once into a local (tested at every block, the
@@ -259,15 +261,19 @@ int kernels_init(const char *which) {
 
 const char *kernels_active(void) { return K->name; }
 
-/* True on AMD family 25 (Zen 3 and Zen 4): see WEIGHT_PREFETCH. */
+/* True on AMD Zen 4: family 25 with the models AMD gave that generation (0x10-0x1F EPYC Genoa,
+ * 0x60-0x7F Ryzen 7000, 0xA0-0xAF EPYC Bergamo and Siena); family 25's other models are Zen 3.
+ * See WEIGHT_PREFETCH. */
 static int cpu_prefers_l2_prefetch(void) {
 #if defined(KERNELS_X86) && defined(__GNUC__)
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
     const int amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
     if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    const unsigned base = (a >> 8) & 0xF; /* the extended family adds to base family 15 only */
-    return base + (base == 0xF ? (a >> 20) & 0xFF : 0) == 25;
+    const unsigned base = (a >> 8) & 0xF; /* the extended family and model count from family 15 */
+    if (base != 0xF || base + ((a >> 20) & 0xFF) != 25) return 0;
+    const unsigned model = ((a >> 12) & 0xF0) | ((a >> 4) & 0xF);
+    return (model >= 0x10 && model <= 0x1F) || (model >= 0x60 && model <= 0x7F) || (model >= 0xA0 && model <= 0xAF);
 #else
     return 0;
 #endif
