@@ -224,6 +224,14 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(block_lanes)(int wtyp
 #endif
 }
 
+/* Lane r (< 4) of v's 128-bit halves in every lane (r is a constant once the tiles are inlined). */
+static inline __attribute__((always_inline)) __m256 SUFFIX(lane_bcast)(__m256 v, int r) {
+    return r == 0   ? _mm256_shuffle_ps(v, v, 0x00)
+           : r == 1 ? _mm256_shuffle_ps(v, v, 0x55)
+           : r == 2 ? _mm256_shuffle_ps(v, v, 0xAA)
+                    : _mm256_shuffle_ps(v, v, 0xFF);
+}
+
 /* Where activation rows m0 .. m0+RA-1 start: their Q8_0 blocks, float scales and VNNI corrections. */
 static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act *a, int64_t m0, int RA,
                                                                    const block_q8_0 **yq, const float **yd,
@@ -251,47 +259,31 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     for (int c = 0; c < RA; c++)
         for (int r = 0; r < RW; r++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
+        /* With 4 rows, their scales are converted by one vcvtph2ps and multiplied by each
+         * activation row's in one 4-lane product, as tinyBLAS does: a shuffle per dot product
+         * instead of a broadcast and a full-width multiply (the same products, rounded once). */
+        __m256 dd[8];
         if (RW == 4) {
-            /* the 4 rows' scales converted by one vcvtph2ps and multiplied by each activation
-             * row's in one 4-lane product, as tinyBLAS does: a shuffle per dot product instead of
-             * a broadcast and a full-width multiply (the same products, rounded once each) */
             const uint8_t *b0 = w + (size_t)i * bb;
             const uint64_t h = (uint64_t)*(const uint16_t *)b0 | (uint64_t)*(const uint16_t *)(b0 + gs) << 16 |
                                (uint64_t)*(const uint16_t *)(b0 + 2 * gs) << 32 |
                                (uint64_t)*(const uint16_t *)(b0 + 3 * gs) << 48;
             const __m128 dx4 = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
-            __m256 dd[8];
             for (int c = 0; c < RA; c++) {
                 const __m128 p = _mm_mul_ps(dx4, _mm_set1_ps(yd[c][i]));
                 dd[c] = _mm256_set_m128(p, p);
             }
-            for (int r = 0; r < 4; r++) {
-                const uint8_t *blk = b0 + r * gs;
-                prefetch_weights((const char *)blk + PREFETCH_AHEAD, to_l2);
-                const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
-                const __m256i w_abs = _mm256_sign_epi8(wq, wq);
-                for (int c = 0; c < RA; c++) {
-                    const __m256i yv = _mm256_loadu_si256((const __m256i *)yq[c][i].qs);
-                    const __m256 q = SUFFIX(block_lanes)(wtype, wq, w_abs, yv, yc[c] + 8 * i);
-                    const __m256 d = r == 0   ? _mm256_shuffle_ps(dd[c], dd[c], 0x00)
-                                     : r == 1 ? _mm256_shuffle_ps(dd[c], dd[c], 0x55)
-                                     : r == 2 ? _mm256_shuffle_ps(dd[c], dd[c], 0xAA)
-                                              : _mm256_shuffle_ps(dd[c], dd[c], 0xFF);
-                    acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
-                }
-            }
-            continue;
         }
         for (int r = 0; r < RW; r++) {
             const uint8_t *blk = w + r * gs + (size_t)i * bb;
             prefetch_weights((const char *)blk + PREFETCH_AHEAD, to_l2);
-            const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]);
             const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
             const __m256i w_abs = _mm256_sign_epi8(wq, wq);
+            const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]); /* RW < 4 */
             for (int c = 0; c < RA; c++) {
                 const __m256i yv = _mm256_loadu_si256((const __m256i *)yq[c][i].qs);
                 const __m256 q = SUFFIX(block_lanes)(wtype, wq, w_abs, yv, yc[c] + 8 * i);
-                const __m256 d = _mm256_mul_ps(dx, _mm256_broadcast_ss(yd[c] + i));
+                const __m256 d = RW == 4 ? SUFFIX(lane_bcast)(dd[c], r) : _mm256_mul_ps(dx, _mm256_broadcast_ss(yd[c] + i));
                 acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
             }
         }
