@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import write_section
+from runtime.cpuinfo import cpuinfo_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("llmctl", "llama.cpp")
@@ -369,13 +370,7 @@ class Result:
 def cpu_model() -> str:
     """The CPU's model name with its family and model numbers, which tell CPU generations apart
     where a VM hides the name ("Intel(R) Xeon(R) Processor (family 6, model 207)")."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = cpuinfo_fields()
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         return f"{name} (family {fields['cpu family']}, model {fields['model']})"

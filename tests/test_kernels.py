@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import Model, quants
+from runtime.cpuinfo import cpuinfo_fields
 from runtime.ggml_types import BLOCK_SIZE, GGMLType
 from runtime.gguf import read_gguf
 from runtime.kernels import _kernels
@@ -173,10 +174,7 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
 
 
 def _cpu_vendor_family_model() -> tuple[str, int, int]:
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo_fields()
     return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
 
 
