@@ -113,7 +113,8 @@ typedef struct {
 static int weights_to_l2 = 0;
 
 /* to_l2: weights_to_l2, which each tile reads once into a local (tested at every block, the
- * global was loaded again each time, the prefetch being a memory access to the compiler). */
+ * global was loaded again each time, the prefetch being a memory access to the compiler), or
+ * which q_tile turns into a constant, one loop per level. */
 static inline __attribute__((always_inline)) void prefetch_weights(const void *p, int to_l2) {
     if (to_l2)
         __builtin_prefetch(p, 0, 2); /* _MM_HINT_T1 */

