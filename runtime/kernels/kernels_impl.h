@@ -244,8 +244,8 @@ static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act 
 }
 
 /* y[c * ldy + r * ys] = dot(weight row r, activation row m0 + c) for r < RW, c < RA, where weight
- * row r starts r * gs bytes after w. */
-static inline __attribute__((always_inline)) void SUFFIX(q_tile_at)(int wtype, int RW, int RA, const uint8_t *w,
+ * row r starts r * gs bytes after w. to_l2: a constant (AT_PREFETCH_LEVEL). */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
                                                                     size_t gs, const q8_act *a, int64_t m0, float *y,
                                                                     int64_t ldy, int64_t ys, int to_l2) {
     const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
@@ -291,18 +291,6 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_at)(int wtype, i
         for (int c = 0; c < RA; c++) y[c * ldy + r * ys] = SUFFIX(hsum8)(acc[r][c]);
 }
 
-/* q_tile_at with the prefetch level as a constant: one loop per level, so the block loop tests
- * nothing but its end (a test and a branch per block and weight row less; on an AMD EPYC Zen 3 a
- * Q4_0 decode row took 2-9% less time, the same bits). */
-static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
-                                                                 size_t gs, const q8_act *a, int64_t m0, float *y,
-                                                                 int64_t ldy, int64_t ys) {
-    if (weights_to_l2)
-        SUFFIX(q_tile_at)(wtype, RW, RA, w, gs, a, m0, y, ldy, ys, 1);
-    else
-        SUFFIX(q_tile_at)(wtype, RW, RA, w, gs, a, m0, y, ldy, ys, 0);
-}
-
 /* Activation rows m0 .. m0+RA-1 against all n_rows weight rows. A tile takes its RW weight rows
  * from RW groups of consecutive rows, row j of each (see GROUPED_ROWS); the rows left over go
  * one at a time. */
@@ -312,8 +300,9 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_row)(int wtype, 
     const int64_t g = n_rows / RW;
     float *ym = y + m0 * ldy;
     for (int64_t j = 0; j < g; j++)
-        SUFFIX(q_tile)(wtype, RW, RA, w + j * w_stride, g * w_stride, a, m0, ym + j, ldy, g);
-    for (int64_t n = RW * g; n < n_rows; n++) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
+        AT_PREFETCH_LEVEL(SUFFIX(q_tile), wtype, RW, RA, w + j * w_stride, g * w_stride, a, m0, ym + j, ldy, g);
+    for (int64_t n = RW * g; n < n_rows; n++)
+        AT_PREFETCH_LEVEL(SUFFIX(q_tile), wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
 }
 
 #ifdef KERNELS_AVX512
@@ -341,14 +330,13 @@ static inline __attribute__((always_inline)) __m512i SUFFIX(load_wpair)(int wtyp
  * weight row r starts r * gs bytes after w. */
 static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, int RP, int RA, const uint8_t *w,
                                                                     size_t gs, const q8_act *a, int64_t m0,
-                                                                    float *y, int64_t ldy, int64_t ys) {
+                                                                    float *y, int64_t ldy, int64_t ys, int to_l2) {
     const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
     const block_q8_0 *yq[8];  /* RP <= 4, RA <= 8 */
     const float *yd[8];
     const int32_t *yc[8];
     SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     __m512 acc[4][8];
     for (int c = 0; c < RA; c++)
         for (int p = 0; p < RP; p++) acc[p][c] = _mm512_setzero_ps();
@@ -392,10 +380,11 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
     const int64_t g = n_rows / (2 * RP);
     float *ym = y + m0 * ldy;
     for (int64_t j = 0; j < g; j++)
-        SUFFIX(q_tile512)(wtype, RP, RA, w + j * w_stride, g * w_stride, a, m0, ym + j, ldy, g);
+        AT_PREFETCH_LEVEL(SUFFIX(q_tile512), wtype, RP, RA, w + j * w_stride, g * w_stride, a, m0, ym + j, ldy, g);
     int64_t n = 2 * RP * g;
-    for (; n + 2 <= n_rows; n += 2) SUFFIX(q_tile512)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
-    if (n < n_rows) SUFFIX(q_tile)(wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
+    for (; n + 2 <= n_rows; n += 2)
+        AT_PREFETCH_LEVEL(SUFFIX(q_tile512), wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
+    if (n < n_rows) AT_PREFETCH_LEVEL(SUFFIX(q_tile), wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
 }
 
 /* Q4_0 with AVX-512, four weight rows per zmm: one zmm holds the low nibbles of block i of four
@@ -414,13 +403,12 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
  * of 7 alternated passes), where on Zen 4, bound by arithmetic, 4 rows had been a little slower. */
 static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int RA, const uint8_t *w, size_t gs,
                                                                      const q8_act *a, int64_t m0, float *y,
-                                                                     int64_t ldy, int64_t ys) {
+                                                                     int64_t ldy, int64_t ys, int to_l2) {
     const int64_t nb = a->nb;
     const block_q8_0 *yq[4];  /* RQ <= 2, RA <= 4 */
     const float *yd[4];
     const int32_t *yc[4];
     SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m512i low = _mm512_set1_epi8(0xF);
     __m512 lo[2][4], hi[2][4];
@@ -478,7 +466,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512_row)(int RQ,
                                                                          int64_t ldy) {
     const int64_t g = n_rows / (4 * RQ);
     for (int64_t j = 0; j < g; j++)
-        SUFFIX(q4_tile512)(RQ, RA, w + j * w_stride, g * w_stride, a, m0, y + m0 * ldy + j, ldy, g);
+        AT_PREFETCH_LEVEL(SUFFIX(q4_tile512), RQ, RA, w + j * w_stride, g * w_stride, a, m0, y + m0 * ldy + j, ldy, g);
     const int64_t n = 4 * RQ * g;
     if (n < n_rows) SUFFIX(q_tile512_row)(KT_Q4_0, 1, RA, w + n * w_stride, w_stride, n_rows - n, a, m0, y + n, ldy);
 }
@@ -607,9 +595,8 @@ static const uint8_t SUFFIX(q6_K_shuffle)[128] = {
  * output has the single-row kernel's bits; dot_q6_K is this with RA = 1. */
 static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int64_t nb, const block_q6_K *xa,
                                                                     const block_q8_K *const *ya, float *y,
-                                                                    int64_t ldy) {
+                                                                    int64_t ldy, int to_l2) {
     __m256 acc[4];
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     for (int c = 0; c < RA; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         /* the row is one stream (decode takes rows one after another): without this, a
@@ -663,10 +650,9 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
  * first row, y[c * ldy + ys] for the second. */
 static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int64_t nb, const block_q6_K *x0,
                                                                      size_t gs, const block_q8_K *const *ya,
-                                                                     float *y, int64_t ldy, int64_t ys) {
+                                                                     float *y, int64_t ldy, int64_t ys, int to_l2) {
     const block_q6_K *x1 = (const block_q6_K *)((const uint8_t *)x0 + gs);
     __m512 acc[4];
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     for (int c = 0; c < RA; c++) acc[c] = _mm512_setzero_ps();
 #define PAIR256(p0, p1) \
     _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0))), \
@@ -727,7 +713,7 @@ static float SUFFIX(dot_q6_K)(int64_t n, const void *vx, const void *vy) {
 #ifdef KERNELS_AVX2
     const block_q8_K *ya = (const block_q8_K *)vy;
     float y;
-    SUFFIX(q6_K_tile)(1, n / QK_K, (const block_q6_K *)vx, &ya, &y, 0);
+    AT_PREFETCH_LEVEL(SUFFIX(q6_K_tile), 1, n / QK_K, (const block_q6_K *)vx, &ya, &y, 0);
     return y;
 #else
 
@@ -777,13 +763,13 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile_rows)(int ROW
                                                                          int64_t ldy, int64_t ys) {
 #ifdef KERNELS_AVX512
     if (ROWS == 2) {
-        SUFFIX(q6_K_tile2)(RA, nb, x, gs, ya, y, ldy, ys);
+        AT_PREFETCH_LEVEL(SUFFIX(q6_K_tile2), RA, nb, x, gs, ya, y, ldy, ys);
         return;
     }
 #endif
     (void)gs;
     (void)ys;
-    SUFFIX(q6_K_tile)(RA, nb, x, ya, y, ldy);
+    AT_PREFETCH_LEVEL(SUFFIX(q6_K_tile), RA, nb, x, ya, y, ldy);
 }
 
 /* ROWS weight rows from x (gs bytes apart, outputs ys apart) against all M activation rows, 4 at a
