@@ -848,91 +848,67 @@ static inline float SUFFIX(reduce4_lanes)(float a[4][8]) {
 }
 #endif
 
-/* F16/F32 dot products in ggml's two AVX2 orders (vec: 4 x 8 lanes over steps of 32, reduce4,
- * the tail in double for F16; blas: tinyBLAS's one 8-lane accumulator, hsum8). The portable set
- * runs the same lanes with fmaf, so every set gives the same bits. */
-static float SUFFIX(dot_f16_vec)(int64_t n, const void *vx, const void *vy) {
-    const uint16_t *x = (const uint16_t *)vx;
-    const uint16_t *y = (const uint16_t *)vy;
+#ifdef KERNELS_AVX2
+/* Elements i .. i+7 of an F16 (f16) or F32 row, as floats */
+static inline __attribute__((always_inline)) __m256 SUFFIX(load8)(int f16, const void *p, int64_t i) {
+    return f16 ? LOAD_F16((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+#endif
+
+/* Element i of an F16 (f16) or F32 row, as a float */
+static inline __attribute__((always_inline)) float SUFFIX(elem)(int f16, const void *p, int64_t i) {
+    return f16 ? fp16_to_fp32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* F16 (f16 = 1) and F32 (f16 = 0, a constant once inlined) dot products in ggml's two AVX2
+ * orders. vec: 4 x 8 lanes over steps of 32, reduce4, then the tail, in double for F16 (as
+ * ggml_vec_dot_f16) and in float for F32. blas: tinyBLAS's one 8-lane accumulator, hsum8. The
+ * portable set runs the same lanes with fmaf, so every set gives the same bits. */
+static inline __attribute__((always_inline)) float SUFFIX(dot_vec)(int f16, int64_t n, const void *x, const void *y) {
     int64_t i = 0;
-    double sum = 0.0;
     const int64_t np = n & ~(int64_t)31;
 #ifdef KERNELS_AVX2
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; i < np; i += 32) {
-        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(LOAD_F16(x + i + 8 * j), LOAD_F16(y + i + 8 * j), a[j]);
-    }
-    sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
+    for (; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            a[j] = _mm256_fmadd_ps(SUFFIX(load8)(f16, x, i + 8 * j), SUFFIX(load8)(f16, y, i + 8 * j), a[j]);
+    const float head = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
 #else
     float a[4][8] = {{0}};
     for (; i < np; i += 32)
         for (int j = 0; j < 4; j++)
             for (int l = 0; l < 8; l++)
-                a[j][l] = fmaf(fp16_to_fp32(x[i + 8 * j + l]), fp16_to_fp32(y[i + 8 * j + l]), a[j][l]);
-    sum = SUFFIX(reduce4_lanes)(a);
+                a[j][l] = fmaf(SUFFIX(elem)(f16, x, i + 8 * j + l), SUFFIX(elem)(f16, y, i + 8 * j + l), a[j][l]);
+    const float head = SUFFIX(reduce4_lanes)(a);
 #endif
-    for (; i < n; i++) sum += (double)(fp16_to_fp32(x[i]) * fp16_to_fp32(y[i]));
-    return (float)sum;
-}
-
-static float SUFFIX(dot_f16_blas)(int64_t n, const void *vx, const void *vy) {
-    if (n % 8 == 0) {
-        const uint16_t *x = (const uint16_t *)vx;
-        const uint16_t *y = (const uint16_t *)vy;
-#ifdef KERNELS_AVX2
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(LOAD_F16(x + i), LOAD_F16(y + i), acc);
-        return SUFFIX(hsum8)(acc);
-#else
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < n; i += 8)
-            for (int l = 0; l < 8; l++) acc[l] = fmaf(fp16_to_fp32(x[i + l]), fp16_to_fp32(y[i + l]), acc[l]);
-        return SUFFIX(hsum8_lanes)(acc);
-#endif
+    if (f16) {
+        double sum = head;
+        for (; i < n; i++) sum += (double)(SUFFIX(elem)(1, x, i) * SUFFIX(elem)(1, y, i));
+        return (float)sum;
     }
-    return SUFFIX(dot_f16_vec)(n, vx, vy);
-}
-
-static float SUFFIX(dot_f32_vec)(int64_t n, const void *vx, const void *vy) {
-    const float *x = (const float *)vx;
-    const float *y = (const float *)vy;
-    int64_t i = 0;
-    float sum = 0.0f;
-    const int64_t np = n & ~(int64_t)31;
-#ifdef KERNELS_AVX2
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; i < np; i += 32) {
-        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), _mm256_loadu_ps(y + i + 8 * j), a[j]);
-    }
-    sum = SUFFIX(reduce4)(a[0], a[1], a[2], a[3]);
-#else
-    float a[4][8] = {{0}};
-    for (; i < np; i += 32)
-        for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 8; l++) a[j][l] = fmaf(x[i + 8 * j + l], y[i + 8 * j + l], a[j][l]);
-    sum = SUFFIX(reduce4_lanes)(a);
-#endif
-    for (; i < n; i++) sum += x[i] * y[i];
+    float sum = head;
+    for (; i < n; i++) sum += SUFFIX(elem)(0, x, i) * SUFFIX(elem)(0, y, i);
     return sum;
 }
 
-static float SUFFIX(dot_f32_blas)(int64_t n, const void *vx, const void *vy) {
-    if (n % 8 == 0) {
-        const float *x = (const float *)vx;
-        const float *y = (const float *)vy;
+static inline __attribute__((always_inline)) float SUFFIX(dot_blas)(int f16, int64_t n, const void *x, const void *y) {
+    if (n % 8 != 0) return SUFFIX(dot_vec)(f16, n, x, y);
 #ifdef KERNELS_AVX2
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
-        return SUFFIX(hsum8)(acc);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(SUFFIX(load8)(f16, x, i), SUFFIX(load8)(f16, y, i), acc);
+    return SUFFIX(hsum8)(acc);
 #else
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < n; i += 8)
-            for (int l = 0; l < 8; l++) acc[l] = fmaf(x[i + l], y[i + l], acc[l]);
-        return SUFFIX(hsum8_lanes)(acc);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(SUFFIX(elem)(f16, x, i + l), SUFFIX(elem)(f16, y, i + l), acc[l]);
+    return SUFFIX(hsum8_lanes)(acc);
 #endif
-    }
-    return SUFFIX(dot_f32_vec)(n, vx, vy);
 }
+
+static float SUFFIX(dot_f16_vec)(int64_t n, const void *x, const void *y) { return SUFFIX(dot_vec)(1, n, x, y); }
+static float SUFFIX(dot_f16_blas)(int64_t n, const void *x, const void *y) { return SUFFIX(dot_blas)(1, n, x, y); }
+static float SUFFIX(dot_f32_vec)(int64_t n, const void *x, const void *y) { return SUFFIX(dot_vec)(0, n, x, y); }
+static float SUFFIX(dot_f32_blas)(int64_t n, const void *x, const void *y) { return SUFFIX(dot_blas)(0, n, x, y); }
 
 /* ggml's vectorized expf (ggml_v_expf, ggml-cpu/vec.h, MIT): the softmax uses it on AVX2,
  * and it differs from libm's expf in the last bit, so attention needs the same function. */
