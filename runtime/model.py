@@ -176,7 +176,7 @@ class Transformer:
             cos, sin = cos_all[positions], sin_all[positions]
         attn = np.empty((T, cfg.n_head, hd), dtype=np.float32)
         for il, blk in enumerate(self.blocks):
-            h = ops.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, cfg.norm_eps)
+            h = ops.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, cfg.norm_eps, nt)
             if blk.wqkv is not None:  # starcoder: fused projection, multi-query, learned positions
                 qkv = blk.wqkv(h, nt)
                 q = qkv[:, : cfg.n_embd].reshape(T, cfg.n_head, hd)
@@ -192,7 +192,7 @@ class Transformer:
                 cache.store(il, cache.n_past, k[a:b], v[a:b])
                 _kernels.attention(q[a:b], cache.k[il], cache.v[il], attn[a:b], cache.n_past, float(self.kq_scale), nt)
             x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
-            h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps)
+            h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps, nt)
             for a in range(0, T, FFN_ROWS):  # rows are independent: the same bits in any grouping
                 x[a : a + FFN_ROWS] += blk.ffn_down(
                     ops.gelu(blk.ffn_up(h[a : a + FFN_ROWS], nt), in_place=True, n_threads=nt), nt
@@ -201,5 +201,5 @@ class Transformer:
             cache.n_past += n
         if not all_logits:
             x = x[starts[1:] - 1]
-        x = ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, cfg.norm_eps)
+        x = ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, cfg.norm_eps, nt)
         return self.output(np.ascontiguousarray(x), nt)

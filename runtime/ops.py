@@ -40,11 +40,11 @@ class Linear:
         return out
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, n_threads: int = 1) -> np.ndarray:
     """ggml_norm then *w + b: (x - mean) / sqrt(biased var + eps), rounded as ggml does."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _kernels.layer_norm(x.reshape(-1, x.shape[-1]), weight, bias, out.reshape(-1, x.shape[-1]), eps)
+    _kernels.layer_norm(x.reshape(-1, x.shape[-1]), weight, bias, out.reshape(-1, x.shape[-1]), eps, n_threads)
     return out
 
 

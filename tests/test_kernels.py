@@ -426,6 +426,23 @@ def test_layer_norm_matches_numpy() -> None:
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [100, 3072])
+def test_layer_norm_of_many_rows_is_each_rows_own(n: int) -> None:
+    """Rows normalized together (their mean sums interleaved 4 at a time, groups over threads)
+    give the bits of each row normalized alone."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((11, n)) * rng.uniform(0.01, 100, (11, 1)) + 1).astype(np.float32)
+    w, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    alone = np.empty_like(x)
+    for r in range(len(x)):
+        _kernels.layer_norm(x[r : r + 1], w, b, alone[r : r + 1], 1e-5)
+    for rows in range(1, len(x) + 1):
+        for threads in (1, 2):
+            out = np.empty_like(x[:rows])
+            _kernels.layer_norm(x[:rows], w, b, out, 1e-5, threads)
+            assert np.array_equal(out.view(np.uint32), alone[:rows].view(np.uint32)), (rows, threads)
+
+
 def test_kernel_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kernel set"):
         _kernels.use("sse9")

@@ -27,7 +27,8 @@ cdef extern from "kernels.h" nogil:
     void kernels_gelu(const float *x, float *y, int64_t n, int n_threads)
     void kernels_rope_neox(float *x, const float *cos, const float *sin, int64_t T, int64_t n_head, int64_t hd)
     void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out)
-    void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps)
+    void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps,
+                            int n_threads)
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
@@ -152,15 +153,16 @@ def rope_table(int64_t n_pos, int64_t hd, float freq_base):
     return cos, sin
 
 
-def layer_norm(const float[:, ::1] x, const float[::1] w, const float[::1] b, float[:, ::1] out, float eps):
-    """out = LayerNorm(x) * w + b, row by row (ggml's rounding)."""
+def layer_norm(const float[:, ::1] x, const float[::1] w, const float[::1] b, float[:, ::1] out, float eps,
+               int n_threads=1):
+    """out = LayerNorm(x) * w + b, row by row (ggml's rounding); many rows over n_threads."""
     cdef int64_t rows = x.shape[0], n = x.shape[1]
     if w.shape[0] != n or b.shape[0] != n or out.shape[0] != rows or out.shape[1] != n:
         raise ValueError("layer_norm: shapes")
     if rows == 0 or n == 0:
         return
     with nogil:
-        kernels_layer_norm(&x[0, 0], &w[0], &b[0], &out[0, 0], rows, n, eps)
+        kernels_layer_norm(&x[0, 0], &w[0], &b[0], &out[0, 0], rows, n, eps, n_threads)
 
 
 def gelu(const float[::1] x, float[::1] out, int n_threads=1):

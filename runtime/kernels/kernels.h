@@ -63,8 +63,10 @@ int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v
 /* RoPE angles' cos and sin [n_pos, hd/2] exactly as ggml's rope cache holds them. */
 void kernels_rope_table(int64_t n_pos, int64_t hd, float freq_base, float *cos_out, float *sin_out);
 
-/* y = LayerNorm(x) * w + b over rows of n, rounding as ggml_norm / ggml_mul / ggml_add do. */
-void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps);
+/* y = LayerNorm(x) * w + b over rows of n, rounding as ggml_norm / ggml_mul / ggml_add do; many
+ * rows over n_threads. */
+void kernels_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, float eps,
+                        int n_threads);
 
 /* y = gelu_tanh(x) through ggml's fp16 table, in place allowed; long inputs over n_threads. */
 void kernels_gelu(const float *x, float *y, int64_t n, int n_threads);
