@@ -1212,17 +1212,33 @@ float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k
     return y;
 }
 
+/* One thread's part of kernels_read_sum: `part` lines of each of ns streams from base, with the
+ * prefetch level a constant (AT_PREFETCH_LEVEL), as the matmul tiles have it. */
+static inline __attribute__((always_inline)) void read_part(const uint8_t *base, size_t part, size_t ns, uint64_t *sum,
+                                                            int to_l2) {
+    enum { PREFETCH = 2048 };
+    uint64_t s = 0;
+    for (size_t i = 0; i < part; i++) {
+        for (size_t k = 0; k < ns; k++) {
+            const uint8_t *q = base + (k * part + i) * 64;
+            prefetch_weights(q + PREFETCH, to_l2);
+            uint64_t w[8];
+            memcpy(w, q, sizeof(w));
+            s += ((w[0] + w[1]) + (w[2] + w[3])) + ((w[4] + w[5]) + (w[6] + w[7]));
+        }
+    }
+    *sum += s;
+}
+
 uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams) {
     /* Each thread reads its contiguous part as `streams` streams with prefetches 2 KiB ahead
      * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), 8 sums at a time:
      * several streams reach the machine's read bandwidth where a single plain stream does not
      * (it is bound by the misses one core keeps in flight); how many is best differs between
      * CPUs, so the benchmark tries several. */
-    enum { PREFETCH = 2048 };
     const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
     uint64_t sum = 0;
-    const int to_l2 = weights_to_l2; /* see prefetch_weights */
     const int nt = threads_for(n_threads, (int64_t)(lines / ns));
 #pragma omp parallel num_threads(nt) reduction(+ : sum)
     {
@@ -1232,16 +1248,7 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams
         const size_t t = 0;
 #endif
         const size_t part = lines / (size_t)nt / ns;  /* lines per stream */
-        const uint8_t *base = p + t * part * ns * 64;
-        for (size_t i = 0; i < part; i++) {
-            for (size_t s = 0; s < ns; s++) {
-                const uint8_t *q = base + (s * part + i) * 64;
-                prefetch_weights(q + PREFETCH, to_l2);
-                uint64_t w[8];
-                memcpy(w, q, sizeof(w));
-                sum += ((w[0] + w[1]) + (w[2] + w[3])) + ((w[4] + w[5]) + (w[6] + w[7]));
-            }
-        }
+        AT_PREFETCH_LEVEL(read_part, p + t * part * ns * 64, part, ns, &sum);
     }
     return sum;  /* of the first nt * streams * part lines: the tail is not read */
 }
