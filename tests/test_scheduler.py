@@ -185,14 +185,20 @@ def test_logprobs_are_normalised(model: Model) -> None:
 
 
 def test_stop_cancels_queued_and_running_requests(model: Model, tmp_path: Path) -> None:
+    """One request running (it has streamed a token; unstopped it would fill the context), two
+    queued: a stop with no grace period cancels all three. (With a grace period and a sleep instead
+    of the first token, an AVX-512 CPU filled the small model's context before the stop.)"""
+
     async def run() -> list[FinalEvent]:
         sch = Scheduler(model, n_parallel=1, max_queue=4)
         sch.start()
         handles = [sch.submit(Request(_prompts(model, 1)[0], None, GREEDY)) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        await asyncio.to_thread(sch.stop, 0.2)
-        finals = []
-        for h in handles:
+        running = handles[0].events()
+        first = await anext(running)
+        assert isinstance(first, TokenEvent), first
+        await asyncio.to_thread(sch.stop, 0.0)
+        finals = [ev async for ev in running if isinstance(ev, FinalEvent)]
+        for h in handles[1:]:
             async for ev in h.events():
                 if isinstance(ev, FinalEvent):
                     finals.append(ev)
