@@ -127,7 +127,7 @@ def test_queue_full_and_context_errors(model: Model) -> None:
         try:
             long = Request(_prompts(model, 1)[0], None, GREEDY)
             first = sch.submit(long)
-            await asyncio.sleep(0.05)  # admitted into the only slot
+            await anext(first.events())  # running in the only slot: it has streamed a token
             sch.submit(long)  # waits in the queue
             with pytest.raises(QueueFullError, match="busy"):
                 sch.submit(long)
@@ -271,7 +271,7 @@ def test_a_cancelled_waiting_request_gives_its_queue_place_back(model: Model) ->
         sch.start()
         try:
             running = sch.submit(Request(_prompts(model, 1)[0], None, GREEDY))
-            await asyncio.sleep(0.05)
+            await anext(running.events())  # running in the only slot: it has streamed a token
             waiting = sch.submit(Request(_prompts(model, 1)[0], 4, GREEDY))
             waiting.cancel()
             assert sch.stats().queue_depth == 0
