@@ -387,23 +387,30 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512_row)(int wtyp
     if (n < n_rows) AT_PREFETCH_LEVEL(SUFFIX(q_tile), wtype, 1, RA, w + n * w_stride, w_stride, a, m0, ym + n, ldy, 1);
 }
 
-/* Q4_0 with AVX-512, four weight rows per zmm: one zmm holds the low nibbles of block i of four
- * rows (16 bytes each, row r in 128-bit lane r) and another their high nibbles, against bytes
- * 0-15 and 16-31 of the activation block broadcast to every 128-bit lane. Lane 4r + l of the
- * first is row r's block_lanes lane l (elements 4l..4l+3), of the second its lane 4 + l, so each
- * of a row's 8 lanes takes exactly the integer and float steps of q_tile512 (one multiply of the
- * scales serves both zmm), and hsum8 of [first lanes 4r..4r+3, second lanes 4r..4r+3] is its
- * dot product. Against q_tile512's pairs this drops the nibble shuffles and half of the scale
- * work, which bound Q4_0 decode on one core of an AMD EPYC (Zen 4) below the read bandwidth:
- * 8 rows (RQ = 2) per tile took a 3B model's decode matmuls from 110-125 to 103-106 ms (1 thread)
- * and 4 sequences' from 257-271 to 223-234 ms. One activation row (decode) now goes 4 rows
- * (RQ = 1) at a time: 8 rows are 8 streams of reads, and no CPU measured so far reads 8 streams
- * per core as fast as 4 (kernels_read_sum: AMD EPYC Zen 5 39.7 against 31.9 GB/s); on Zen 5
- * the decode matmuls went from 53 to 49 ms with 1 thread and from 42 to 36 ms with 2 (medians
- * of 7 alternated passes), where on Zen 4, bound by arithmetic, 4 rows had been a little slower. */
-static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int RA, const uint8_t *w, size_t gs,
-                                                                     const q8_act *a, int64_t m0, float *y,
-                                                                     int64_t ldy, int64_t ys, int to_l2) {
+/* Q8_0 and Q4_0 with AVX-512, four weight rows per zmm: one zmm holds bytes 0-15 of block i of
+ * four rows (row r in 128-bit lane r) and another their bytes 16-31 (Q4_0: the low and the high
+ * nibbles of its 16 bytes), against bytes 0-15 and 16-31 of the activation block broadcast to
+ * every 128-bit lane. Lane 4r + l of the first is row r's block_lanes lane l (elements
+ * 4l..4l+3), of the second its lane 4 + l, so each of a row's 8 lanes takes exactly the integer
+ * and float steps of q_tile512 (one multiply of the scales serves both zmm), and hsum8 of [first
+ * lanes 4r..4r+3, second lanes 4r..4r+3] is its dot product. Against q_tile512's pairs this
+ * halves the scale products (and for Q4_0 drops the nibble shuffles), which bind decode and
+ * batched decode on an AMD EPYC (Zen 4) core: for Q4_0, 8 rows (RQ = 2) per tile took a 3B
+ * model's decode matmuls from 110-125 to 103-106 ms (1 thread) and 4 sequences' from 257-271 to
+ * 223-234 ms; for Q8_0, 4 sequences' from 231 to 212-214 ms with 1 thread and from 119-124 to
+ * 111-112 ms with 2, 2 and 3 sequences' by 5%, one sequence's no different (medians of 5
+ * alternated passes, the same bits), and 4 sequences by 4 rows (RQ = 1) took 234 ms: the 8 rows
+ * share each activation block's broadcasts. (Before, Q8_0 sequences went by q_tile512 with 4
+ * rows, which on a Zen 5 had been 3-17% faster than 6; 8 rows have not been measured there.)
+ * One activation row (decode) goes 4 rows (RQ = 1)
+ * at a time: 8 rows are 8 streams of reads, and no CPU measured so far reads 8 streams per core
+ * as fast as 4 (kernels_read_sum: AMD EPYC Zen 5 39.7 against 31.9 GB/s); on Zen 5 the Q4_0
+ * decode matmuls went from 53 to 49 ms with 1 thread and from 42 to 36 ms with 2 (medians of 7
+ * alternated passes), where on Zen 4, bound by arithmetic, 4 rows had been a little slower. */
+static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype, int RQ, int RA, const uint8_t *w,
+                                                                       size_t gs, const q8_act *a, int64_t m0,
+                                                                       float *y, int64_t ldy, int64_t ys, int to_l2) {
+    const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
     const block_q8_0 *yq[4];  /* RQ <= 2, RA <= 4 */
     const float *yd[4];
@@ -418,21 +425,33 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int
         __m512i wlo[2], whi[2];
         __m512 dx[2];
         for (int q = 0; q < RQ; q++) {
-            const block_q4_0 *b[4];
+            const uint8_t *b[4]; /* block i of the four rows: the fp16 scale, then the quants */
             for (int r = 0; r < 4; r++) {
-                b[r] = (const block_q4_0 *)(w + (4 * q + r) * gs) + i;
+                b[r] = w + (4 * q + r) * gs + (size_t)i * bb;
                 prefetch_weights((const char *)b[r] + PREFETCH_AHEAD, to_l2);
             }
-            __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b[0]->qs));
-            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[1]->qs), 1);
-            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[2]->qs), 2);
-            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b[3]->qs), 3);
-            wlo[q] = _mm512_and_si512(z, low);
-            whi[q] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+            if (wtype == KT_Q4_0) {
+                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b[0] + 2)));
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[1] + 2)), 1);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[2] + 2)), 2);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[3] + 2)), 3);
+                wlo[q] = _mm512_and_si512(z, low);
+                whi[q] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+            } else { /* Q8_0: rows 0, 1 and 2, 3 as pairs, their 16-byte halves gathered by two permutes */
+                const __m512i z01 = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b[0] + 2))),
+                    _mm256_loadu_si256((const __m256i *)(b[1] + 2)), 1);
+                const __m512i z23 = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b[2] + 2))),
+                    _mm256_loadu_si256((const __m256i *)(b[3] + 2)), 1);
+                const __m512i sign = _mm512_set1_epi8((char)0x80);
+                wlo[q] = _mm512_xor_si512(_mm512_permutex2var_epi64(z01, _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0), z23), sign);
+                whi[q] = _mm512_xor_si512(_mm512_permutex2var_epi64(z01, _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2), z23), sign);
+            }
             /* the four fp16 scales gathered in a general register, not by vector inserts: those
              * compete with the loads' inserts for the one shuffle port */
-            const uint64_t h = (uint64_t)b[0]->d | (uint64_t)b[1]->d << 16 | (uint64_t)b[2]->d << 32 |
-                               (uint64_t)b[3]->d << 48;
+            const uint64_t h = (uint64_t)*(const uint16_t *)b[0] | (uint64_t)*(const uint16_t *)b[1] << 16 |
+                               (uint64_t)*(const uint16_t *)b[2] << 32 | (uint64_t)*(const uint16_t *)b[3] << 48;
             dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)h))));
         }
         for (int c = 0; c < RA; c++) {
@@ -458,17 +477,18 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512)(int RQ, int
         }
 }
 
-/* Activation rows m0 .. m0+RA-1 of a Q4_0 matmul by q4_tile512: its 4 * RQ weight rows from as
- * many groups of consecutive rows (see GROUPED_ROWS); the rows left over go to q_tile512_row. */
-static inline __attribute__((always_inline)) void SUFFIX(q4_tile512_row)(int RQ, int RA, const uint8_t *w,
-                                                                         size_t w_stride, int64_t n_rows,
-                                                                         const q8_act *a, int64_t m0, float *y,
-                                                                         int64_t ldy) {
+/* Activation rows m0 .. m0+RA-1 by quad_tile512: its 4 * RQ weight rows from as many groups of
+ * consecutive rows (see GROUPED_ROWS); the rows left over go to q_tile512_row. */
+static inline __attribute__((always_inline)) void SUFFIX(quad_tile512_row)(int wtype, int RQ, int RA,
+                                                                           const uint8_t *w, size_t w_stride,
+                                                                           int64_t n_rows, const q8_act *a,
+                                                                           int64_t m0, float *y, int64_t ldy) {
     const int64_t g = n_rows / (4 * RQ);
     for (int64_t j = 0; j < g; j++)
-        AT_PREFETCH_LEVEL(SUFFIX(q4_tile512), RQ, RA, w + j * w_stride, g * w_stride, a, m0, y + m0 * ldy + j, ldy, g);
+        AT_PREFETCH_LEVEL(SUFFIX(quad_tile512), wtype, RQ, RA, w + j * w_stride, g * w_stride, a, m0,
+                          y + m0 * ldy + j, ldy, g);
     const int64_t n = 4 * RQ * g;
-    if (n < n_rows) SUFFIX(q_tile512_row)(KT_Q4_0, 1, RA, w + n * w_stride, w_stride, n_rows - n, a, m0, y + n, ldy);
+    if (n < n_rows) SUFFIX(q_tile512_row)(wtype, 1, RA, w + n * w_stride, w_stride, n_rows - n, a, m0, y + n, ldy);
 }
 
 /* Tile sizes (override with -D to try others). Measured on a Zen 5 core, 1 thread, 256 x 3072
@@ -481,28 +501,22 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_tile512_row)(int RQ,
 #ifndef GEMM512_RA
 #define GEMM512_RA 8
 #endif
-#ifndef GEMM512_RP_FEW
-#define GEMM512_RP_FEW 2
-#endif
 
 /* Tiles of 2 x GEMM512_RP weight rows x GEMM512_RA activation rows. Decode and batched decode
- * (1 to 4 activation rows) go 2 * GEMM512_RP_FEW weight rows at a time: those are bound by how
- * the weights stream in, and a tile's weight rows are its streams (GROUPED_ROWS). Two and four
- * Q8_0 sequences of a 3B model on an AMD EPYC (Zen 5), 1 and 2 threads, 4 weight rows against 6
- * in alternated passes: medians 3-17% faster in 9 of 10 comparisons, 2% slower in one (the host
- * was noisy: single passes varied by 30%). */
+ * (1 to 4 activation rows) go by quad_tile512: those are bound by how the weights stream in
+ * and by the scale work per block, and a tile's weight rows are its streams (GROUPED_ROWS). */
 static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, const uint8_t *w, size_t w_stride,
                                                                  int64_t n_rows, const q8_act *a, int64_t M, float *y,
                                                                  int64_t ldy) {
     int64_t m = 0;
     for (; m + GEMM512_RA <= M; m += GEMM512_RA)
         SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
-    if (wtype == KT_Q4_0 && M - m <= 4) { /* decode, batched decode, a prompt's last rows */
+    if (M - m <= 4) { /* decode, batched decode, a prompt's last rows */
         switch (M - m) {
-        case 4: SUFFIX(q4_tile512_row)(2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
-        case 3: SUFFIX(q4_tile512_row)(2, 3, w, w_stride, n_rows, a, m, y, ldy); break;
-        case 2: SUFFIX(q4_tile512_row)(2, 2, w, w_stride, n_rows, a, m, y, ldy); break;
-        case 1: SUFFIX(q4_tile512_row)(1, 1, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 4: SUFFIX(quad_tile512_row)(wtype, 2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 3: SUFFIX(quad_tile512_row)(wtype, 2, 3, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 2: SUFFIX(quad_tile512_row)(wtype, 2, 2, w, w_stride, n_rows, a, m, y, ldy); break;
+        case 1: SUFFIX(quad_tile512_row)(wtype, 1, 1, w, w_stride, n_rows, a, m, y, ldy); break;
         }
         return;
     }
@@ -510,10 +524,6 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
     case 7: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 7, w, w_stride, n_rows, a, m, y, ldy); break;
     case 6: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 6, w, w_stride, n_rows, a, m, y, ldy); break;
     case 5: SUFFIX(q_tile512_row)(wtype, GEMM512_RP, 5, w, w_stride, n_rows, a, m, y, ldy); break;
-    case 4: SUFFIX(q_tile512_row)(wtype, GEMM512_RP_FEW, 4, w, w_stride, n_rows, a, m, y, ldy); break;
-    case 3: SUFFIX(q_tile512_row)(wtype, GEMM512_RP_FEW, 3, w, w_stride, n_rows, a, m, y, ldy); break;
-    case 2: SUFFIX(q_tile512_row)(wtype, GEMM512_RP_FEW, 2, w, w_stride, n_rows, a, m, y, ldy); break;
-    case 1: SUFFIX(q_tile512_row)(wtype, GEMM512_RP_FEW, 1, w, w_stride, n_rows, a, m, y, ldy); break;
     }
 }
 #else
