@@ -178,36 +178,47 @@ def _cpu_vendor_family_model() -> tuple[str, int, int]:
     return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
 
 
+# The CPU-dependent choices of kernels.c that move bytes or pick tiles, never bits:
+# WEIGHT_PREFETCH (prefetch) and DECODE_TILES (decode_tiles).
+TUNINGS = {"prefetch": (_kernels.prefetch, ("l1", "l2")), "decode_tiles": (_kernels.decode_tiles, ("zmm", "ymm"))}
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS))
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
-def test_prefetch_level_changes_no_bits(kernel_set: str, t: GGMLType) -> None:
-    """Prefetching weights into L1 or L2 (kernels.c, WEIGHT_PREFETCH) only moves bytes earlier:
-    decode, batched decode and prompt tiles give the single-row dot products' bits at both."""
+def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> None:
+    """Prefetching weights into L1 or L2, and Q4_0 decode by zmm or ymm tiles, give decode,
+    batched decode and prompt tiles the single-row dot products' bits either way."""
+    choose, choices = TUNINGS[tuning]
     rng = np.random.default_rng(5)
     n, k = 260, 512 * (BLOCK_SIZE[t][0] // 32)
     raw = _random_q_rows(rng, t, n, k)
     x = _activations(rng, 9, k)
     ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(9)], np.float32)
     try:
-        for level in ("l1", "l2"):
-            assert _kernels.prefetch(level) == level
+        for choice in choices:
+            assert choose(choice) == choice
             for m in (1, 4, 9):
                 out = np.empty((m, n), dtype=np.float32)
                 _kernels.matmul(int(t), raw, k, x[:m], out, 2)
-                assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, level, m)
+                assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, choice, m)
     finally:
-        _kernels.prefetch("auto")
+        choose("auto")
 
 
-def test_prefetch_level_is_picked_from_the_cpu() -> None:
-    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2,
-    every other CPU (Zen 3, the rest of family 25, among them) into L1."""
+def test_tunings_are_picked_from_the_cpu() -> None:
+    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2
+    and decodes Q4_0 by ymm tiles, every other CPU (Zen 3, the rest of family 25, among them)
+    prefetches into L1 and takes zmm tiles where it has AVX-512."""
     vendor, family, model = _cpu_vendor_family_model()
     zen4 = vendor == "AuthenticAMD" and family == 25 and (model >> 4) in (0x1, 0x6, 0x7, 0xA)
-    expected = "l2" if zen4 else "l1"
-    assert _kernels.prefetch("auto") == expected
+    assert _kernels.prefetch("auto") == ("l2" if zen4 else "l1")
+    assert _kernels.decode_tiles("auto") == ("ymm" if zen4 else "zmm")
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
         _kernels.prefetch("l3")
-    assert _kernels.prefetch() == expected
+    with pytest.raises(ValueError, match="decode tiles 'xmm': expected auto, zmm or ymm"):
+        _kernels.decode_tiles("xmm")
+    assert _kernels.prefetch() == ("l2" if zen4 else "l1")
+    assert _kernels.decode_tiles() == ("ymm" if zen4 else "zmm")
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])

@@ -112,6 +112,18 @@ typedef struct {
  * against 130; best of 7 alternated passes). kernels_prefetch sets it. */
 static int weights_to_l2 = 0;
 
+/* DECODE_TILES. On AMD Zen 4 a zmm instruction runs as two 256-bit halves, so the zmm tiles do
+ * no more arithmetic per cycle than ymm ones, and for one activation row of Q4_0 their extra
+ * steps (the 16-byte pieces broadcast to four lanes, the nibble and scale shuffles) take slots
+ * of the two pipes that run vpdpbusd and the fmas. With ymm tiles (q_tile, one row per ymm as
+ * in the AVX2 sets, with AVX512-VNNI's ymm vpdpbusd) a 3B Q4_0 model's decode matmuls took
+ * 81.8 instead of 88.1 ms with 1 thread and 44.6 instead of 48.7 ms with 2 (medians of 7
+ * alternated passes, the same bits); Q8_0 one row (120 against 113 ms), 2-4 rows of either
+ * type (254 against 205 ms for 4 Q4_0 rows) and the Q6_K head a row at a time (9.2 against 5.6
+ * ms) were slower with them. kernels_decode_tiles sets it (the avx512vnni set reads it; the
+ * others have only ymm tiles). */
+static int decode_ymm = 0;
+
 /* to_l2: weights_to_l2 as a constant, which AT_PREFETCH_LEVEL passes to every tile. */
 static inline __attribute__((always_inline)) void prefetch_weights(const void *p, int to_l2) {
     if (to_l2)
@@ -237,6 +249,7 @@ int kernels_init(const char *which) {
         if (l2 > 0) l2_bytes = l2;
 #endif
         kernels_prefetch("auto");
+        kernels_decode_tiles("auto");
         initialized = 1;
     }
     if (which == NULL || strcmp(which, "auto") == 0) {
@@ -275,8 +288,8 @@ const char *kernels_active(void) { return K->name; }
 
 /* True on AMD Zen 4: family 25 with the models AMD gave that generation (0x10-0x1F EPYC Genoa,
  * 0x60-0x7F Ryzen 7000, 0xA0-0xAF EPYC Bergamo and Siena); family 25's other models are Zen 3.
- * See WEIGHT_PREFETCH. */
-static int cpu_prefers_l2_prefetch(void) {
+ * See WEIGHT_PREFETCH and DECODE_TILES. */
+static int cpu_is_zen4(void) {
 #if defined(KERNELS_X86) && defined(__GNUC__)
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
@@ -291,19 +304,27 @@ static int cpu_prefers_l2_prefetch(void) {
 #endif
 }
 
-int kernels_prefetch(const char *where) {
-    if (where == NULL || strcmp(where, "auto") == 0)
-        weights_to_l2 = cpu_prefers_l2_prefetch();
-    else if (strcmp(where, "l1") == 0)
-        weights_to_l2 = 0;
-    else if (strcmp(where, "l2") == 0)
-        weights_to_l2 = 1;
+/* *flag from a choice's name: auto_value for "auto" (or NULL), 0 for off_name, 1 for on_name;
+ * -1 for any other name. */
+static int set_choice(int *flag, const char *which, int auto_value, const char *off_name, const char *on_name) {
+    if (which == NULL || strcmp(which, "auto") == 0)
+        *flag = auto_value;
+    else if (strcmp(which, off_name) == 0)
+        *flag = 0;
+    else if (strcmp(which, on_name) == 0)
+        *flag = 1;
     else
         return -1;
     return 0;
 }
 
+int kernels_prefetch(const char *where) { return set_choice(&weights_to_l2, where, cpu_is_zen4(), "l1", "l2"); }
+
 const char *kernels_prefetch_active(void) { return weights_to_l2 ? "l2" : "l1"; }
+
+int kernels_decode_tiles(const char *which) { return set_choice(&decode_ymm, which, cpu_is_zen4(), "zmm", "ymm"); }
+
+const char *kernels_decode_tiles_active(void) { return decode_ymm ? "ymm" : "zmm"; }
 
 /* ---- Q8_K activations (ggml uses the scalar reference on every CPU) ------------------------ */
 

@@ -41,6 +41,12 @@ const char *kernels_active(void);
 int kernels_prefetch(const char *where);
 /* "l1" or "l2": where the matmuls prefetch weights now. */
 const char *kernels_prefetch_active(void);
+/* Which tiles the avx512vnni set's Q4_0 decode (one activation row) takes: "auto" (picked from
+ * the CPU, see DECODE_TILES in kernels.c), "zmm" (four rows per register) or "ymm" (one row per
+ * register). The same results either way. Returns 0 on success, -1 for any other name. */
+int kernels_decode_tiles(const char *which);
+/* "zmm" or "ymm": the Q4_0 decode tiles of the avx512vnni set now. */
+const char *kernels_decode_tiles_active(void);
 
 /* y[m, n] = dot(W[n, :], x[m, :]) for m < M, n < N; W rows are `w_row_bytes` apart, of type
  * `wtype`, each holding K elements. x is float32 [M, K], y float32 [M, N].

@@ -511,6 +511,10 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
     int64_t m = 0;
     for (; m + GEMM512_RA <= M; m += GEMM512_RA)
         SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
+    if (M == 1 && wtype == KT_Q4_0 && decode_ymm) { /* see DECODE_TILES */
+        SUFFIX(q_tile_row)(wtype, 4, 1, w, w_stride, n_rows, a, 0, y, ldy);
+        return;
+    }
     if (M - m <= 4) { /* decode, batched decode, a prompt's last rows */
         switch (M - m) {
         case 4: SUFFIX(quad_tile512_row)(wtype, 2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
