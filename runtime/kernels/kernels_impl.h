@@ -350,7 +350,8 @@ static inline __attribute__((always_inline)) __m512i SUFFIX(load_wpair)(int wtyp
         return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
     }
     /* 128-bit lanes [p0, p0, p1, p1] of the packed nibbles, lanes 1 and 3 shifted right by 4:
-     * each half is load_wblock's [low nibbles, high nibbles] of its row */
+     * each half is its row's [low nibbles, high nibbles] (load_wblock's without VNNI; the
+     * zmm tiles keep the shift, Q4_HIGH_IN_PLACE is the ymm tiles') */
     const __m128i p0 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b0)->qs);
     const __m128i p1 = _mm_loadu_si128((const __m128i *)((const block_q4_0 *)b1)->qs);
     const __m512i z = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
@@ -463,22 +464,18 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
                 prefetch_weights((const char *)b[r] + PREFETCH_AHEAD, to_l2);
             }
             if (wtype == KT_Q4_0) {
-                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b[0] + 2)));
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[1] + 2)), 1);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[2] + 2)), 2);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(b[3] + 2)), 3);
+                const block_q4_0 *const *b4 = (const block_q4_0 *const *)b;
+                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b4[0]->qs));
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b4[1]->qs), 1);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b4[2]->qs), 2);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)b4[3]->qs), 3);
                 wlo[q] = _mm512_and_si512(z, low);
                 whi[q] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
-            } else { /* Q8_0: rows 0, 1 and 2, 3 as pairs, their 16-byte halves gathered by two permutes */
-                const __m512i z01 = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b[0] + 2))),
-                    _mm256_loadu_si256((const __m256i *)(b[1] + 2)), 1);
-                const __m512i z23 = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b[2] + 2))),
-                    _mm256_loadu_si256((const __m256i *)(b[3] + 2)), 1);
-                const __m512i sign = _mm512_set1_epi8((char)0x80);
-                wlo[q] = _mm512_xor_si512(_mm512_permutex2var_epi64(z01, _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0), z23), sign);
-                whi[q] = _mm512_xor_si512(_mm512_permutex2var_epi64(z01, _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2), z23), sign);
+            } else { /* Q8_0: rows 0, 1 and 2, 3 as load_wpair's pairs, their 16-byte halves gathered by two permutes */
+                const __m512i z01 = SUFFIX(load_wpair)(KT_Q8_0, b[0], b[1]);
+                const __m512i z23 = SUFFIX(load_wpair)(KT_Q8_0, b[2], b[3]);
+                wlo[q] = _mm512_permutex2var_epi64(z01, _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0), z23);
+                whi[q] = _mm512_permutex2var_epi64(z01, _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2), z23);
             }
             /* the four fp16 scales gathered in a general register, not by vector inserts: those
              * compete with the loads' inserts for the one shuffle port */
