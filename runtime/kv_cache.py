@@ -7,6 +7,7 @@ import mmap
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.kernels import _kernels
 
 
 class KVCache:
@@ -28,8 +29,9 @@ class KVCache:
     def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write float32 k, v [T, n_head_kv, head_dim] at positions pos0.. as fp16 (round to nearest even)."""
         t = k.shape[0]
-        self.k[layer, pos0 : pos0 + t] = k.astype(np.float16).view(np.uint16)
-        self.v[layer, pos0 : pos0 + t] = v.astype(np.float16).view(np.uint16)
+        for src, dst in ((k, self.k), (v, self.v)):
+            rows = np.ascontiguousarray(src, dtype=np.float32).reshape(t, -1)
+            _kernels.f32_to_f16_into(rows, dst[layer, pos0 : pos0 + t].reshape(t, -1))
 
     def reset(self) -> None:
         self.n_past = 0

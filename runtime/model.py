@@ -191,12 +191,11 @@ class Transformer:
             for (cache, _), a, b in zip(segments, starts[:-1], starts[1:], strict=True):
                 cache.store(il, cache.n_past, k[a:b], v[a:b])
                 _kernels.attention(q[a:b], cache.k[il], cache.v[il], attn[a:b], cache.n_past, float(self.kq_scale), nt)
-            x = blk.wo(attn.reshape(T, cfg.n_embd), nt) + x
+            x = blk.wo(attn.reshape(T, cfg.n_embd), nt, add=x)
             h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps, nt)
             for a in range(0, T, FFN_ROWS):  # rows are independent: the same bits in any grouping
-                x[a : a + FFN_ROWS] += blk.ffn_down(
-                    ops.gelu(blk.ffn_up(h[a : a + FFN_ROWS], nt), in_place=True, n_threads=nt), nt
-                )
+                rows = slice(a, a + FFN_ROWS)
+                x[rows] = blk.ffn_down(blk.ffn_up(h[rows], nt, gelu=True), nt, add=x[rows])
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n
         if not all_logits:

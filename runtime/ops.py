@@ -1,5 +1,5 @@
-"""The forward pass's building blocks. Matmuls, attention and GELU run in the C kernels; the
-cheap elementwise steps stay in NumPy, written to round like ggml (float32 throughout)."""
+"""The forward pass's building blocks. Matmuls (with their bias, GELU and residual), attention,
+LayerNorm and RoPE run in the C kernels, rounding like ggml (float32 throughout)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ class Linear:
     def n_out(self) -> int:
         return int(self.rows.shape[0])
 
-    def __call__(self, x: np.ndarray, n_threads: int) -> np.ndarray:
+    def __call__(
+        self, x: np.ndarray, n_threads: int, *, gelu: bool = False, add: np.ndarray | None = None
+    ) -> np.ndarray:
+        """x @ W.T + b, then gelu_tanh if `gelu`, then + `add` (a residual [M, n_out]), all in the
+        matmul's threads as they finish their outputs (the bits of the separate steps)."""
         out = np.empty((x.shape[0], self.n_out), dtype=np.float32)
-        _kernels.matmul(int(self.ggml_type), self.rows, self.n_in, x, out, n_threads)
-        if self.bias is not None:
-            out += self.bias
+        _kernels.matmul(int(self.ggml_type), self.rows, self.n_in, x, out, n_threads, self.bias, gelu, add)
         return out
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
@@ -45,14 +47,6 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     _kernels.layer_norm(x.reshape(-1, x.shape[-1]), weight, bias, out.reshape(-1, x.shape[-1]), eps, n_threads)
-    return out
-
-
-def gelu(x: np.ndarray, *, in_place: bool = False, n_threads: int = 1) -> np.ndarray:
-    """gelu_tanh through ggml's fp16 table; `in_place` overwrites x (a large FFN activation need
-    not be held twice)."""
-    out = x if in_place else np.empty_like(x)
-    _kernels.gelu(x.reshape(-1), out.reshape(-1), n_threads)
     return out
 
 

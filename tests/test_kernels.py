@@ -35,6 +35,10 @@ def test_activation_quantizers_are_bit_exact(kernel_set: str) -> None:
     ref = gguf.quants.quantize(x.reshape(1, -1), gguf.GGMLQuantizationType.Q8_0).reshape(-1)
     assert np.array_equal(_kernels.quantize_q8_0(x), ref)
     assert np.array_equal(_kernels.f32_to_f16(x), x.astype(np.float16).view(np.uint16))
+    rows = x.reshape(8, -1)
+    into = np.zeros(rows.shape, dtype=np.uint16)
+    _kernels.f32_to_f16_into(rows, into)
+    assert np.array_equal(into, rows.astype(np.float16).view(np.uint16))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,39 @@ def test_matmul_matches_reference(kernel_set: str, weights: dict[str, tuple[np.n
         ref = _reference_matmul(raw, t, x)
         err = np.abs(out - ref).max() / np.abs(ref).max()
         assert err < 2e-6, f"{key} ({kernel_set}, {rows} rows): relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_matmul_epilogue_gives_the_bits_of_the_separate_steps(
+    kernel_set: str, weights: dict[str, tuple[np.ndarray, GGMLType]], rows: int
+) -> None:
+    """Bias, GELU and the residual applied by the matmul's threads round exactly as the NumPy
+    addition and the gelu kernel do when run after it, on every thread count."""
+    rng = np.random.default_rng(7)
+    for key, (raw, t) in weights.items():
+        k, n = _n_cols(raw, t), raw.shape[0]
+        x = _activations(rng, rows, k)
+        bias = rng.standard_normal(n).astype(np.float32)
+        add = rng.standard_normal((rows, n)).astype(np.float32)
+        plain = np.empty((rows, n), dtype=np.float32)
+        _kernels.matmul(int(t), raw, k, x, plain, 1)
+        biased = plain + bias
+        activated = np.empty_like(biased)
+        _kernels.gelu(biased.reshape(-1), activated.reshape(-1))
+        expected = {
+            (True, False, False): biased,
+            (False, False, True): plain + add,
+            (True, True, False): activated,
+            (True, False, True): biased + add,
+            (True, True, True): activated + add,
+        }
+        for (with_bias, gelu, with_add), ref in expected.items():
+            for threads in (1, 2):
+                out = np.empty((rows, n), dtype=np.float32)
+                _kernels.matmul(
+                    int(t), raw, k, x, out, threads, bias if with_bias else None, gelu, add if with_add else None
+                )
+                assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (key, with_bias, gelu, with_add)
 
 
 def _outputs_on_sets(
@@ -462,3 +499,12 @@ def test_kernel_errors_are_clear(tmp_path: Path) -> None:
         _kernels.matmul(99, np.zeros((2, 34), np.uint8), 32, np.zeros((1, 32), np.float32), out, 1)
     with pytest.raises(ValueError, match="shapes"):
         _kernels.matmul(8, np.zeros((2, 34), np.uint8), 32, np.zeros((1, 64), np.float32), out, 1)
+    w, x = np.zeros((2, 34), np.uint8), np.zeros((1, 32), np.float32)
+    with pytest.raises(ValueError, match="bias of 3 for 2 outputs"):
+        _kernels.matmul(8, w, 32, x, out, 1, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="add of 1x3 for out 1x2"):
+        _kernels.matmul(8, w, 32, x, out, 1, None, False, np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="add overlaps out"):
+        _kernels.matmul(8, w, 32, x, out, 1, None, False, out)
+    with pytest.raises(ValueError, match="f32_to_f16_into: shapes"):
+        _kernels.f32_to_f16_into(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.uint16))

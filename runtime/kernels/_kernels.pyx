@@ -19,8 +19,12 @@ cdef extern from "kernels.h" nogil:
     const char *kernels_prefetch_active()
     int kernels_decode_tiles(const char *which)
     const char *kernels_decode_tiles_active()
+    ctypedef struct kernels_epilogue:
+        const float *bias
+        int gelu
+        const float *add
     int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
-                       const float *x, int64_t M, float *y, int n_threads)
+                       const float *x, int64_t M, float *y, const kernels_epilogue *ep, int n_threads)
     int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
                          const int64_t *rows, int64_t n_rows, float *out)
     int kernels_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
@@ -70,16 +74,39 @@ def decode_tiles(str which="auto"):
 
 
 def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
-           float[:, ::1] out, int n_threads=1):
-    """out[M, N] = x[M, K] @ W[N, K].T with W given as its raw rows (uint8 [N, row_bytes])."""
+           float[:, ::1] out, int n_threads=1, bias=None, bint gelu=False, add=None):
+    """out[M, N] = x[M, K] @ W[N, K].T with W given as its raw rows (uint8 [N, row_bytes]), then,
+    as each thread finishes its outputs: + bias (float32 [N]), gelu_tanh (ggml's table) if
+    `gelu`, + add (float32 [M, N], a residual; it must not overlap out). Each step rounds as
+    the separate NumPy / gelu step would: the same bits, without their passes and calls."""
     cdef int64_t n = w.shape[0], m = x.shape[0]
     if x.shape[1] != k or out.shape[0] != m or out.shape[1] != n:
         raise ValueError(f"matmul shapes: W {n}x{k}, x {x.shape[0]}x{x.shape[1]}, out {out.shape[0]}x{out.shape[1]}")
+    cdef const float[::1] b
+    cdef const float[:, ::1] r
+    cdef kernels_epilogue ep
+    ep.bias = NULL
+    ep.gelu = gelu
+    ep.add = NULL
+    if bias is not None:
+        b = bias
+        if b.shape[0] != n:
+            raise ValueError(f"matmul: bias of {b.shape[0]} for {n} outputs")
+        if n:
+            ep.bias = &b[0]
+    if add is not None:
+        r = add
+        if r.shape[0] != m or r.shape[1] != n:
+            raise ValueError(f"matmul: add of {r.shape[0]}x{r.shape[1]} for out {m}x{n}")
+        if m and n:
+            if &r[0, 0] < &out[m - 1, n - 1] + 1 and &out[0, 0] < &r[m - 1, n - 1] + 1:
+                raise ValueError("matmul: add overlaps out")
+            ep.add = &r[0, 0]
     if n == 0 or m == 0:
         return
     cdef int rc
     with nogil:
-        rc = kernels_matmul(wtype, &w[0, 0], w.shape[1], n, k, &x[0, 0], m, &out[0, 0], n_threads)
+        rc = kernels_matmul(wtype, &w[0, 0], w.shape[1], n, k, &x[0, 0], m, &out[0, 0], &ep, n_threads)
     if rc != 0:
         raise ValueError(f"matmul: unsupported weight type {wtype} or row length {k}")
 
@@ -219,6 +246,18 @@ def quantize_q8_K(const float[::1] x):
         with nogil:
             kernels_quantize_q8_K(&x[0], &o[0], x.shape[0])
     return out
+
+
+def f32_to_f16_into(const float[:, ::1] x, uint16_t[:, ::1] out):
+    """out = the fp16 bits of x, rounded to nearest even (a KV cache store): no temporaries."""
+    cdef int64_t i
+    if out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
+        raise ValueError("f32_to_f16_into: shapes")
+    if x.shape[1] == 0:
+        return
+    with nogil:
+        for i in range(x.shape[0]):
+            kernels_f32_to_f16(&x[i, 0], &out[i, 0], x.shape[1])
 
 
 def f32_to_f16(const float[::1] x):

@@ -411,11 +411,30 @@ static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt, int64_t M) {
     return rows < 4 ? 4 : rows;
 }
 
+static void gelu_part(const float *x, float *y, int64_t n);
+
+/* The epilogue of outputs y[m, n0 .. n1-1], m < M (rows ldy apart), right after a thread has
+ * computed them, while they are in its L1: the bias, GELU and residual steps of a layer cost no
+ * pass of their own over memory, no call from Python, and run on every thread. */
+static void apply_epilogue(const kernels_epilogue *ep, float *y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+    if (ep == NULL) return;
+    for (int64_t m = 0; m < M; m++) {
+        float *ym = y + m * ldy;
+        if (ep->bias != NULL)
+            for (int64_t n = n0; n < n1; n++) ym[n] += ep->bias[n];
+        if (ep->gelu) gelu_part(ym + n0, ym + n0, n1 - n0);
+        if (ep->add != NULL) {
+            const float *am = ep->add + m * ldy;
+            for (int64_t n = n0; n < n1; n++) ym[n] += am[n];
+        }
+    }
+}
+
 /* Weights with a tiled gemm: quantize the activations once (in parallel over rows), then the
  * gemm over chunks of weight rows. Q8_0/Q4_0 weights take Q8_0 activations with float scales
  * (and VNNI corrections); Q6_K weights take Q8_K activations. */
 static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_,
-                       const float *x, int64_t M, float *y, int n_threads) {
+                       const float *x, int64_t M, float *y, const kernels_epilogue *ep, int n_threads) {
     const int64_t nb = K_ / t->block;
     const size_t n_blocks = (size_t)(M * nb);
     const int q8_0 = wtype != KT_Q6_K;
@@ -453,6 +472,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
         const int64_t n0 = c * chunk;
         const int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
         t->gemm(w + (size_t)n0 * w_row_bytes, w_row_bytes, n1 - n0, &a, M, y + n0, N);
+        apply_epilogue(ep, y, N, M, n0, n1);
     }
     free(q);
     free(d);
@@ -461,7 +481,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
 }
 
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_, const float *x,
-                   int64_t M, float *y, int n_threads) {
+                   int64_t M, float *y, const kernels_epilogue *ep, int n_threads) {
     type_traits t;
     if (traits_for(wtype, N, M, K_, &t) != 0 || K_ % t.block != 0) return -1;
     /* Q6_K decode (one activation row) takes the gemm too: with AVX-512 its tiles read two rows
@@ -469,7 +489,7 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
      * model read ~33 GB/s on one AMD EPYC (Zen 5) core where one dot product per row reads far
      * less (9.5-10 GB/s on an Intel Xeon core that read 12) */
     if (t.gemm != NULL)
-        return matmul_gemm(wtype, &t, w, w_row_bytes, N, K_, x, M, y, n_threads);
+        return matmul_gemm(wtype, &t, w, w_row_bytes, N, K_, x, M, y, ep, n_threads);
     const size_t act_bytes = (size_t)(K_ / t.block) * t.act_block_bytes;
     const uint8_t *act = (const uint8_t *)x;
     uint8_t *buf = NULL;
@@ -495,6 +515,7 @@ int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, i
             float *ym = y + m * N;
             for (int64_t n = n0; n < n1; n++) ym[n] = t.dot(K_, w + (size_t)n * w_row_bytes, a);
         }
+        apply_epilogue(ep, y, N, M, n0, n1);
     }
     free(buf);
     return 0;

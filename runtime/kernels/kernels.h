@@ -48,11 +48,21 @@ int kernels_decode_tiles(const char *which);
 /* "zmm" or "ymm": the Q4_0 decode tiles of the avx512vnni set now. */
 const char *kernels_decode_tiles_active(void);
 
-/* y[m, n] = dot(W[n, :], x[m, :]) for m < M, n < N; W rows are `w_row_bytes` apart, of type
- * `wtype`, each holding K elements. x is float32 [M, K], y float32 [M, N].
- * Returns 0, or -1 for an unsupported type or a K that is not a multiple of the block size. */
+/* What kernels_matmul does to each output y[m, n] once it is computed, in this order (each step
+ * rounds as the separate ggml op would): y += bias[n]; y = gelu_tanh(y) through ggml's table;
+ * y += add[m, n] (a residual: float32 [M, N], not overlapping y). NULL / 0 skips a step. */
+typedef struct {
+    const float *bias;
+    int gelu;
+    const float *add;
+} kernels_epilogue;
+
+/* y[m, n] = dot(W[n, :], x[m, :]) for m < M, n < N, then the epilogue `ep` (may be NULL); W rows
+ * are `w_row_bytes` apart, of type `wtype`, each holding K elements. x is float32 [M, K], y
+ * float32 [M, N]. Returns 0, or -1 for an unsupported type or a K that is not a multiple of the
+ * block size. */
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
-                   const float *x, int64_t M, float *y, int n_threads);
+                   const float *x, int64_t M, float *y, const kernels_epilogue *ep, int n_threads);
 
 /* out[i, :] = dequantized W[rows[i], :] (embedding lookup). Returns 0 or -1 (bad type). */
 int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
