@@ -227,7 +227,8 @@ def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> No
     batched decode and prompt tiles the single-row dot products' bits either way."""
     choose, choices = TUNINGS[tuning]
     rng = np.random.default_rng(5)
-    n, k = 260, 512 * (BLOCK_SIZE[t][0] // 32)
+    # 17 blocks a row: the tiles that take blocks in pairs (Q_TILE_PAIRS) end on a single one
+    n, k = 260, 544 * (BLOCK_SIZE[t][0] // 32)
     raw = _random_q_rows(rng, t, n, k)
     x = _activations(rng, 9, k)
     ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(9)], np.float32)

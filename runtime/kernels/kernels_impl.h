@@ -269,12 +269,62 @@ static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act 
     }
 }
 
+/* Block i of q_tile's dot products: acc[r][c] += its products (see q_tile). */
+static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype, int RW, int RA, const uint8_t *w,
+                                                                          size_t gs, int64_t i, const block_q8_0 **yq,
+                                                                          const float **yd, const int32_t **yc,
+                                                                          __m256 acc[4][8], int to_l2) {
+    const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
+    /* With 4 rows, their scales are converted by one vcvtph2ps and multiplied by each
+     * activation row's in one 4-lane product, as tinyBLAS does: a shuffle per dot product
+     * instead of a broadcast and a full-width multiply (the same products, rounded once). */
+    __m256 dd[8];
+    if (RW == 4) {
+        const uint8_t *b0 = w + (size_t)i * bb;
+        const uint64_t h = (uint64_t)*(const uint16_t *)b0 | (uint64_t)*(const uint16_t *)(b0 + gs) << 16 |
+                           (uint64_t)*(const uint16_t *)(b0 + 2 * gs) << 32 |
+                           (uint64_t)*(const uint16_t *)(b0 + 3 * gs) << 48;
+        const __m128 dx4 = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+        for (int c = 0; c < RA; c++) {
+            const __m128 p = _mm_mul_ps(dx4, _mm_set1_ps(yd[c][i]));
+            dd[c] = _mm256_set_m128(p, p);
+        }
+    }
+    for (int r = 0; r < RW; r++) {
+        const uint8_t *blk = w + r * gs + (size_t)i * bb;
+        prefetch_weights((const char *)blk + PREFETCH_AHEAD, to_l2);
+        const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
+        const __m256i w_abs = _mm256_sign_epi8(wq, wq);
+        const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]); /* RW < 4 */
+        for (int c = 0; c < RA; c++) {
+            const __m256i yv = _mm256_loadu_si256((const __m256i *)yq[c][i].qs);
+            const __m256 q = SUFFIX(block_lanes)(wtype, wq, w_abs, yv, SUFFIX(block_corr)(wtype, yc[c] + 8 * i));
+            const __m256 d = RW == 4 ? SUFFIX(lane_bcast)(dd[c], r) : _mm256_mul_ps(dx, _mm256_broadcast_ss(yd[c] + i));
+            acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
+        }
+    }
+}
+
+/* Q_TILE_PAIRS. The avx512vnni set's ymm tiles, which run where DECODE_TILES picks them (Q4_0
+ * decode on AMD Zen 4), take their blocks two per loop pass: a core there dispatches the ~59
+ * instructions of a 4-row block at about six per cycle, and the pair shares the loop's counter,
+ * compare and pointer steps (decode's Q4_0 matmuls of a 3B model 74-75.6 -> 71.6-73.9 ms with 1
+ * thread, 50.0 -> 48.9 with 2; medians of 5-7 alternated passes, the same bits). Four per pass
+ * was slower (73.3), and so was two per pass in the AVX2 set on the same core (93.8 against
+ * 92.7), whose q_tile runs every Q4_0 and Q8_0 product on CPUs without AVX-512; so there it
+ * stays one. */
+#undef Q_TILE_PAIRS /* this file is included once per kernel set */
+#ifdef KERNELS_AVX512
+#define Q_TILE_PAIRS 1
+#else
+#define Q_TILE_PAIRS 0
+#endif
+
 /* y[c * ldy + r * ys] = dot(weight row r, activation row m0 + c) for r < RW, c < RA, where weight
  * row r starts r * gs bytes after w. to_l2: a constant (AT_PREFETCH_LEVEL). */
 static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
                                                                     size_t gs, const q8_act *a, int64_t m0, float *y,
                                                                     int64_t ldy, int64_t ys, int to_l2) {
-    const size_t bb = wtype == KT_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     const int64_t nb = a->nb;
     const block_q8_0 *yq[8];  /* RW <= 4, RA <= 8 */
     const float *yd[8];
@@ -283,36 +333,13 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     __m256 acc[4][8];
     for (int c = 0; c < RA; c++)
         for (int r = 0; r < RW; r++) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        /* With 4 rows, their scales are converted by one vcvtph2ps and multiplied by each
-         * activation row's in one 4-lane product, as tinyBLAS does: a shuffle per dot product
-         * instead of a broadcast and a full-width multiply (the same products, rounded once). */
-        __m256 dd[8];
-        if (RW == 4) {
-            const uint8_t *b0 = w + (size_t)i * bb;
-            const uint64_t h = (uint64_t)*(const uint16_t *)b0 | (uint64_t)*(const uint16_t *)(b0 + gs) << 16 |
-                               (uint64_t)*(const uint16_t *)(b0 + 2 * gs) << 32 |
-                               (uint64_t)*(const uint16_t *)(b0 + 3 * gs) << 48;
-            const __m128 dx4 = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
-            for (int c = 0; c < RA; c++) {
-                const __m128 p = _mm_mul_ps(dx4, _mm_set1_ps(yd[c][i]));
-                dd[c] = _mm256_set_m128(p, p);
-            }
+    int64_t i = 0;
+    if (Q_TILE_PAIRS) /* each accumulator still takes the blocks in order: the same bits */
+        for (; i + 1 < nb; i += 2) {
+            SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i, yq, yd, yc, acc, to_l2);
+            SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i + 1, yq, yd, yc, acc, to_l2);
         }
-        for (int r = 0; r < RW; r++) {
-            const uint8_t *blk = w + r * gs + (size_t)i * bb;
-            prefetch_weights((const char *)blk + PREFETCH_AHEAD, to_l2);
-            const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
-            const __m256i w_abs = _mm256_sign_epi8(wq, wq);
-            const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]); /* RW < 4 */
-            for (int c = 0; c < RA; c++) {
-                const __m256i yv = _mm256_loadu_si256((const __m256i *)yq[c][i].qs);
-                const __m256 q = SUFFIX(block_lanes)(wtype, wq, w_abs, yv, SUFFIX(block_corr)(wtype, yc[c] + 8 * i));
-                const __m256 d = RW == 4 ? SUFFIX(lane_bcast)(dd[c], r) : _mm256_mul_ps(dx, _mm256_broadcast_ss(yd[c] + i));
-                acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
-            }
-        }
-    }
+    for (; i < nb; i++) SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i, yq, yd, yc, acc, to_l2);
 #ifdef KERNELS_VNNI
     if (wtype == KT_Q4_0) /* Q4_HIGH_IN_PLACE: lanes 4-7 back from 16 times their value */
         for (int r = 0; r < RW; r++)
