@@ -7,7 +7,7 @@ Loads the runtime_speed model file of each type (StarCoder2-3B shape; generated 
 a cache with `--position` prompt tokens, then times `--steps` decode steps: one `forward_batch`
 each, for `--seqs` sequences decoded together (each from a copy of that cache), with a timer around
 every call the forward pass makes into the C kernels. Prints milliseconds per step for each entry
-point (`matmul` counts the bias, GELU and residual it applies; `f32_to_f16_into` is the KV cache's
+point (`matmul` counts the bias, GELU and residual it applies; `f32_to_f16` is the KV cache's
 store) and the rest: Python and NumPy between the kernels, the timers' own cost (under a microsecond
 a call, ~250 calls a step) included. Profile with this before optimizing outside the matmuls;
 `kernel_speed --stream` times the matmuls alone. Never asserted: the machine is shared, so compare

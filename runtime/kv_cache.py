@@ -29,9 +29,10 @@ class KVCache:
     def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write float32 k, v [T, n_head_kv, head_dim] at positions pos0.. as fp16 (round to nearest even)."""
         t = k.shape[0]
-        for src, dst in ((k, self.k), (v, self.v)):
-            rows = np.ascontiguousarray(src, dtype=np.float32).reshape(t, -1)
-            _kernels.f32_to_f16_into(rows, dst[layer, pos0 : pos0 + t].reshape(t, -1))
+        for src, dst in ((k, self.k), (v, self.v)):  # dst's rows pos0.. are contiguous: reshape is a view
+            _kernels.f32_to_f16(
+                np.ascontiguousarray(src, dtype=np.float32).reshape(-1), dst[layer, pos0 : pos0 + t].reshape(-1)
+            )
 
     def reset(self) -> None:
         self.n_past = 0

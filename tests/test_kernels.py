@@ -35,10 +35,9 @@ def test_activation_quantizers_are_bit_exact(kernel_set: str) -> None:
     ref = gguf.quants.quantize(x.reshape(1, -1), gguf.GGMLQuantizationType.Q8_0).reshape(-1)
     assert np.array_equal(_kernels.quantize_q8_0(x), ref)
     assert np.array_equal(_kernels.f32_to_f16(x), x.astype(np.float16).view(np.uint16))
-    rows = x.reshape(8, -1)
-    into = np.zeros(rows.shape, dtype=np.uint16)
-    _kernels.f32_to_f16_into(rows, into)
-    assert np.array_equal(into, rows.astype(np.float16).view(np.uint16))
+    into = np.zeros(x.shape, dtype=np.uint16)
+    assert _kernels.f32_to_f16(x, into) is into
+    assert np.array_equal(into, x.astype(np.float16).view(np.uint16))
 
 
 @pytest.fixture(scope="module")
@@ -507,5 +506,5 @@ def test_kernel_errors_are_clear(tmp_path: Path) -> None:
         _kernels.matmul(8, w, 32, x, out, 1, None, False, np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match="add overlaps out"):
         _kernels.matmul(8, w, 32, x, out, 1, None, False, out)
-    with pytest.raises(ValueError, match="f32_to_f16_into: shapes"):
-        _kernels.f32_to_f16_into(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.uint16))
+    with pytest.raises(ValueError, match="f32_to_f16: out of 6 for 8 values"):
+        _kernels.f32_to_f16(np.zeros(8, np.float32), np.zeros(6, np.uint16))

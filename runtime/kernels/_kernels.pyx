@@ -248,22 +248,14 @@ def quantize_q8_K(const float[::1] x):
     return out
 
 
-def f32_to_f16_into(const float[:, ::1] x, uint16_t[:, ::1] out):
-    """out = the fp16 bits of x, rounded to nearest even (a KV cache store): no temporaries."""
-    cdef int64_t i
-    if out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
-        raise ValueError("f32_to_f16_into: shapes")
-    if x.shape[1] == 0:
-        return
-    with nogil:
-        for i in range(x.shape[0]):
-            kernels_f32_to_f16(&x[i, 0], &out[i, 0], x.shape[1])
-
-
-def f32_to_f16(const float[::1] x):
-    """fp16 bits of x, rounded to nearest even."""
-    out = np.zeros(x.shape[0], dtype=np.uint16)
+def f32_to_f16(const float[::1] x, out=None):
+    """fp16 bits of x, rounded to nearest even: into `out` (uint16, x's length; a KV cache store
+    writes its rows so, with no temporaries) and returned, or into a new array."""
+    if out is None:
+        out = np.zeros(x.shape[0], dtype=np.uint16)
     cdef uint16_t[::1] o = out
+    if o.shape[0] != x.shape[0]:
+        raise ValueError(f"f32_to_f16: out of {o.shape[0]} for {x.shape[0]} values")
     if x.shape[0]:
         with nogil:
             kernels_f32_to_f16(&x[0], &o[0], x.shape[0])

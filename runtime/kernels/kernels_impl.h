@@ -269,6 +269,16 @@ static inline __attribute__((always_inline)) void SUFFIX(act_rows)(const q8_act 
     }
 }
 
+/* The fp16 scales at b0 .. b3 (the first two bytes of four weight blocks) as floats, gathered
+ * in a general register and converted by one vcvtph2ps: vector inserts would compete with the
+ * weight loads' inserts for the one shuffle port. */
+static inline __attribute__((always_inline)) __m128 SUFFIX(scales4)(const uint8_t *b0, const uint8_t *b1,
+                                                                     const uint8_t *b2, const uint8_t *b3) {
+    const uint64_t h = (uint64_t)*(const uint16_t *)b0 | (uint64_t)*(const uint16_t *)b1 << 16 |
+                       (uint64_t)*(const uint16_t *)b2 << 32 | (uint64_t)*(const uint16_t *)b3 << 48;
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+}
+
 /* Block i of q_tile's dot products: acc[r][c] += its products (see q_tile). */
 static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype, int RW, int RA, const uint8_t *w,
                                                                           size_t gs, int64_t i, const block_q8_0 **yq,
@@ -281,10 +291,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype
     __m256 dd[8];
     if (RW == 4) {
         const uint8_t *b0 = w + (size_t)i * bb;
-        const uint64_t h = (uint64_t)*(const uint16_t *)b0 | (uint64_t)*(const uint16_t *)(b0 + gs) << 16 |
-                           (uint64_t)*(const uint16_t *)(b0 + 2 * gs) << 32 |
-                           (uint64_t)*(const uint16_t *)(b0 + 3 * gs) << 48;
-        const __m128 dx4 = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+        const __m128 dx4 = SUFFIX(scales4)(b0, b0 + gs, b0 + 2 * gs, b0 + 3 * gs);
         for (int c = 0; c < RA; c++) {
             const __m128 p = _mm_mul_ps(dx4, _mm_set1_ps(yd[c][i]));
             dd[c] = _mm256_set_m128(p, p);
@@ -504,11 +511,7 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
                 wlo[q] = _mm512_permutex2var_epi64(z01, _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0), z23);
                 whi[q] = _mm512_permutex2var_epi64(z01, _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2), z23);
             }
-            /* the four fp16 scales gathered in a general register, not by vector inserts: those
-             * compete with the loads' inserts for the one shuffle port */
-            const uint64_t h = (uint64_t)*(const uint16_t *)b[0] | (uint64_t)*(const uint16_t *)b[1] << 16 |
-                               (uint64_t)*(const uint16_t *)b[2] << 32 | (uint64_t)*(const uint16_t *)b[3] << 48;
-            dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)h))));
+            dx[q] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(SUFFIX(scales4)(b[0], b[1], b[2], b[3])));
         }
         for (int c = 0; c < RA; c++) {
             const __m512i ylo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yq[c][i].qs));
