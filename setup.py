@@ -6,9 +6,9 @@ from setuptools import Extension, setup
 
 kernels = Extension(
     "runtime.kernels._kernels",
-    sources=["runtime/kernels/_kernels.pyx", "runtime/kernels/kernels.c"],
-    # kernels.c includes these: a change to them rebuilds it
-    depends=["runtime/kernels/kernels.h", "runtime/kernels/kernels_impl.h"],
+    sources=["runtime/kernels/_kernels.pyx", "runtime/kernels/kernels.c", "runtime/kernels/forward.c"],
+    # the C files include these: a change to them rebuilds it
+    depends=["runtime/kernels/kernels.h", "runtime/kernels/kernels_impl.h", "runtime/kernels/forward.h"],
     include_dirs=["runtime/kernels", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     # Portable baseline code; AVX2 kernels are compiled per function and picked at run time.

@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: each kernel entry point, and the Python between them.
+"""Where a decode step's time goes: each kernel op, and the steps between them.
 
     python -m benchmarks.decode_split [--types q4_0,q8_0] [--threads 1,2] [--seqs 1,4]
         [--position 256] [--steps 24]
@@ -6,11 +6,13 @@
 Loads the runtime_speed model file of each type (StarCoder2-3B shape; generated if missing), fills
 a cache with `--position` prompt tokens, then times `--steps` decode steps: one `forward_batch`
 each, for `--seqs` sequences decoded together (each from a copy of that cache), with a timer around
-every call the forward pass makes into the C kernels. Prints milliseconds per step for each entry
-point (`matmul` counts the bias, GELU and residual it applies; `f32_to_f16` is the KV cache's
-store) and the rest: Python and NumPy between the kernels, the timers' own cost (under a microsecond
-a call, ~250 calls a step) included. Profile with this before optimizing outside the matmuls;
-`kernel_speed --stream` times the matmuls alone. Never asserted: the machine is shared, so compare
+every op: the layers' ops by the timers of their C loop (`Transformer.op_seconds`), the embedding
+lookup, final norm and LM head by a timer around each call Python makes into the kernels. Prints
+milliseconds per step for each op (`matmul` counts the bias, GELU and residual it applies;
+`kv_store` is the KV cache's fp16 store) and the rest: Python, NumPy and the C loop's own steps
+between the kernels, the timers' own cost (well under a microsecond each, ~300 a step) included.
+Profile with this before optimizing outside the matmuls; `kernel_speed --stream` times the matmuls
+alone. Never asserted: the machine is shared, so compare
 several runs.
 """
 
@@ -25,11 +27,11 @@ from typing import Any, cast
 
 import numpy as np
 
-from runtime import kv_cache, model, ops
+from runtime import model, ops
 from runtime.kernels import _kernels
 
 # The modules whose forward-pass calls go through `_kernels`.
-CALLERS = (ops, model, kv_cache)
+CALLERS = (ops, model)
 
 
 class _TimedKernels:
@@ -81,19 +83,23 @@ def split(path: str, threads: int, seqs: int, position: int, steps: int) -> tupl
             c.k[:, :position], c.v[:, :position], c.n_past = m.cache.k[:, :position], m.cache.v[:, :position], position
         tokens = [int(np.argmax(logits))] * seqs
         spent: dict[str, float] = defaultdict(float)
+        in_layers = m.transformer.op_seconds = np.zeros(len(_kernels.LAYER_OPS))
         with timed_kernels(spent):
             t0 = time.perf_counter()
             for _ in range(steps):
                 out = m.transformer.forward_batch([(c, np.array([t])) for c, t in zip(caches, tokens, strict=True)])
                 tokens = [int(i) for i in np.argmax(out, axis=1)]
             total = time.perf_counter() - t0
+        m.transformer.op_seconds = None
+    for name, sec in zip(_kernels.LAYER_OPS, in_layers, strict=True):
+        spent[name] += float(sec)
     return total / steps * 1e3, {name: sec / steps * 1e3 for name, sec in spent.items()}
 
 
 def line(label: str, step_ms: float, per_step: dict[str, float]) -> str:
     parts = [f"{name} {ms:.2f}" for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])]
     rest = step_ms - sum(per_step.values())
-    return f"{label}: {step_ms:.2f} ms/step = " + " + ".join(parts) + f" + Python between them {rest:.2f}"
+    return f"{label}: {step_ms:.2f} ms/step = " + " + ".join(parts) + f" + between them {rest:.2f}"
 
 
 def main() -> None:

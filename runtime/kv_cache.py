@@ -1,4 +1,5 @@
-"""The F16 key/value cache: all of it allocated once, filled position by position."""
+"""The F16 key/value cache: all of it allocated once, filled position by position (by the layers' C
+loop, runtime/kernels/forward.c)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import mmap
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.kernels import _kernels
 
 
 class KVCache:
@@ -25,14 +25,6 @@ class KVCache:
         self.k = _zero_pages(shape)
         self.v = _zero_pages(shape)
         self.n_past = 0  # positions 0 .. n_past-1 hold valid keys and values
-
-    def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write float32 k, v [T, n_head_kv, head_dim] at positions pos0.. as fp16 (round to nearest even)."""
-        t = k.shape[0]
-        for src, dst in ((k, self.k), (v, self.v)):  # dst's rows pos0.. are contiguous: reshape is a view
-            _kernels.f32_to_f16(
-                np.ascontiguousarray(src, dtype=np.float32).reshape(-1), dst[layer, pos0 : pos0 + t].reshape(-1)
-            )
 
     def reset(self) -> None:
         self.n_past = 0

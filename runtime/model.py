@@ -1,8 +1,9 @@
 """StarCoder2 and StarCoder (gpt_bigcode) forward passes over memory-mapped GGUF weights.
 
-Weights are loaded once as views into the file (no copies, no dequantization); the forward
-pass reads top to bottom like the math. Nearly all time goes to `Linear.__call__` (the
-quantized matmuls), which is why they are C kernels and everything else is NumPy.
+Weights are loaded once as views into the file (no copies, no dequantization). The layers run
+in one C call (`_kernels.LayerStack`, runtime/kernels/forward.c, which reads top to bottom like
+the math); Python looks up the embeddings and RoPE angles before it and runs the LM head after.
+Nearly all time goes to the quantized matmuls.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
-
-# Prompt rows per feed-forward pass: the FFN's activation is 4x the model width, the largest buffer of
-# a forward; 128 rows bound it (12 MiB for a 3B model) with no loss of GEMM efficiency.
-FFN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -86,6 +83,17 @@ class _Loader:
         return Linear(raw, info.ggml_type, n_in, b)
 
 
+def _linear_spec(lin: Linear | None) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+    return None if lin is None else (int(lin.ggml_type), lin.rows, lin.bias)
+
+
+def _layer_spec(b: Block) -> dict[str, object]:
+    """One layer as _kernels.LayerStack takes it."""
+    norms = {"attn_norm": (b.attn_norm.weight, b.attn_norm.bias), "ffn_norm": (b.ffn_norm.weight, b.ffn_norm.bias)}
+    mats = {"wq": b.wq, "wk": b.wk, "wv": b.wv, "wqkv": b.wqkv, "wo": b.wo, "up": b.ffn_up, "down": b.ffn_down}
+    return norms | {name: _linear_spec(lin) for name, lin in mats.items()}
+
+
 class Transformer:
     """Weights plus the forward pass. `forward` appends tokens to a KVCache and returns logits."""
 
@@ -139,6 +147,11 @@ class Transformer:
                     f"{f.path}: embedding size {E} is not a multiple of {lin.ggml_type.name} blocks"
                 )
         self.kq_scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(hd)))
+        layers = [_layer_spec(b) for b in self.blocks]
+        kq_scale = float(self.kq_scale)
+        self.layers = _kernels.LayerStack(E, F, cfg.n_head, cfg.n_head_kv, hd, cfg.norm_eps, kq_scale, layers)
+        # float64 [len(_kernels.LAYER_OPS)]: if set, every forward adds each layer op's seconds to it
+        self.op_seconds: np.ndarray | None = None
         self._rope_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def rope(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +172,6 @@ class Transformer:
         over its own cache. Returns logits for every row (all_logits) or for each segment's last row,
         in segment order."""
         cfg, nt = self.cfg, self.n_threads
-        hd, n_kv = cfg.head_dim, cfg.n_head_kv
         lengths = [len(ids) for _, ids in segments]
         for cache, ids in segments:
             if cache.n_past + len(ids) > cache.n_ctx:
@@ -167,35 +179,15 @@ class Transformer:
         ids = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in segments])
         positions = np.concatenate([np.arange(c.n_past, c.n_past + len(t)) for c, t in segments])
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        T = len(ids)
         x = self.token_embd.lookup(ids)  # [T, E]
         if self.position_embd is not None:
             x += self.position_embd.lookup(positions)
+        cos = sin = None
         if cfg.arch == "starcoder2":
             cos_all, sin_all = self.rope(max(c.n_ctx for c, _ in segments))
             cos, sin = cos_all[positions], sin_all[positions]
-        attn = np.empty((T, cfg.n_head, hd), dtype=np.float32)
-        for il, blk in enumerate(self.blocks):
-            h = ops.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, cfg.norm_eps, nt)
-            if blk.wqkv is not None:  # starcoder: fused projection, multi-query, learned positions
-                qkv = blk.wqkv(h, nt)
-                q = qkv[:, : cfg.n_embd].reshape(T, cfg.n_head, hd)
-                k = qkv[:, cfg.n_embd : cfg.n_embd + hd].reshape(T, 1, hd)
-                v = qkv[:, cfg.n_embd + hd :].reshape(T, 1, hd)
-            else:  # starcoder2: GQA with NEOX RoPE
-                assert blk.wq is not None and blk.wk is not None and blk.wv is not None
-                q = ops.rope_neox(blk.wq(h, nt).reshape(T, cfg.n_head, hd), cos, sin)
-                k = ops.rope_neox(blk.wk(h, nt).reshape(T, n_kv, hd), cos, sin)
-                v = blk.wv(h, nt).reshape(T, n_kv, hd)
-            q = np.ascontiguousarray(q)
-            for (cache, _), a, b in zip(segments, starts[:-1], starts[1:], strict=True):
-                cache.store(il, cache.n_past, k[a:b], v[a:b])
-                _kernels.attention(q[a:b], cache.k[il], cache.v[il], attn[a:b], cache.n_past, float(self.kq_scale), nt)
-            x = blk.wo(attn.reshape(T, cfg.n_embd), nt, add=x)
-            h = ops.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, cfg.norm_eps, nt)
-            for a in range(0, T, FFN_ROWS):  # rows are independent: the same bits in any grouping
-                rows = slice(a, a + FFN_ROWS)
-                x[rows] = blk.ffn_down(blk.ffn_up(h[rows], nt, gelu=True), nt, add=x[rows])
+        cache_rows = [(c.k, c.v, c.n_past, n) for (c, _), n in zip(segments, lengths, strict=True)]
+        self.layers.forward(x, cache_rows, cos, sin, nt, self.op_seconds)
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n
         if not all_logits:

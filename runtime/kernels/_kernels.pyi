@@ -39,3 +39,27 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray: ...
 def quantize_q8_K(x: np.ndarray) -> np.ndarray: ...
 def f32_to_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
 def read_strings(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[str], int]: ...
+
+LAYER_OPS: tuple[str, ...]
+
+class LayerStack:
+    def __init__(
+        self,
+        n_embd: int,
+        n_ff: int,
+        n_head: int,
+        n_head_kv: int,
+        head_dim: int,
+        norm_eps: float,
+        kq_scale: float,
+        layers: list[dict[str, object]],
+    ) -> None: ...
+    def forward(
+        self,
+        x: np.ndarray,
+        segments: list[tuple[np.ndarray, np.ndarray, int, int]],
+        cos: np.ndarray | None = None,
+        sin: np.ndarray | None = None,
+        n_threads: int = 1,
+        timings: np.ndarray | None = None,
+    ) -> None: ...

@@ -8,6 +8,7 @@ the C code read or write out of bounds.
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdlib cimport calloc, free
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 cnp.import_array()
@@ -40,6 +41,33 @@ cdef extern from "kernels.h" nogil:
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
     float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k)
     uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
+
+cdef extern from "forward.h" nogil:
+    ctypedef struct kernels_linear:
+        int wtype
+        const uint8_t *w
+        size_t row_bytes
+        int64_t n_out
+        const float *bias
+    ctypedef struct kernels_layer:
+        const float *attn_norm_w
+        const float *attn_norm_b
+        kernels_linear wq, wk, wv, wqkv, wo
+        const float *ffn_norm_w
+        const float *ffn_norm_b
+        kernels_linear up, down
+    ctypedef struct kernels_dims:
+        int64_t n_embd, n_ff, n_head, n_head_kv, head_dim
+        float norm_eps, kq_scale
+    ctypedef struct kernels_segment:
+        uint16_t *k
+        uint16_t *v
+        int64_t n_ctx, n_past, n_tokens
+    enum: KOP_COUNT
+    int kernels_forward_layers(const kernels_dims *d, const kernels_layer *layers, int n_layer,
+                               const kernels_segment *segs, int n_segs, float *x, int64_t T,
+                               const float *cos, const float *sin, int n_threads, double *op_seconds)
+    int64_t kernels_row_bytes(int wtype, int64_t K)
 
 kernels_init(b"auto")
 
@@ -289,3 +317,131 @@ def read_strings(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t count):
         out.append(s)
         pos += 8 + <Py_ssize_t>n
     return out, pos
+
+
+# LayerStack.forward's ops, in the order of the seconds its `timings` array gets (forward.h's KOP_*).
+LAYER_OPS = ("layer_norm", "matmul", "rope_neox", "kv_store", "attention")
+
+
+cdef class LayerStack:
+    """A model's transformer layers as C pointers into its weights (which it keeps alive), so
+    that `forward` runs them all in one call without the GIL (forward.c).
+
+    `layers` holds one dict per layer: "attn_norm" and "ffn_norm" (weight, bias) float32 [E]
+    pairs; "wq", "wk", "wv" (StarCoder2) or "wqkv" (StarCoder), "wo", "up", "down" as
+    (ggml type, raw rows uint8 [n_out, row_bytes], bias float32 [n_out] or None), or None where
+    the architecture has no such matrix. Shapes are checked here, once."""
+
+    cdef kernels_dims dims
+    cdef kernels_layer *layers
+    cdef int n_layer
+    cdef bint fused_qkv
+    cdef list _keep
+
+    def __cinit__(self, int64_t n_embd, int64_t n_ff, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                  float norm_eps, float kq_scale, list layers):
+        if (n_embd <= 0 or n_ff <= 0 or head_dim <= 0 or head_dim % 2 or n_head_kv <= 0
+                or n_head % n_head_kv or n_head * head_dim != n_embd or not layers):
+            raise ValueError("LayerStack: inconsistent dimensions")
+        self.dims = kernels_dims(n_embd, n_ff, n_head, n_head_kv, head_dim, norm_eps, kq_scale)
+        self.n_layer = len(layers)
+        self.fused_qkv = layers[0].get("wqkv") is not None
+        self._keep = []
+        self.layers = <kernels_layer *>calloc(self.n_layer, sizeof(kernels_layer))
+        if self.layers == NULL:
+            raise MemoryError("LayerStack")
+        cdef int64_t kvd = n_head_kv * head_dim
+        for il, spec in enumerate(layers):
+            L = &self.layers[il]
+            L.attn_norm_w = self._vector(spec["attn_norm"][0], n_embd, il)
+            L.attn_norm_b = self._vector(spec["attn_norm"][1], n_embd, il)
+            L.ffn_norm_w = self._vector(spec["ffn_norm"][0], n_embd, il)
+            L.ffn_norm_b = self._vector(spec["ffn_norm"][1], n_embd, il)
+            if self.fused_qkv:
+                L.wqkv = self._linear(spec["wqkv"], n_embd + 2 * head_dim, n_embd, il, "wqkv")
+            else:
+                L.wq = self._linear(spec["wq"], n_embd, n_embd, il, "wq")
+                L.wk = self._linear(spec["wk"], kvd, n_embd, il, "wk")
+                L.wv = self._linear(spec["wv"], kvd, n_embd, il, "wv")
+            L.wo = self._linear(spec["wo"], n_embd, n_embd, il, "wo")
+            L.up = self._linear(spec["up"], n_ff, n_embd, il, "up")
+            L.down = self._linear(spec["down"], n_embd, n_ff, il, "down")
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    cdef const float *_vector(self, v, int64_t n, int il) except NULL:
+        cdef const float[::1] view = v
+        if view.shape[0] != n:
+            raise ValueError(f"LayerStack: layer {il}: a norm vector of {view.shape[0]}, expected {n}")
+        self._keep.append(v)
+        return &view[0]
+
+    cdef kernels_linear _linear(self, spec, int64_t n_out, int64_t n_in, int il, str name) except *:
+        if spec is None:
+            raise ValueError(f"LayerStack: layer {il}: {name} is missing")
+        wtype, rows, bias = spec
+        cdef const uint8_t[:, ::1] w = rows
+        cdef kernels_linear out
+        if w.shape[0] != n_out or w.shape[1] != kernels_row_bytes(wtype, n_in):
+            raise ValueError(f"LayerStack: layer {il}: {name} of {w.shape[0]}x{w.shape[1]} bytes, type {wtype}, "
+                             f"for {n_out} outputs of {n_in}")
+        out.wtype, out.w, out.row_bytes, out.n_out, out.bias = wtype, &w[0, 0], w.shape[1], n_out, NULL
+        self._keep.append(rows)
+        if bias is not None:
+            out.bias = self._vector(bias, n_out, il)
+        return out
+
+    def forward(self, float[:, ::1] x, list segments, cos=None, sin=None, int n_threads=1, timings=None):
+        """Runs every layer over x [T, E] in place. `segments` are (k cache, v cache, n_past,
+        n_tokens), the caches fp16 bits [n_layer, n_ctx, n_head_kv, head_dim], their n_tokens
+        summing to T; cos/sin [T, head_dim/2] the rows' RoPE angles (StarCoder2; None for
+        StarCoder); `timings` float64 [len(LAYER_OPS)] gets each op's seconds added."""
+        cdef int64_t T = x.shape[0], hd = self.dims.head_dim, rows = 0
+        cdef int n_segs = len(segments), rc = 0
+        cdef const float[:, ::1] c
+        cdef const float[:, ::1] s
+        cdef const float *cp = NULL
+        cdef const float *sp = NULL
+        cdef double[::1] t
+        cdef double *tp = NULL
+        cdef uint16_t[:, :, :, ::1] kc
+        cdef uint16_t[:, :, :, ::1] vc
+        if x.shape[1] != self.dims.n_embd:
+            raise ValueError(f"LayerStack.forward: x has {x.shape[1]} columns, expected {self.dims.n_embd}")
+        if not self.fused_qkv:
+            if cos is None or sin is None:
+                raise ValueError("LayerStack.forward: StarCoder2 layers need cos and sin")
+            c, s = cos, sin
+            if c.shape[0] != T or s.shape[0] != T or c.shape[1] != hd // 2 or s.shape[1] != hd // 2:
+                raise ValueError("LayerStack.forward: cos/sin must be [T, head_dim/2]")
+            if T:
+                cp, sp = &c[0, 0], &s[0, 0]
+        if timings is not None:
+            t = timings
+            if t.shape[0] != KOP_COUNT:
+                raise ValueError(f"LayerStack.forward: timings must have {KOP_COUNT} entries")
+            tp = &t[0]
+        cdef kernels_segment *segs = <kernels_segment *>calloc(max(n_segs, 1), sizeof(kernels_segment))
+        if segs == NULL:
+            raise MemoryError("LayerStack.forward")
+        try:
+            for i, (k_cache, v_cache, n_past, n_tokens) in enumerate(segments):
+                kc, vc = k_cache, v_cache
+                if (kc.shape[0] != self.n_layer or kc.shape[2] != self.dims.n_head_kv or kc.shape[3] != hd
+                        or vc.shape[0] != kc.shape[0] or vc.shape[1] != kc.shape[1] or vc.shape[2] != kc.shape[2]
+                        or vc.shape[3] != hd or n_past < 0 or n_tokens < 0 or n_past + n_tokens > kc.shape[1]):
+                    raise ValueError(f"LayerStack.forward: segment {i}: cache shape or positions do not fit")
+                segs[i] = kernels_segment(&kc[0, 0, 0, 0], &vc[0, 0, 0, 0], kc.shape[1], n_past, n_tokens)
+                rows += n_tokens
+            if rows != T:
+                raise ValueError(f"LayerStack.forward: segments hold {rows} tokens for {T} rows")
+            if T == 0:
+                return
+            with nogil:
+                rc = kernels_forward_layers(&self.dims, self.layers, self.n_layer, segs, n_segs, &x[0, 0], T,
+                                            cp, sp, n_threads, tp)
+        finally:
+            free(segs)
+        if rc != 0:
+            raise MemoryError("LayerStack.forward: out of memory")
