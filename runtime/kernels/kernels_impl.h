@@ -169,16 +169,12 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 /* GROUPED_ROWS. A tile's weight rows are not neighbours: the rows of a call (or of a thread's
  * chunk) are split into as many groups of consecutive rows as the tile has rows, and a tile takes
  * row j of every group. Each group is then read front to back as one stream, each block
- * prefetched PREFETCH_AHEAD bytes before it is used, the way kernels_read_sum reaches the read
+ * prefetched PREFETCH_AHEAD (or PREFETCH_AHEAD_L2) bytes before it is used, the way kernels_read_sum reaches the read
  * bandwidth, whereas neighbouring rows read side by side (streams one row apart) kept a core well
  * below it: decoding a StarCoder2-3B-shaped model on an Intel Xeon (AVX-512), 1 and 2 threads,
  * every kernel set spent about 10% less time in the matmuls with Q8_0 and 15-18% less with Q4_0
  * (the prompt's tiles, which work from L2, are unchanged). The results are the same bits: each
  * output is still one dot product computed as before. */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048
-#endif
-
 #ifdef KERNELS_AVX2
 /* A weight block as bytes for block_lanes: Q8_0 signed (-128..127) on AVX2 and unsigned (w + 128)
  * for VNNI; Q4_0 its raw nibbles (w + 8), unpacked from one 16-byte load broadcast to both
@@ -299,7 +295,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype
     }
     for (int r = 0; r < RW; r++) {
         const uint8_t *blk = w + r * gs + (size_t)i * bb;
-        prefetch_weights((const char *)blk + PREFETCH_AHEAD, to_l2);
+        prefetch_weights((const char *)blk, to_l2);
         const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
         const __m256i w_abs = _mm256_sign_epi8(wq, wq);
         const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]); /* RW < 4 */
@@ -413,8 +409,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, i
         for (int p = 0; p < RP; p++) {
             const uint8_t *b0 = w + 2 * p * gs + (size_t)i * bb;
             const uint8_t *b1 = b0 + gs;
-            prefetch_weights((const char *)b0 + PREFETCH_AHEAD, to_l2);
-            prefetch_weights((const char *)b1 + PREFETCH_AHEAD, to_l2);
+            prefetch_weights((const char *)b0, to_l2);
+            prefetch_weights((const char *)b1, to_l2);
             dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
                                                _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
             wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
@@ -495,7 +491,7 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
             const uint8_t *b[4]; /* block i of the four rows: the fp16 scale, then the quants */
             for (int r = 0; r < 4; r++) {
                 b[r] = w + (4 * q + r) * gs + (size_t)i * bb;
-                prefetch_weights((const char *)b[r] + PREFETCH_AHEAD, to_l2);
+                prefetch_weights((const char *)b[r], to_l2);
             }
             if (wtype == KT_Q4_0) {
                 const block_q4_0 *const *b4 = (const block_q4_0 *const *)b;
@@ -675,7 +671,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
         /* the row is one stream (decode takes rows one after another): without this, a
          * 3B model's LM head read 8.6 GB/s, far below what the core computes from L2 */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64)
-            prefetch_weights((const char *)&xa[i] + PREFETCH_AHEAD + l, to_l2);
+            prefetch_weights((const char *)&xa[i] + l, to_l2);
         const uint8_t *q4 = xa[i].ql;
         const uint8_t *qh = xa[i].qh;
         const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
@@ -733,8 +729,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int
     for (int64_t i = 0; i < nb; i++) {
         /* each row's group is one stream (GROUPED_ROWS), read as the other kernels read theirs */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64) {
-            prefetch_weights((const char *)&x0[i] + PREFETCH_AHEAD + l, to_l2);
-            prefetch_weights((const char *)&x1[i] + PREFETCH_AHEAD + l, to_l2);
+            prefetch_weights((const char *)&x0[i] + l, to_l2);
+            prefetch_weights((const char *)&x1[i] + l, to_l2);
         }
         const __m256i scales = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)x1[i].scales),
                                                 _mm_loadu_si128((const __m128i *)x0[i].scales));
