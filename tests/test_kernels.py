@@ -215,15 +215,20 @@ def _cpu_vendor_family_model() -> tuple[str, int, int]:
 
 
 # The CPU-dependent choices of kernels.c that move bytes or pick tiles, never bits:
-# WEIGHT_PREFETCH (prefetch) and DECODE_TILES (decode_tiles).
-TUNINGS = {"prefetch": (_kernels.prefetch, ("l1", "l2")), "decode_tiles": (_kernels.decode_tiles, ("zmm", "ymm"))}
+# WEIGHT_PREFETCH (prefetch), DECODE_TILES (decode_tiles) and BATCH_TILES (batch_tiles).
+TUNINGS = {
+    "prefetch": (_kernels.prefetch, ("l1", "l2")),
+    "decode_tiles": (_kernels.decode_tiles, ("zmm", "ymm")),
+    "batch_tiles": (_kernels.batch_tiles, ("rows", "seqs")),
+}
 
 
 @pytest.mark.parametrize("tuning", list(TUNINGS))
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
 def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> None:
-    """Prefetching weights into L1 or L2, and Q4_0 decode by zmm or ymm tiles, give decode,
-    batched decode and prompt tiles the single-row dot products' bits either way."""
+    """Prefetching weights into L1 or L2, Q4_0 decode by zmm or ymm tiles, and batched Q4_0 by
+    weight rows or activation rows side by side give decode, batched decode and prompt tiles the
+    single-row dot products' bits either way."""
     choose, choices = TUNINGS[tuning]
     rng = np.random.default_rng(5)
     # 17 blocks a row: the tiles that take blocks in pairs (Q_TILE_PAIRS) end on a single one
@@ -234,7 +239,7 @@ def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> No
     try:
         for choice in choices:
             assert choose(choice) == choice
-            for m in (1, 4, 9):
+            for m in (1, 2, 3, 4, 9):
                 out = np.empty((m, n), dtype=np.float32)
                 _kernels.matmul(int(t), raw, k, x[:m], out, 2)
                 assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, choice, m)
@@ -243,19 +248,24 @@ def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> No
 
 
 def test_tunings_are_picked_from_the_cpu() -> None:
-    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2
-    and decodes Q4_0 by ymm tiles, every other CPU (Zen 3, the rest of family 25, among them)
-    prefetches into L1 and takes zmm tiles where it has AVX-512."""
+    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2,
+    decodes Q4_0 by ymm tiles and 4 Q4_0 sequences by activation rows side by side; every other
+    CPU (Zen 3, the rest of family 25, among them) prefetches into L1 and takes zmm tiles with
+    weight rows side by side where it has AVX-512."""
     vendor, family, model = _cpu_vendor_family_model()
     zen4 = vendor == "AuthenticAMD" and family == 25 and (model >> 4) in (0x1, 0x6, 0x7, 0xA)
     assert _kernels.prefetch("auto") == ("l2" if zen4 else "l1")
     assert _kernels.decode_tiles("auto") == ("ymm" if zen4 else "zmm")
+    assert _kernels.batch_tiles("auto") == ("seqs" if zen4 else "rows")
+    with pytest.raises(ValueError, match="batch tiles 'cols': expected auto, rows or seqs"):
+        _kernels.batch_tiles("cols")
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
         _kernels.prefetch("l3")
     with pytest.raises(ValueError, match="decode tiles 'xmm': expected auto, zmm or ymm"):
         _kernels.decode_tiles("xmm")
     assert _kernels.prefetch() == ("l2" if zen4 else "l1")
     assert _kernels.decode_tiles() == ("ymm" if zen4 else "zmm")
+    assert _kernels.batch_tiles() == ("seqs" if zen4 else "rows")
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])
