@@ -84,4 +84,6 @@ class ModelConfig:
             )
         if arch == "starcoder" and cfg.n_head_kv != 1:
             raise UnsupportedModelError(f"{f.path}: starcoder models use one kv head, this has {cfg.n_head_kv}")
+        if arch == "starcoder2" and cfg.head_dim % 2:
+            raise GGUFError(f"{f.path}: head size {cfg.head_dim} is odd; RoPE rotates pairs of values")
         return cfg

@@ -619,6 +619,11 @@ WRONG_METADATA: dict[str, tuple[dict[str, tuple[Any, ValueType]], type[ModelErro
         GGUFError,
         "'starcoder2.attention.head_count' must be a positive integer",
     ),
+    "odd head size": (  # 32 heads of the 32-wide embedding: head size 1, and RoPE rotates pairs
+        {"starcoder2.attention.head_count": (32, ValueType.UINT32)},
+        GGUFError,
+        "head size 1 is odd; RoPE rotates pairs of values",
+    ),
     "negative epsilon": (
         {"starcoder2.attention.layer_norm_epsilon": (-1.0, ValueType.FLOAT32)},
         GGUFError,

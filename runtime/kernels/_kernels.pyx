@@ -352,12 +352,12 @@ cdef class LayerStack:
 
     def __cinit__(self, int64_t n_embd, int64_t n_ff, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
                   float norm_eps, float kq_scale, list layers):
-        if (n_embd <= 0 or n_ff <= 0 or head_dim <= 0 or head_dim % 2 or n_head_kv <= 0
-                or n_head % n_head_kv or n_head * head_dim != n_embd or not layers):
+        self.fused_qkv = bool(layers) and layers[0].get("wqkv") is not None
+        if (n_embd <= 0 or n_ff <= 0 or head_dim <= 0 or n_head_kv <= 0 or n_head % n_head_kv
+                or n_head * head_dim != n_embd or not layers or (head_dim % 2 and not self.fused_qkv)):
             raise ValueError("LayerStack: inconsistent dimensions")
         self.dims = kernels_dims(n_embd, n_ff, n_head, n_head_kv, head_dim, norm_eps, kq_scale)
         self.n_layer = len(layers)
-        self.fused_qkv = layers[0].get("wqkv") is not None
         self._keep = []
         self.layers = <kernels_layer *>calloc(self.n_layer, sizeof(kernels_layer))
         if self.layers == NULL:
