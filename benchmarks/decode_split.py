@@ -12,8 +12,7 @@ milliseconds per step for each op (`matmul` counts the bias, GELU and residual i
 `kv_store` is the KV cache's fp16 store) and the rest: Python, NumPy and the C loop's own steps
 between the kernels, the timers' own cost (well under a microsecond each, ~300 a step) included.
 Profile with this before optimizing outside the matmuls; `kernel_speed --stream` times the matmuls
-alone. Never asserted: the machine is shared, so compare
-several runs.
+alone. Never asserted: the machine is shared, so compare several runs.
 """
 
 from __future__ import annotations

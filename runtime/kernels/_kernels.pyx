@@ -43,6 +43,7 @@ cdef extern from "kernels.h" nogil:
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
     float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k)
     uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
+    int64_t kernels_row_bytes(int wtype, int64_t K)
 
 cdef extern from "forward.h" nogil:
     ctypedef struct kernels_linear:
@@ -69,7 +70,6 @@ cdef extern from "forward.h" nogil:
     int kernels_forward_layers(const kernels_dims *d, const kernels_layer *layers, int n_layer,
                                const kernels_segment *segs, int n_segs, float *x, int64_t T,
                                const float *cos, const float *sin, int n_threads, double *op_seconds)
-    int64_t kernels_row_bytes(int wtype, int64_t K)
 
 kernels_init(b"auto")
 

@@ -13,19 +13,6 @@
  * efficiency. Rows are independent, so any grouping gives the same bits. */
 #define FFN_ROWS 128
 
-int64_t kernels_row_bytes(int wtype, int64_t K) {
-    int64_t block, bytes;
-    switch (wtype) {
-    case KT_F32: block = 1, bytes = 4; break;
-    case KT_F16: block = 1, bytes = 2; break;
-    case KT_Q8_0: block = 32, bytes = 34; break;
-    case KT_Q4_0: block = 32, bytes = 18; break;
-    case KT_Q6_K: block = 256, bytes = 210; break;
-    default: return -1;
-    }
-    return K >= 0 && K % block == 0 ? K / block * bytes : -1;
-}
-
 /* Op timers: a no-op unless the caller asked for times. */
 typedef struct {
     double *seconds;

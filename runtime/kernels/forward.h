@@ -52,8 +52,4 @@ enum { KOP_LAYER_NORM, KOP_MATMUL, KOP_ROPE, KOP_KV_STORE, KOP_ATTENTION, KOP_CO
 int kernels_forward_layers(const kernels_dims *d, const kernels_layer *layers, int n_layer, const kernels_segment *segs,
                            int n_segs, float *x, int64_t T, const float *cos, const float *sin, int n_threads,
                            double *op_seconds);
-
-/* Bytes of one row of K elements of type wtype, or -1 if the type is unknown or K is not a
- * multiple of its block. */
-int64_t kernels_row_bytes(int wtype, int64_t K);
 #endif

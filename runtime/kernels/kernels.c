@@ -71,9 +71,9 @@ static inline uint16_t fp32_to_fp16(float f) {
 typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
 
-/* Block i of up to four activation rows side by side, for BATCH_TILES: row s's bytes 0-15 at
+/* Block i of four activation rows side by side, for BATCH_TILES: row s's bytes 0-15 at
  * lo[16s..], its bytes 16-31 at hi[16s..], its correction lanes 0-3 at clo[4s..] and 4-7 at
- * chi[4s..], its scale at d[4s..4s+3]; the places of rows past the last are zeros. */
+ * chi[4s..], its scale at d[4s..4s+3]. */
 typedef struct {
     int8_t lo[64], hi[64];
     int32_t clo[16], chi[16];
@@ -107,7 +107,7 @@ typedef struct {
     gemm_fn gemm_q8_0, gemm_q4_0;  /* many rows at once, each output as dot_q8_0 / dot_q4_0 */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
     unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
-    int seq4_tiles;                /* its Q4_0 gemm takes q8_act.s4 for 2-4 rows (BATCH_TILES) */
+    int seq4_tiles;                /* its Q4_0 gemm takes q8_act.s4 for 4 rows (BATCH_TILES) */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
@@ -473,13 +473,11 @@ static void apply_epilogue(const kernels_epilogue *ep, float *y, int64_t ldy, in
     }
 }
 
-/* The seq4_block layout of activation rows 0 .. M-1 (M <= 4), from their blocks q, scales d
- * and corrections corr. */
-static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const int32_t *corr, int64_t nb,
-                      int64_t M) {
-    memset(s4, 0, (size_t)nb * sizeof(seq4_block));
+/* The seq4_block layout of activation rows 0 .. 3, from their blocks q, scales d and
+ * corrections corr. */
+static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const int32_t *corr, int64_t nb) {
     for (int64_t i = 0; i < nb; i++)
-        for (int64_t m = 0; m < M; m++) {
+        for (int64_t m = 0; m < 4; m++) {
             const int64_t at = m * nb + i;
             memcpy(s4[i].lo + 16 * m, q[at].qs, 16);
             memcpy(s4[i].hi + 16 * m, q[at].qs + 16, 16);
@@ -525,7 +523,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     seq4_block *s4 = NULL;
     if (batch_seqs && K->seq4_tiles && wtype == KT_Q4_0 && M == 4 && corr != NULL) {
         s4 = (seq4_block *)aligned_alloc(64, (size_t)nb * sizeof(seq4_block));
-        if (s4 != NULL) seq4_fill(s4, (const block_q8_0 *)q, d, corr, nb, M);
+        if (s4 != NULL) seq4_fill(s4, (const block_q8_0 *)q, d, corr, nb);
     }
     const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, s4, q8_0 ? NULL : (const block_q8_K *)q, nb};
     const int nt = threads_for(n_threads, (N + 3) / 4);
@@ -543,6 +541,19 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     free(corr);
     free(s4);
     return 0;
+}
+
+int64_t kernels_row_bytes(int wtype, int64_t K) {
+    int64_t block, bytes;
+    switch (wtype) {
+    case KT_F32: block = 1, bytes = sizeof(float); break;
+    case KT_F16: block = 1, bytes = sizeof(uint16_t); break;
+    case KT_Q8_0: block = QK8_0, bytes = sizeof(block_q8_0); break;
+    case KT_Q4_0: block = QK4_0, bytes = sizeof(block_q4_0); break;
+    case KT_Q6_K: block = QK_K, bytes = sizeof(block_q6_K); break;
+    default: return -1;
+    }
+    return K >= 0 && K % block == 0 ? K / block * bytes : -1;
 }
 
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K_, const float *x,

@@ -71,6 +71,10 @@ typedef struct {
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
                    const float *x, int64_t M, float *y, const kernels_epilogue *ep, int n_threads);
 
+/* Bytes of one weight row of K elements of type wtype, or -1 if the matmul does not take the
+ * type or K is not a multiple of its block. */
+int64_t kernels_row_bytes(int wtype, int64_t K);
+
 /* out[i, :] = dequantized W[rows[i], :] (embedding lookup). Returns 0 or -1 (bad type). */
 int kernels_get_rows(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t K,
                      const int64_t *rows, int64_t n_rows, float *out);

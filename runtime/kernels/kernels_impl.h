@@ -169,12 +169,13 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 /* GROUPED_ROWS. A tile's weight rows are not neighbours: the rows of a call (or of a thread's
  * chunk) are split into as many groups of consecutive rows as the tile has rows, and a tile takes
  * row j of every group. Each group is then read front to back as one stream, each block
- * prefetched PREFETCH_AHEAD (or PREFETCH_AHEAD_L2) bytes before it is used, the way kernels_read_sum reaches the read
- * bandwidth, whereas neighbouring rows read side by side (streams one row apart) kept a core well
- * below it: decoding a StarCoder2-3B-shaped model on an Intel Xeon (AVX-512), 1 and 2 threads,
- * every kernel set spent about 10% less time in the matmuls with Q8_0 and 15-18% less with Q4_0
- * (the prompt's tiles, which work from L2, are unchanged). The results are the same bits: each
- * output is still one dot product computed as before. */
+ * prefetched PREFETCH_AHEAD (into L2: PREFETCH_AHEAD_L2) bytes before it is used, the way
+ * kernels_read_sum reaches the read bandwidth, whereas neighbouring rows read side by side
+ * (streams one row apart) kept a core well below it: decoding a StarCoder2-3B-shaped model on
+ * an Intel Xeon (AVX-512), 1 and 2 threads, every kernel set spent about 10% less time in the
+ * matmuls with Q8_0 and 15-18% less with Q4_0 (the prompt's tiles, which work from L2, are
+ * unchanged). The results are the same bits: each output is still one dot product computed as
+ * before. */
 #ifdef KERNELS_AVX2
 /* A weight block as bytes for block_lanes: Q8_0 signed (-128..127) on AVX2 and unsigned (w + 128)
  * for VNNI; Q4_0 its raw nibbles (w + 8), unpacked from one 16-byte load broadcast to both
@@ -532,11 +533,11 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
         }
 }
 
-/* y[c * ldy + r * ys] = dot(Q4_0 weight row r, activation row c) for r < RW, c < RA <= 4, where
+/* y[c * ldy + r * ys] = dot(Q4_0 weight row r, activation row c) for r < RW, c < 4, where
  * weight row r starts r * gs bytes after w and the activation rows are s4 (see BATCH_TILES):
  * lane 4c + l of lo[r] is row r's block_lanes lane l against activation row c (quad_tile512's
  * lane 4r + l of lo[q][c]), of hi[r] its lane 4 + l, so the same steps give the same bits. */
-static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, int RA, const uint8_t *w, size_t gs,
+static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, const uint8_t *w, size_t gs,
                                                                       const seq4_block *s4, int64_t nb, float *y,
                                                                       int64_t ldy, int64_t ys, int to_l2) {
     const __m512i low = _mm512_set1_epi8(0xF);
@@ -561,21 +562,21 @@ static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, in
         float l16[16], h16[16];
         _mm512_storeu_ps(l16, lo[r]);
         _mm512_storeu_ps(h16, hi[r]);
-        for (int c = 0; c < RA; c++)
+        for (int c = 0; c < 4; c++)
             y[c * ldy + r * ys] = SUFFIX(hsum8)(_mm256_set_m128(_mm_loadu_ps(h16 + 4 * c), _mm_loadu_ps(l16 + 4 * c)));
     }
 }
 
-/* All M activation rows (in a->s4) by seq_tile512: 8 weight rows from as many groups of
+/* The 4 activation rows in a->s4 by seq_tile512: 8 weight rows from as many groups of
  * consecutive rows (see GROUPED_ROWS), then the rows left over one at a time. */
 static inline __attribute__((always_inline)) void SUFFIX(seq_tile512_row)(const uint8_t *w, size_t w_stride,
-                                                                          int64_t n_rows, const q8_act *a, int64_t M,
-                                                                          float *y, int64_t ldy) {
+                                                                          int64_t n_rows, const q8_act *a, float *y,
+                                                                          int64_t ldy) {
     const int64_t g = n_rows / 8;
     for (int64_t j = 0; j < g; j++)
-        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 8, (int)M, w + j * w_stride, g * w_stride, a->s4, a->nb, y + j, ldy, g);
+        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 8, w + j * w_stride, g * w_stride, a->s4, a->nb, y + j, ldy, g);
     for (int64_t n = 8 * g; n < n_rows; n++)
-        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 1, (int)M, w + n * w_stride, w_stride, a->s4, a->nb, y + n, ldy, 1);
+        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 1, w + n * w_stride, w_stride, a->s4, a->nb, y + n, ldy, 1);
 }
 
 /* Activation rows m0 .. m0+RA-1 by quad_tile512: its 4 * RQ weight rows from as many groups of
@@ -611,7 +612,7 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
                                                                  int64_t ldy) {
     int64_t m = 0;
     if (wtype == KT_Q4_0 && a->s4 != NULL) { /* see BATCH_TILES */
-        SUFFIX(seq_tile512_row)(w, w_stride, n_rows, a, M, y, ldy);
+        SUFFIX(seq_tile512_row)(w, w_stride, n_rows, a, y, ldy);
         return;
     }
     for (; m + GEMM512_RA <= M; m += GEMM512_RA)
