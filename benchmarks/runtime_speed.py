@@ -201,6 +201,7 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long
         "load_s": t1 - t0,
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
+        "bandwidth_gbs": read_bandwidth(threads, rounds=1),
         "batch_tps": batched_decode_tps(model, tokens[-1], gen),
         "long_prompt_tps": long_prompt_tps(
             lambda: prefill(model.transformer, model.cache, long_ids), model.cache.reset, long_ids
@@ -241,12 +242,23 @@ def batched_decode_tps(model: Any, token: int, gen: int) -> float:
     return BATCH * gen / (time.perf_counter() - t0)
 
 
-def open_llama(path: str, n_ctx: int, threads: int) -> Any:
+def open_llama(path: str, n_ctx: int, threads: int, n_seq: int = 1) -> Any:
     """llama_cpp.Llama on `path` as every benchmark runs it: `threads` for prompt and decode, 512-token
-    batches, no flash attention; its default extra buffer types unless NO_EXTRA_BUFTS_ENV=1."""
+    batches, no flash attention; its default extra buffer types unless NO_EXTRA_BUFTS_ENV=1. With
+    `n_seq` > 1 the context holds that many sequences in one KV cache of `n_ctx` cells (as
+    llama.cpp's server shares a prompt between its slots), for `llama_batched_decode_tps`."""
     import llama_cpp
-    import llama_cpp.llama_cpp as capi  # where Llama() takes its default model params from
+    import llama_cpp.llama_cpp as capi  # where Llama() takes its default model and context params from
 
+    if n_seq > 1:
+        context_default = capi.llama_context_default_params
+
+        def context_params() -> Any:
+            p = context_default()
+            p.n_seq_max, p.kv_unified = n_seq, True
+            return p
+
+        capi.llama_context_default_params = context_params  # type: ignore[assignment]
     if os.environ.get(NO_EXTRA_BUFTS_ENV) == "1":
         # llama.cpp's extra buffer types (Q4_0/Q8_0 repacking, AMX) off: the configuration the
         # parity tests use; a -march=native build needs it on AMX CPUs (llama.cpp issue 20824).
@@ -276,7 +288,7 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, lon
     import numpy as np
 
     t0 = time.perf_counter()
-    llm = open_llama(path, n_ctx, threads)
+    llm = open_llama(path, n_ctx, threads, n_seq=BATCH)
     t1 = time.perf_counter()
     n_vocab = llm.n_vocab()
 
@@ -297,9 +309,44 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, lon
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
         "rss_mib": peak_rss_mib(),
+        "bandwidth_gbs": read_bandwidth(threads, rounds=1),
+        "batch_tps": llama_batched_decode_tps(llm, tokens[-1], len(ids) + gen, gen),
         "long_prompt_tps": long_prompt_tps(lambda: llm.eval(long_ids), llm.reset, long_ids),
         "tokens": tokens,
     }
+
+
+def llama_batched_decode_tps(llm: Any, token: int, n_past: int, gen: int) -> float:
+    """`batched_decode_tps` for llama.cpp: BATCH sequences, each starting from the single
+    sequence's `n_past` cells (shared, as `llama_memory_seq_cp` shares them), one `llama_decode`
+    of BATCH tokens per step; the other sequences' cells are dropped again at the end."""
+    import llama_cpp.llama_cpp as capi
+    import numpy as np
+
+    mem = capi.llama_get_memory(llm.ctx)
+    for s in range(1, BATCH):
+        capi.llama_memory_seq_cp(mem, 0, s, -1, -1)
+    n_vocab = llm.n_vocab()
+    batch = capi.llama_batch_init(BATCH, 0, 1)
+    try:
+        tokens = [token] * BATCH
+        t0 = time.perf_counter()
+        for step in range(gen):
+            batch.n_tokens = BATCH
+            for s, t in enumerate(tokens):
+                batch.token[s], batch.pos[s], batch.n_seq_id[s], batch.logits[s] = t, n_past + step, 1, 1
+                batch.seq_id[s][0] = s
+            if capi.llama_decode(llm.ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed at batched step {step}")
+            tokens = [
+                int(np.argmax(np.ctypeslib.as_array(capi.llama_get_logits_ith(llm.ctx, s), shape=(n_vocab,))))
+                for s in range(BATCH)
+            ]
+        return BATCH * gen / (time.perf_counter() - t0)
+    finally:
+        capi.llama_batch_free(batch)
+        for s in range(1, BATCH):  # Llama.reset() and eval() clear sequence 0's cells only
+            capi.llama_memory_seq_rm(mem, s, -1, -1)
 
 
 def child_main(argv: Sequence[str]) -> int:
@@ -340,8 +387,9 @@ def measure(
     """Run one engine on one model in a fresh interpreter (the first `prompt` of `ids`, then
     decoding, then the first `long_prompt` of them anew); its JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.runtime_speed", "_child", engine, str(path)]
-    # room for the prompt, the single sequence's tokens and the batched ones, or the long prompt
-    n_ctx = max(prompt + 2 * gen, long_prompt) + 16
+    # room for the prompt, the single sequence's tokens and the batched ones (llama.cpp's
+    # sequences share one cache: BATCH times theirs), or the long prompt
+    n_ctx = max(prompt + (1 + BATCH) * gen, long_prompt) + 16
     cmd += ["--threads", str(threads), "--gen", str(gen), "--n-ctx", str(n_ctx)]
     cmd += ["--prompt", str(prompt), "--long-prompt", str(long_prompt)]
     return run_child(cmd, ids, f"runtime_speed: {engine} on {path.name}")
@@ -415,28 +463,42 @@ def _mib(x: float) -> str:
 
 
 def _read_rate(res: Result, engine: str, bandwidth: float) -> str:
-    """Weight bytes read per second while decoding, and their share of the bandwidth."""
+    """Weight bytes read per second while decoding; their share of the best bandwidth of the
+    whole run, and the median of each run's share of the bandwidth its own process read right
+    after decoding (on a shared host the bandwidth changes from minute to minute)."""
     tps = res.median(engine, "decode_tps")
     if tps is None:
-        return "— | —"
+        return "— | — | —"
     gbs = tps * res.bytes_per_token / 1e9
-    return f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}%"
+    shares = [
+        r["decode_tps"] * res.bytes_per_token / 1e9 / r["bandwidth_gbs"]
+        for r in res.runs.get(engine, [])
+        if r.get("bandwidth_gbs")
+    ]
+    then = f"{100 * statistics.median(shares):.0f}%" if shares else "—"
+    return f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {then}"
 
 
-def _batched(res: Result) -> str:
+def _batched(res: Result, engine: str = "llmctl") -> str:
     """Aggregate tokens/s of BATCH sequences, and its ratio to one sequence's decode."""
-    batch, one = res.median("llmctl", "batch_tps"), res.median("llmctl", "decode_tps")
+    batch, one = res.median(engine, "batch_tps"), res.median(engine, "decode_tps")
     if batch is None or not one:
         return "—"
     return f"{batch:.1f} ({batch / one:.2f}× one)"
 
 
+def _ratio(res: Result, metric: str) -> str:
+    a, b = res.median("llmctl", metric), res.median("llama.cpp", metric)
+    return f"{a / b:.2f}×" if a is not None and b else "—"
+
+
 def table(results: list[Result], have_llama: bool, bandwidth: float, prompts: tuple[int, int]) -> str:
     head = (
         f"| model | engine | load s | prompt {prompts[0]} tok/s | prompt {prompts[1] or '(none)'} tok/s | decode tok/s "
-        f"| peak RSS MiB | decode GB/s | of bandwidth | {BATCH} seqs tok/s | file MiB | RSS budget MiB |"
+        f"| peak RSS MiB | decode GB/s | of bandwidth | of bandwidth then | {BATCH} seqs tok/s | file MiB "
+        "| RSS budget MiB |"
     )
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for res in results:
         label = res.variant.label
         kv = res.median("llmctl", "kv_mib") or 0.0
@@ -446,16 +508,14 @@ def table(results: list[Result], have_llama: bool, bandwidth: float, prompts: tu
         batch = _batched(res)
         rows.append(f"| {label} | llmctl | {' | '.join(ours)} | {rate} | {batch} | {_mib(res.file_mib)} | {budget} |")
         if not have_llama:
-            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | | | |")
+            rows.append(f"| {label} | llama.cpp | not installed: measured llmctl only | | | | | | | | | | |")
             continue
         theirs = [_fmt(m, res.median("llama.cpp", m)) for m in METRICS]
         rate = _read_rate(res, "llama.cpp", bandwidth)
-        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {rate} | not measured | {_mib(res.file_mib)} | |")
-        ratios = []
-        for m in METRICS:
-            a, b = res.median("llmctl", m), res.median("llama.cpp", m)
-            ratios.append(f"{a / b:.2f}×" if a is not None and b else "—")
-        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | | | | |")
+        batch = _batched(res, "llama.cpp")
+        rows.append(f"| {label} | llama.cpp | {' | '.join(theirs)} | {rate} | {batch} | {_mib(res.file_mib)} | |")
+        ratios = [_ratio(res, m) for m in METRICS]
+        rows.append(f"| {label} | *llmctl / llama.cpp* | {' | '.join(ratios)} | | | | {_ratio(res, 'batch_tps')} | | |")
     return "\n".join(rows)
 
 
@@ -511,10 +571,13 @@ def section(
     agree = [a for a in (_agree(r) for r in first) if a]
     lines.append(
         "Load is the constructor (`Model.load` / `llama_cpp.Llama`); prompt and decode are tokens per second "
-        "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, and *of bandwidth* "
-        f"its share of the measured read bandwidth (the decode roofline); {BATCH} seqs is the aggregate "
+        "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, *of bandwidth* "
+        "its share of the best read bandwidth the probe measured in the whole run (the decode roofline), and "
+        "*then* the median of each run's share of the bandwidth its own process read right after decoding "
+        f"(one pass of the probe); {BATCH} seqs is the aggregate "
         f"tokens/s of {BATCH} sequences decoded together (one batched forward pass per step, each from a copy "
-        "of the single sequence's cache), measured for llmctl only; peak RSS is `VmHWM` of the "
+        "of the single sequence's cache; llama.cpp's sequences share that cache's cells, one `llama_decode` of "
+        f"{BATCH} tokens a step); peak RSS is `VmHWM` of the "
         "engine's own process (mapped weights count once "
         f"touched). RSS budget = file + KV cache + {RSS_SLACK_MIB} MiB, for llmctl."
         + (f" Leading greedy tokens on which the engines agree: {', '.join(agree)}." if agree else "")
