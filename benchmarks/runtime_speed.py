@@ -201,7 +201,7 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long
         "load_s": t1 - t0,
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
-        "bandwidth_gbs": read_bandwidth(threads, rounds=1),
+        "bandwidth_gbs": read_bandwidth(threads),
         "batch_tps": batched_decode_tps(model, tokens[-1], gen),
         "long_prompt_tps": long_prompt_tps(
             lambda: prefill(model.transformer, model.cache, long_ids), model.cache.reset, long_ids
@@ -309,7 +309,7 @@ def run_llama(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, lon
         "prompt_tps": len(ids) / (t2 - t1),
         "decode_tps": gen / (t3 - t2),
         "rss_mib": peak_rss_mib(),
-        "bandwidth_gbs": read_bandwidth(threads, rounds=1),
+        "bandwidth_gbs": read_bandwidth(threads),
         "batch_tps": llama_batched_decode_tps(llm, tokens[-1], len(ids) + gen, gen),
         "long_prompt_tps": long_prompt_tps(lambda: llm.eval(long_ids), llm.reset, long_ids),
         "tokens": tokens,
@@ -574,7 +574,7 @@ def section(
         "of wall time; decode GB/s is decode tok/s times the weight bytes read per token, *of bandwidth* "
         "its share of the best read bandwidth the probe measured in the whole run (the decode roofline), and "
         "*then* the median of each run's share of the bandwidth its own process read right after decoding "
-        f"(one pass of the probe); {BATCH} seqs is the aggregate "
+        f"(the probe, 3 passes); {BATCH} seqs is the aggregate "
         f"tokens/s of {BATCH} sequences decoded together (one batched forward pass per step, each from a copy "
         "of the single sequence's cache; llama.cpp's sequences share that cache's cells, one `llama_decode` of "
         f"{BATCH} tokens a step); peak RSS is `VmHWM` of the "
