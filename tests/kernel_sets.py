@@ -1,5 +1,7 @@
 """The runtime's kernel sets, for the tests that run on each: the portable fallback, AVX2, AVX2
-with AVX-VNNI, and AVX-512 with VNNI."""
+with AVX-VNNI, and AVX-512 with VNNI; and avxvnni-evex, the AVX-VNNI set's code with AVX-512's
+encoding of its VNNI instruction, which tests that code on the CPUs with AVX-512 VNNI, most of
+which lack AVX-VNNI (AVXVNNI_TWIN in runtime/kernels/kernels.c)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-SETS = ["generic", "avx2", "avxvnni", "avx512vnni"]
+SETS = ["generic", "avx2", "avxvnni", "avxvnni-evex", "avx512vnni"]
 
 
 @contextlib.contextmanager

@@ -75,14 +75,15 @@ kernels_init(b"auto")
 
 
 def use(str which="auto"):
-    """Select the kernel set: "auto", "avx512vnni", "avxvnni", "avx2" or "generic". ValueError if the CPU
-    lacks it."""
+    """Select the kernel set: "auto", "avx512vnni", "avxvnni", "avx2" or "generic" ("avxvnni-evex":
+    the avxvnni code with AVX-512's encoding of its one VNNI instruction, for testing that code on
+    CPUs without AVX-VNNI). ValueError if the CPU lacks it."""
     if kernels_init(which.encode()) != 0:
         raise ValueError(f"kernel set {which!r} is not available on this CPU")
 
 
 def active():
-    """Name of the kernel set in use ("avx512vnni", "avxvnni", "avx2" or "generic")."""
+    """Name of the kernel set in use ("avx512vnni", "avxvnni", "avx2", "generic" or "avxvnni-evex")."""
     return kernels_active().decode()
 
 

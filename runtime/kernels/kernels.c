@@ -217,6 +217,26 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
 #undef KERNELS_AVX2
 #pragma GCC pop_options
 
+/* AVXVNNI_TWIN. The avxvnni code once more, with AVX512-VNNI's (EVEX) encoding of its dpbusd
+ * in place of AVX-VNNI's (VEX): the same C and the same integers. The CPUs with AVX-512 VNNI but
+ * not AVX-VNNI (AMD Zen 4, Intel Xeons before Sapphire Rapids) run it, so that the avxvnni set's
+ * code (Intel's client CPUs since Alder Lake) is tested where the set itself cannot run
+ * (tests/kernel_sets.py). Only use("avxvnni-evex") picks it, never "auto". */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512vl,avx512vnni")
+#define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32
+#define KERNELS_AVX2 1
+#define KERNELS_VNNI 1
+#define SUFFIX(name) name##_avxvnni_evex
+#define SUFFIX_NAME "avxvnni-evex"
+#include "kernels_impl.h"
+#undef SUFFIX
+#undef SUFFIX_NAME
+#undef KERNELS_VNNI
+#undef KERNELS_AVX2
+#undef _mm256_dpbusd_avx_epi32
+#pragma GCC pop_options
+
 /* AVX-512 with VNNI: the GEMM tiles hold two weight rows per zmm (see kernels_impl.h); the rest
  * is the avxvnni code with AVX512-VNNI's encoding of dpbusd. Same integers, so the same bits. */
 #pragma GCC push_options
@@ -317,6 +337,10 @@ int kernels_init(const char *which) {
     }
     if (strcmp(which, "avx512vnni") == 0 && cpu_has_avx512vnni()) {
         K = &kernel_set_avx512vnni;
+        return 0;
+    }
+    if (strcmp(which, "avxvnni-evex") == 0 && cpu_has_avx512vnni()) { /* see AVXVNNI_TWIN */
+        K = &kernel_set_avxvnni_evex;
         return 0;
     }
 #endif
