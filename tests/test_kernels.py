@@ -248,15 +248,16 @@ def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> No
 
 
 def test_tunings_are_picked_from_the_cpu() -> None:
-    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2,
-    decodes Q4_0 by ymm tiles and 4 Q4_0 sequences by activation rows side by side; every other
-    CPU (Zen 3, the rest of family 25, among them) prefetches into L1 and takes zmm tiles with
-    weight rows side by side where it has AVX-512."""
+    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2
+    and decodes Q4_0 by ymm tiles; every other CPU (Zen 3, the rest of family 25, among them)
+    prefetches into L1 and takes zmm tiles. Zen 4 and Intel CPUs take 4 Q4_0 sequences by
+    activation rows side by side, the others by weight rows side by side."""
     vendor, family, model = _cpu_vendor_family_model()
     zen4 = vendor == "AuthenticAMD" and family == 25 and (model >> 4) in (0x1, 0x6, 0x7, 0xA)
+    seqs = zen4 or vendor == "GenuineIntel"
     assert _kernels.prefetch("auto") == ("l2" if zen4 else "l1")
     assert _kernels.decode_tiles("auto") == ("ymm" if zen4 else "zmm")
-    assert _kernels.batch_tiles("auto") == ("seqs" if zen4 else "rows")
+    assert _kernels.batch_tiles("auto") == ("seqs" if seqs else "rows")
     with pytest.raises(ValueError, match="batch tiles 'cols': expected auto, rows or seqs"):
         _kernels.batch_tiles("cols")
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
@@ -265,7 +266,7 @@ def test_tunings_are_picked_from_the_cpu() -> None:
         _kernels.decode_tiles("xmm")
     assert _kernels.prefetch() == ("l2" if zen4 else "l1")
     assert _kernels.decode_tiles() == ("ymm" if zen4 else "zmm")
-    assert _kernels.batch_tiles() == ("seqs" if zen4 else "rows")
+    assert _kernels.batch_tiles() == ("seqs" if seqs else "rows")
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])

@@ -146,7 +146,10 @@ static int decode_ymm = 0;
  * for 4 sequences took 174 instead of 205 ms with 1 thread and 101-103 instead of 116-118 ms
  * with 2 (best and median of 5 alternated passes). With 2 or 3 rows the tile still computes
  * four rows' lanes, and was slower (2 rows: 167 against 124 ms, 3 rows: 173 against 168), so
- * those keep quad_tile512. kernels_batch_tiles sets it. */
+ * those keep quad_tile512. On an Intel Xeon with AVX-512 (family 6, model 167) seq_tile512
+ * with its high nibbles in place (Q4_HIGH_IN_PLACE) took 147-158 instead of 156-177 ms with 1
+ * thread and 82-85 instead of 86-95 ms with 2 (4 alternated processes; quad_tile512 there: the
+ * rows' tiles), so Intel CPUs take it too. kernels_batch_tiles sets it. */
 static int batch_seqs = 0;
 
 /* How far ahead of its use a weight stream is prefetched (see GROUPED_ROWS in kernels_impl.h):
@@ -367,6 +370,16 @@ static int cpu_is_zen4(void) {
 #endif
 }
 
+/* True on Intel CPUs (see BATCH_TILES). */
+static int cpu_is_intel(void) {
+#if defined(KERNELS_X86) && defined(__GNUC__)
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu; /* "GenuineIntel" */
+#else
+    return 0;
+#endif
+}
+
 /* *flag from a choice's name: auto_value for "auto" (or NULL), 0 for off_name, 1 for on_name;
  * -1 for any other name. */
 static int set_choice(int *flag, const char *which, int auto_value, const char *off_name, const char *on_name) {
@@ -389,7 +402,9 @@ int kernels_decode_tiles(const char *which) { return set_choice(&decode_ymm, whi
 
 const char *kernels_decode_tiles_active(void) { return decode_ymm ? "ymm" : "zmm"; }
 
-int kernels_batch_tiles(const char *which) { return set_choice(&batch_seqs, which, cpu_is_zen4(), "rows", "seqs"); }
+int kernels_batch_tiles(const char *which) {
+    return set_choice(&batch_seqs, which, cpu_is_zen4() || cpu_is_intel(), "rows", "seqs");
+}
 
 const char *kernels_batch_tiles_active(void) { return batch_seqs ? "seqs" : "rows"; }
 
@@ -498,7 +513,7 @@ static void apply_epilogue(const kernels_epilogue *ep, float *y, int64_t ldy, in
 }
 
 /* The seq4_block layout of activation rows 0 .. 3, from their blocks q, scales d and
- * corrections corr. */
+ * corrections corr (those of the high nibbles times 16, for seq_tile512's Q4_HIGH_IN_PLACE). */
 static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const int32_t *corr, int64_t nb) {
     for (int64_t i = 0; i < nb; i++)
         for (int64_t m = 0; m < 4; m++) {
@@ -506,7 +521,7 @@ static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const
             memcpy(s4[i].lo + 16 * m, q[at].qs, 16);
             memcpy(s4[i].hi + 16 * m, q[at].qs + 16, 16);
             memcpy(s4[i].clo + 4 * m, corr + 8 * at, 4 * sizeof(int32_t));
-            memcpy(s4[i].chi + 4 * m, corr + 8 * at + 4, 4 * sizeof(int32_t));
+            for (int l = 0; l < 4; l++) s4[i].chi[4 * m + l] = 16 * corr[8 * at + 4 + l]; /* Q4_HIGH_IN_PLACE */
             for (int l = 0; l < 4; l++) s4[i].d[4 * m + l] = d[at];
         }
 }

@@ -536,7 +536,9 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
 /* y[c * ldy + r * ys] = dot(Q4_0 weight row r, activation row c) for r < RW, c < 4, where
  * weight row r starts r * gs bytes after w and the activation rows are s4 (see BATCH_TILES):
  * lane 4c + l of lo[r] is row r's block_lanes lane l against activation row c (quad_tile512's
- * lane 4r + l of lo[q][c]), of hi[r] its lane 4 + l, so the same steps give the same bits. */
+ * lane 4r + l of lo[q][c]), of hi[r] 16 times its lane 4 + l (the high nibbles stay in place,
+ * as Q4_HIGH_IN_PLACE has them, against corrections 16 times theirs: one shift fewer per weight
+ * row and block), so the same steps give the same bits once hi[r] is divided by 16. */
 static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, const uint8_t *w, size_t gs,
                                                                       const seq4_block *s4, int64_t nb, float *y,
                                                                       int64_t ldy, int64_t ys, int to_l2) {
@@ -553,7 +555,7 @@ static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, co
             prefetch_weights((const char *)b, to_l2);
             const __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)b->qs));
             const __m512 d = _mm512_mul_ps(_mm512_set1_ps(fp16_table[b->d]), dy);
-            const __m512i wl = _mm512_and_si512(z, low), wh = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+            const __m512i wl = _mm512_and_si512(z, low), wh = _mm512_andnot_si512(low, z);
             lo[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(clo, wl, ylo)), lo[r]);
             hi[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(chi, wh, yhi)), hi[r]);
         }
@@ -561,7 +563,7 @@ static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, co
     for (int r = 0; r < RW; r++) {
         float l16[16], h16[16];
         _mm512_storeu_ps(l16, lo[r]);
-        _mm512_storeu_ps(h16, hi[r]);
+        _mm512_storeu_ps(h16, _mm512_mul_ps(hi[r], _mm512_set1_ps(1.0f / 16))); /* exact */
         for (int c = 0; c < 4; c++)
             y[c * ldy + r * ys] = SUFFIX(hsum8)(_mm256_set_m128(_mm_loadu_ps(h16 + 4 * c), _mm_loadu_ps(l16 + 4 * c)));
     }
