@@ -352,29 +352,34 @@ int kernels_init(const char *which) {
 
 const char *kernels_active(void) { return K->name; }
 
+/* True if CPUID's vendor string (leaf 0: EBX, EDX, ECX) is `vendor`, such as "GenuineIntel"
+ * (see BATCH_TILES) or "AuthenticAMD". */
+static int cpu_vendor_is(const char *vendor) {
+#if defined(KERNELS_X86) && defined(__GNUC__)
+    unsigned a, b, c, d;
+    char name[12];
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    memcpy(name, &b, 4);
+    memcpy(name + 4, &d, 4);
+    memcpy(name + 8, &c, 4);
+    return memcmp(name, vendor, sizeof(name)) == 0;
+#else
+    (void)vendor;
+    return 0;
+#endif
+}
+
 /* True on AMD Zen 4: family 25 with the models AMD gave that generation (0x10-0x1F EPYC Genoa,
  * 0x60-0x7F Ryzen 7000, 0xA0-0xAF EPYC Bergamo and Siena); family 25's other models are Zen 3.
  * See WEIGHT_PREFETCH and DECODE_TILES. */
 static int cpu_is_zen4(void) {
 #if defined(KERNELS_X86) && defined(__GNUC__)
     unsigned a, b, c, d;
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
-    const int amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
-    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!cpu_vendor_is("AuthenticAMD") || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const unsigned base = (a >> 8) & 0xF; /* the extended family and model count from family 15 */
     if (base != 0xF || base + ((a >> 20) & 0xFF) != 25) return 0;
     const unsigned model = ((a >> 12) & 0xF0) | ((a >> 4) & 0xF);
     return (model >= 0x10 && model <= 0x1F) || (model >= 0x60 && model <= 0x7F) || (model >= 0xA0 && model <= 0xAF);
-#else
-    return 0;
-#endif
-}
-
-/* True on Intel CPUs (see BATCH_TILES). */
-static int cpu_is_intel(void) {
-#if defined(KERNELS_X86) && defined(__GNUC__)
-    unsigned a, b, c, d;
-    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu; /* "GenuineIntel" */
 #else
     return 0;
 #endif
@@ -403,7 +408,7 @@ int kernels_decode_tiles(const char *which) { return set_choice(&decode_ymm, whi
 const char *kernels_decode_tiles_active(void) { return decode_ymm ? "ymm" : "zmm"; }
 
 int kernels_batch_tiles(const char *which) {
-    return set_choice(&batch_seqs, which, cpu_is_zen4() || cpu_is_intel(), "rows", "seqs");
+    return set_choice(&batch_seqs, which, cpu_is_zen4() || cpu_vendor_is("GenuineIntel"), "rows", "seqs");
 }
 
 const char *kernels_batch_tiles_active(void) { return batch_seqs ? "seqs" : "rows"; }
@@ -521,8 +526,10 @@ static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const
             memcpy(s4[i].lo + 16 * m, q[at].qs, 16);
             memcpy(s4[i].hi + 16 * m, q[at].qs + 16, 16);
             memcpy(s4[i].clo + 4 * m, corr + 8 * at, 4 * sizeof(int32_t));
-            for (int l = 0; l < 4; l++) s4[i].chi[4 * m + l] = 16 * corr[8 * at + 4 + l]; /* Q4_HIGH_IN_PLACE */
-            for (int l = 0; l < 4; l++) s4[i].d[4 * m + l] = d[at];
+            for (int l = 0; l < 4; l++) {
+                s4[i].chi[4 * m + l] = 16 * corr[8 * at + 4 + l]; /* Q4_HIGH_IN_PLACE */
+                s4[i].d[4 * m + l] = d[at];
+            }
         }
 }
 
