@@ -15,38 +15,27 @@ from tests.kernel_sets import SETS, using
 def llama_oracle() -> Iterator[Callable[..., Any]]:
     """A factory `(path, n_ctx=...) -> llama_cpp.Llama` with logits for every position.
 
-    llama.cpp's extra buffer types are turned off: on AMX CPUs its AMX matmul crashes on batched
-    Q8_0/Q4_0 products (ggml-org/llama.cpp issue 20824), and Q4_0 repacking would change the
-    summation order. What remains is ggml's reference CPU path: vec_dot and llamafile's tinyBLAS.
-    Flash attention is off: the runtime reproduces the classic softmax(QK^T)V path.
+    llama.cpp runs with its default settings, as users get it: Q4_0 matrices of a multiple of 8
+    rows repacked (summed block by block, which the runtime follows: BLOCK_ORDER in kernels.c),
+    the rest on ggml's reference CPU path (vec_dot and llamafile's tinyBLAS). scripts/bootstrap.sh
+    builds it for AVX2 without -march=native, so no AMX buffer type (whose batched Q8_0/Q4_0
+    products crash, ggml-org/llama.cpp issue 20824). Flash attention is off: the runtime
+    reproduces the classic softmax(QK^T)V path.
     """
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by scripts/bootstrap.sh")
-    import llama_cpp.llama_cpp as capi
 
-    default = capi.llama_model_default_params
+    def load(path: Path, n_ctx: int = 512, **kw: Any) -> Any:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=512,
+            logits_all=True,
+            flash_attn=False,
+            verbose=False,
+            **kw,
+        )
 
-    def params() -> Any:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    capi.llama_model_default_params = params
-    try:
-
-        def load(path: Path, n_ctx: int = 512, **kw: Any) -> Any:
-            return llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=512,
-                logits_all=True,
-                flash_attn=False,
-                verbose=False,
-                **kw,
-            )
-
-        yield load
-    finally:
-        capi.llama_model_default_params = default
+    yield load
 
 
 @pytest.fixture(scope="session")

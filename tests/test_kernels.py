@@ -186,6 +186,15 @@ GEMM_SHAPES = [
     # rows as long as a feed-forward down projection's, and many tiles in one unit of work
     (61, 4160, 8),
     (450, 2240, 9),
+    # Q4_0 matrices of a multiple of 8 rows take the block order (BLOCK_ORDER): tiles of 8 rows
+    # and of 4, one to four activation rows at a time
+    (8, 64, 1),
+    (16, 96, 3),
+    (24, 256, 4),
+    (40, 160, 9),
+    (104, 1024, 6),
+    (64, 4160, 8),
+    (456, 2240, 5),
 ]
 
 
@@ -198,7 +207,7 @@ def test_gemm_equals_single_row_dots(kernel_set: str, t: GGMLType) -> None:
         k *= BLOCK_SIZE[t][0] // 32  # Q6_K rows: the same number of blocks of 256
         raw = _random_q_rows(rng, t, n, k)
         x = _activations(rng, m, k)
-        ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(m)], np.float32)
+        ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i], n) for j in range(n)] for i in range(m)], np.float32)
         for threads in (1, 2, 3):
             out = np.empty((m, n), dtype=np.float32)
             _kernels.matmul(int(t), raw, k, x, out, threads)
@@ -235,7 +244,7 @@ def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> No
     n, k = 260, 544 * (BLOCK_SIZE[t][0] // 32)
     raw = _random_q_rows(rng, t, n, k)
     x = _activations(rng, 9, k)
-    ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i]) for j in range(n)] for i in range(9)], np.float32)
+    ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i], n) for j in range(n)] for i in range(9)], np.float32)
     try:
         for choice in choices:
             assert choose(choice) == choice

@@ -41,7 +41,7 @@ cdef extern from "kernels.h" nogil:
     void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k)
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
-    float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k)
+    float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k, int64_t n_out)
     uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
     int64_t kernels_row_bytes(int wtype, int64_t K)
 
@@ -152,15 +152,19 @@ def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
         raise ValueError(f"matmul: unsupported weight type {wtype} or row length {k}")
 
 
-def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x):
+def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x, int64_t n_out=1):
     """One dot product of a raw weight row with x, by the single-row kernel (not the matmul's
-    tiles): what the matmul must reproduce bit for bit."""
+    tiles): what the matmul must reproduce bit for bit. n_out is the row count of the matrix the
+    row belongs to: Q4_0 rows of matrices with a multiple of 8 rows are summed block by block, as
+    llama.cpp's repacked kernels sum them, the others in ggml's vec_dot lanes."""
     cdef int64_t k = x.shape[0]
     if k == 0 or w_row.shape[0] == 0:
         raise ValueError("vec_dot: empty row")
+    if n_out < 1:
+        raise ValueError(f"vec_dot: n_out must be at least 1, got {n_out}")
     cdef float r
     with nogil:
-        r = kernels_vec_dot(wtype, &w_row[0], &x[0], k)
+        r = kernels_vec_dot(wtype, &w_row[0], &x[0], k, n_out)
     return r
 
 

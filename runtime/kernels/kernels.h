@@ -108,8 +108,10 @@ void kernels_f16_to_f32(const uint16_t *x, float *y, int64_t n);
 void kernels_quantize_q8_0(const float *x, uint8_t *y, int64_t k);
 void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k);
 /* dot(W row of type wtype, x) with x quantized to the vec_dot type first, by the single-row
- * kernel (the matmul's tiles must give the same bits). NAN for an unsupported type. */
-float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k);
+ * kernel (the matmul's tiles must give the same bits). n_out is the row count of the matrix the
+ * row belongs to, which sets Q4_0's summation order (BLOCK_ORDER in kernels.c). NAN for an
+ * unsupported type. */
+float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k, int64_t n_out);
 
 /* Reads the n bytes at p with n_threads threads, as fast as the memory allows, and returns their
  * sum as 64-bit words (all n bytes when n is a multiple of 64 * streams * n_threads; otherwise a
