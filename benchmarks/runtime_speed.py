@@ -260,8 +260,8 @@ def open_llama(path: str, n_ctx: int, threads: int, n_seq: int = 1) -> Any:
 
         capi.llama_context_default_params = context_params  # type: ignore[assignment]
     if os.environ.get(NO_EXTRA_BUFTS_ENV) == "1":
-        # llama.cpp's extra buffer types (Q4_0/Q8_0 repacking, AMX) off: the configuration the
-        # parity tests use; a -march=native build needs it on AMX CPUs (llama.cpp issue 20824).
+        # llama.cpp's extra buffer types (Q4_0 repacking, AMX) off: ggml's reference path for
+        # every type; a -march=native build needs it on AMX CPUs (llama.cpp issue 20824).
         default = capi.llama_model_default_params
 
         def params() -> Any:
@@ -555,9 +555,9 @@ def section(
         + f"; median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
         "- llama.cpp: "
         + (
-            "without its extra buffer types (no Q4_0/Q8_0 repacking), as in the parity tests."
+            "without its extra buffer types (no Q4_0 repacking)."
             if args.llama_no_extra_bufts
-            else "default settings (Q4_0/Q8_0 weights repacked for AVX2), as users run it."
+            else "default settings (Q4_0 weights repacked for AVX2), as users run it and as the parity tests do."
         ),
     ]
     if args.preset != "3b":
@@ -609,8 +609,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--llama-no-extra-bufts",
         action="store_true",
-        help="run llama.cpp without its extra buffer types (no Q4_0/Q8_0 repacking), as the parity tests do; "
-        "by default it runs as users get it",
+        help="run llama.cpp without its extra buffer types (no Q4_0 repacking); "
+        "by default it runs as users get it, as the parity tests do",
     )
     a = p.parse_args(argv)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
