@@ -11,7 +11,7 @@ activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
 
     python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2] [--rows 1,4]
-        [--prefetch l1,l2] [--tiles zmm,ymm] [--batch-tiles rows,seqs]
+        [--prefetch l1,l2]
 
 times decode as memory sees it instead: one activation row (or --rows rows: sequences decoded
 together) through every matrix of a generated StarCoder2-3B-shaped model (the runtime_speed
@@ -19,9 +19,7 @@ files, several times larger than the caches), in the order of a forward pass, be
 passes (alternating between the variants compared), as milliseconds per token and GB/s beside the
 read bandwidth. The single matmuls above come from the caches and so say little about decode.
 --sets defaults to every SIMD set this CPU runs; --prefetch l1,l2 compares prefetching the weights
-into L1 and into L2, --tiles zmm,ymm the avx512vnni set's two Q4_0 decode tiles, --batch-tiles
-rows,seqs its two tiles for 4 Q4_0 sequences (`auto` is what the runtime picks for this CPU, for
-each).
+into L1 and into L2 (`auto` is what the runtime picks for this CPU).
 
     python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
 
@@ -86,14 +84,12 @@ def stream(
     types: list[str],
     sets: list[str],
     prefetch: list[str],
-    tiles: list[str],
-    batch_tiles: list[str],
     threads: list[int],
     rows: list[int],
     repeat: int,
 ) -> None:
-    """Decode's matmuls over a whole model, per kernel set, prefetch level, decode tiles, batch
-    tiles and number of sequences decoded together (activation rows): see the module docstring."""
+    """Decode's matmuls over a whole model, per kernel set, prefetch level and number of
+    sequences decoded together (activation rows): see the module docstring."""
     from benchmarks.runtime_speed import VARIANTS, ensure_model, read_bandwidth
     from runtime.engine import Model
 
@@ -106,37 +102,27 @@ def stream(
             linears.append(tr.output)
             n_bytes = sum(lin.rows.nbytes for lin in linears)
             rng = np.random.default_rng(0)
-            variants = [(s, lv, t, bt) for s in sets for lv in prefetch for t in tiles for bt in batch_tiles]
+            variants = [(s, lv) for s in sets for lv in prefetch]
             for m, n in ((m, n) for m in rows for n in threads):
                 x = {lin.n_in: rng.standard_normal((m, lin.n_in)).astype(np.float32) for lin in linears}
                 best = dict.fromkeys(variants, float("inf"))
                 for i in range(repeat + 1):  # passes alternate between variants; the first warms up
-                    for s, level, tile, batch_tile in variants:
+                    for s, level in variants:
                         _kernels.use(s)
                         _kernels.prefetch(level)
-                        _kernels.decode_tiles(tile)
-                        _kernels.batch_tiles(batch_tile)
                         t0 = time.perf_counter()
                         for lin in linears:
                             lin(x[lin.n_in], n)
                         if i:
-                            key = (s, level, tile, batch_tile)
-                            best[key] = min(best[key], time.perf_counter() - t0)
+                            best[s, level] = min(best[s, level], time.perf_counter() - t0)
                 cells = []
-                for (s, level, tile, batch_tile), sec in best.items():
+                for (s, level), sec in best.items():
                     gbs = n_bytes / sec / 1e9
-                    label = " ".join(
-                        [s]
-                        + [level] * (len(prefetch) > 1)
-                        + [tile] * (len(tiles) > 1)
-                        + [batch_tile] * (len(batch_tiles) > 1)
-                    )
+                    label = " ".join([s] + [level] * (len(prefetch) > 1))
                     cells.append(f"{label} {sec * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
                 print(f"{name} 3b decode matmuls, {m} seq, {n} thr: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
     _kernels.prefetch("auto")
-    _kernels.decode_tiles("auto")
-    _kernels.batch_tiles("auto")
 
 
 EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
@@ -192,12 +178,6 @@ def main() -> None:
     p.add_argument(
         "--prefetch", default="auto", help="--stream: where weights are prefetched, compared side by side: auto, l1, l2"
     )
-    p.add_argument("--tiles", default="auto", help="--stream: Q4_0 decode tiles, compared side by side: auto, zmm, ymm")
-    p.add_argument(
-        "--batch-tiles",
-        default="auto",
-        help="--stream: tiles for 4 Q4_0 sequences, compared side by side: auto, rows, seqs",
-    )
     p.add_argument("--attention", action="store_true", help="decode attention per token, warm and cold, instead")
     p.add_argument("--positions", default="256,1000,2000", help="--attention: cache positions to time")
     args = p.parse_args()
@@ -209,8 +189,7 @@ def main() -> None:
     if args.stream:
         rows = [int(r) for r in (args.rows or "1").split(",")]
         types = [t for t in args.types.split(",") if t != "q6_k"]
-        tiles, batch_tiles = args.tiles.split(","), args.batch_tiles.split(",")
-        stream(types, sets, args.prefetch.split(","), tiles, batch_tiles, threads, rows, args.repeat)
+        stream(types, sets, args.prefetch.split(","), threads, rows, args.repeat)
         return
     if len(threads) != 1:
         p.error("single matmuls take one thread count; a list of them goes with --stream")

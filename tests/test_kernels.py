@@ -223,59 +223,37 @@ def _cpu_vendor_family_model() -> tuple[str, int, int]:
     return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
 
 
-# The CPU-dependent choices of kernels.c that move bytes or pick tiles, never bits:
-# WEIGHT_PREFETCH (prefetch), DECODE_TILES (decode_tiles) and BATCH_TILES (batch_tiles).
-TUNINGS = {
-    "prefetch": (_kernels.prefetch, ("l1", "l2")),
-    "decode_tiles": (_kernels.decode_tiles, ("zmm", "ymm")),
-    "batch_tiles": (_kernels.batch_tiles, ("rows", "seqs")),
-}
-
-
-@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("n", [260, 256], ids=["vec_dot-order", "block-order"])
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
-def test_tunings_change_no_bits(kernel_set: str, t: GGMLType, tuning: str) -> None:
-    """Prefetching weights into L1 or L2, Q4_0 decode by zmm or ymm tiles, and batched Q4_0 by
-    weight rows or activation rows side by side give decode, batched decode and prompt tiles the
-    single-row dot products' bits either way."""
-    choose, choices = TUNINGS[tuning]
+def test_prefetch_level_changes_no_bits(kernel_set: str, t: GGMLType, n: int) -> None:
+    """Prefetching weights into L1 or L2 (WEIGHT_PREFETCH, picked from the CPU) gives decode,
+    batched decode and prompt tiles the single-row dot products' bits either way, in both of
+    Q4_0's orders (BLOCK_ORDER: 256 rows take the block order, 260 vec_dot's)."""
     rng = np.random.default_rng(5)
-    # 17 blocks a row: the tiles that take blocks in pairs (Q_TILE_PAIRS) end on a single one
-    n, k = 260, 544 * (BLOCK_SIZE[t][0] // 32)
+    k = 544 * (BLOCK_SIZE[t][0] // 32)
     raw = _random_q_rows(rng, t, n, k)
     x = _activations(rng, 9, k)
     ref = np.array([[_kernels.vec_dot(int(t), raw[j], x[i], n) for j in range(n)] for i in range(9)], np.float32)
     try:
-        for choice in choices:
-            assert choose(choice) == choice
+        for level in ("l1", "l2"):
+            assert _kernels.prefetch(level) == level
             for m in (1, 2, 3, 4, 9):
                 out = np.empty((m, n), dtype=np.float32)
                 _kernels.matmul(int(t), raw, k, x[:m], out, 2)
-                assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, choice, m)
+                assert np.array_equal(out.view(np.uint32), ref[:m].view(np.uint32)), (kernel_set, level, m)
     finally:
-        choose("auto")
+        _kernels.prefetch("auto")
 
 
-def test_tunings_are_picked_from_the_cpu() -> None:
-    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2
-    and decodes Q4_0 by ymm tiles; every other CPU (Zen 3, the rest of family 25, among them)
-    prefetches into L1 and takes zmm tiles. Zen 4 and Intel CPUs take 4 Q4_0 sequences by
-    activation rows side by side, the others by weight rows side by side."""
+def test_prefetch_level_is_picked_from_the_cpu() -> None:
+    """AMD Zen 4 (family 25, models 0x10-0x1F, 0x60-0x7F, 0xA0-0xAF) prefetches weights into L2;
+    every other CPU (Zen 3, the rest of family 25, among them) into L1."""
     vendor, family, model = _cpu_vendor_family_model()
     zen4 = vendor == "AuthenticAMD" and family == 25 and (model >> 4) in (0x1, 0x6, 0x7, 0xA)
-    seqs = zen4 or vendor == "GenuineIntel"
     assert _kernels.prefetch("auto") == ("l2" if zen4 else "l1")
-    assert _kernels.decode_tiles("auto") == ("ymm" if zen4 else "zmm")
-    assert _kernels.batch_tiles("auto") == ("seqs" if seqs else "rows")
-    with pytest.raises(ValueError, match="batch tiles 'cols': expected auto, rows or seqs"):
-        _kernels.batch_tiles("cols")
     with pytest.raises(ValueError, match="prefetch level 'l3': expected auto, l1 or l2"):
         _kernels.prefetch("l3")
-    with pytest.raises(ValueError, match="decode tiles 'xmm': expected auto, zmm or ymm"):
-        _kernels.decode_tiles("xmm")
     assert _kernels.prefetch() == ("l2" if zen4 else "l1")
-    assert _kernels.decode_tiles() == ("ymm" if zen4 else "zmm")
-    assert _kernels.batch_tiles() == ("seqs" if seqs else "rows")
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])

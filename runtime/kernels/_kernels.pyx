@@ -18,10 +18,6 @@ cdef extern from "kernels.h" nogil:
     const char *kernels_active()
     int kernels_prefetch(const char *where)
     const char *kernels_prefetch_active()
-    int kernels_decode_tiles(const char *which)
-    const char *kernels_decode_tiles_active()
-    int kernels_batch_tiles(const char *which)
-    const char *kernels_batch_tiles_active()
     ctypedef struct kernels_epilogue:
         const float *bias
         int gelu
@@ -93,25 +89,6 @@ def prefetch(str where="auto"):
     if kernels_prefetch(where.encode()) != 0:
         raise ValueError(f"prefetch level {where!r}: expected auto, l1 or l2")
     return kernels_prefetch_active().decode()
-
-
-def decode_tiles(str which="auto"):
-    """Which tiles the avx512vnni set's Q4_0 decode (one activation row) takes: "auto" (picked
-    from the CPU: ymm on AMD Zen 4), "zmm" or "ymm"; the same results either way. Returns the
-    tiles now in use. ValueError for any other name."""
-    if kernels_decode_tiles(which.encode()) != 0:
-        raise ValueError(f"decode tiles {which!r}: expected auto, zmm or ymm")
-    return kernels_decode_tiles_active().decode()
-
-
-def batch_tiles(str which="auto"):
-    """Which tiles the avx512vnni set's batched Q4_0 (4 activation rows) takes: "auto"
-    (picked from the CPU: seqs on AMD Zen 4), "rows" (weight rows side by side in a register) or
-    "seqs" (activation rows side by side); the same results either way. Returns the tiles now in
-    use. ValueError for any other name."""
-    if kernels_batch_tiles(which.encode()) != 0:
-        raise ValueError(f"batch tiles {which!r}: expected auto, rows or seqs")
-    return kernels_batch_tiles_active().decode()
 
 
 def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,

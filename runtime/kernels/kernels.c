@@ -71,28 +71,17 @@ static inline uint16_t fp32_to_fp16(float f) {
 typedef float (*dot_fn)(int64_t n, const void *x, const void *y);
 typedef void (*quantize_fn)(const float *x, void *y, int64_t k);
 
-/* Block i of four activation rows side by side, for BATCH_TILES: row s's bytes 0-15 at
- * lo[16s..], its bytes 16-31 at hi[16s..], its correction lanes 0-3 at clo[4s..] and 4-7 at
- * chi[4s..], its scale at d[4s..4s+3]. */
-typedef struct {
-    int8_t lo[64], hi[64];
-    int32_t clo[16], chi[16];
-    float d[16];
-} seq4_block;
-
 /* The activations of a matmul, quantized once per call, M rows of nb blocks each. Q8_0/Q4_0
  * weights: q holds the Q8_0 blocks, d each block's scale as float, and where the set's gemm
  * reads them (act_corr: the VNNI sets, AVX2 with Q4_0 weights) corr each block's 8 correction
  * lanes (-offset * the sums of bytes 4l..4l+3, offset = 128 for Q8_0 weights, 8 for Q4_0);
- * s4 the same, rows side by side, where BATCH_TILES takes them (else NULL); csum, for Q4_0 in
- * the block order (BLOCK_ORDER), each block's whole correction (else NULL).
+ * csum, for Q4_0 in the block order (BLOCK_ORDER), each block's whole correction (else NULL).
  * Q6_K weights: qk holds the Q8_K blocks. */
 typedef struct {
     const block_q8_0 *q;
     const float *d;
     const int32_t *corr;
     const int32_t *csum;
-    const seq4_block *s4;
     const block_q8_K *qk;
     int64_t nb;
 } q8_act;
@@ -111,7 +100,6 @@ typedef struct {
     gemm_fn gemm_q4_0_blocks;      /* many rows at once, each output as dot_q4_0_blocks */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
     unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
-    int seq4_tiles;                /* its Q4_0 gemm takes q8_act.s4 for 4 rows (BATCH_TILES) */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *v, float *y);
@@ -144,34 +132,6 @@ typedef struct {
  * where L1 was as fast or faster in every case (Q8_0 1 thread 161 against 171 ms, Q4_0 124
  * against 130; best of 7 alternated passes). kernels_prefetch sets it. */
 static int weights_to_l2 = 0;
-
-/* DECODE_TILES. On AMD Zen 4 a zmm instruction runs as two 256-bit halves, so the zmm tiles do
- * no more arithmetic per cycle than ymm ones, and for one activation row of Q4_0 their extra
- * steps (the 16-byte pieces broadcast to four lanes, the nibble and scale shuffles) take slots
- * of the two pipes that run vpdpbusd and the fmas. With ymm tiles (q_tile, one row per ymm as
- * in the AVX2 sets, with AVX512-VNNI's ymm vpdpbusd) a 3B Q4_0 model's decode matmuls took
- * 81.8 instead of 88.1 ms with 1 thread and 44.6 instead of 48.7 ms with 2 (medians of 7
- * alternated passes, the same bits); Q8_0 one row (120 against 113 ms), 2-4 rows of either
- * type (254 against 205 ms for 4 Q4_0 rows) and the Q6_K head a row at a time (9.2 against 5.6
- * ms) were slower with them. kernels_decode_tiles sets it (the avx512vnni set reads it; the
- * others have only ymm tiles). */
-static int decode_ymm = 0;
-
-/* BATCH_TILES. Four activation rows of Q4_0 (batched decode) in the avx512vnni set, on AMD Zen
- * 4: quad_tile512 holds four weight rows per zmm and broadcasts each activation block's
- * 16-byte halves to them, and its broadcasts take slots of the two pipes that run vpdpbusd and
- * the fmas there (DECODE_TILES). seq_tile512 turns the tile around: one zmm holds the rows'
- * activation blocks side by side (seq4_block, built once per call), and each weight row's 16
- * bytes are broadcast to them, one broadcast per row and block instead of four per activation
- * row, the same integer and float steps per lane, so the same bits. A 3B model's Q4_0 matmuls
- * for 4 sequences took 174 instead of 205 ms with 1 thread and 101-103 instead of 116-118 ms
- * with 2 (best and median of 5 alternated passes). With 2 or 3 rows the tile still computes
- * four rows' lanes, and was slower (2 rows: 167 against 124 ms, 3 rows: 173 against 168), so
- * those keep quad_tile512. On an Intel Xeon with AVX-512 (family 6, model 167) seq_tile512
- * with its high nibbles in place (Q4_HIGH_IN_PLACE) took 147-158 instead of 156-177 ms with 1
- * thread and 82-85 instead of 86-95 ms with 2 (4 alternated processes; quad_tile512 there: the
- * rows' tiles), so Intel CPUs take it too. kernels_batch_tiles sets it. */
-static int batch_seqs = 0;
 
 /* How far ahead of its use a weight stream is prefetched (see GROUPED_ROWS in kernels_impl.h):
  * into L1, 2 KiB; into L2 (Zen 4), 4 KiB, which L2 holds as easily for every stream of a tile,
@@ -331,8 +291,6 @@ int kernels_init(const char *which) {
         if (l2 > 0) l2_bytes = l2;
 #endif
         kernels_prefetch("auto");
-        kernels_decode_tiles("auto");
-        kernels_batch_tiles("auto");
         initialized = 1;
     }
     if (which == NULL || strcmp(which, "auto") == 0) {
@@ -373,8 +331,7 @@ int kernels_init(const char *which) {
 
 const char *kernels_active(void) { return K->name; }
 
-/* True if CPUID's vendor string (leaf 0: EBX, EDX, ECX) is `vendor`, such as "GenuineIntel"
- * (see BATCH_TILES) or "AuthenticAMD". */
+/* True if CPUID's vendor string (leaf 0: EBX, EDX, ECX) is `vendor`, such as "AuthenticAMD". */
 static int cpu_vendor_is(const char *vendor) {
 #if defined(KERNELS_X86) && defined(__GNUC__)
     unsigned a, b, c, d;
@@ -392,7 +349,7 @@ static int cpu_vendor_is(const char *vendor) {
 
 /* True on AMD Zen 4: family 25 with the models AMD gave that generation (0x10-0x1F EPYC Genoa,
  * 0x60-0x7F Ryzen 7000, 0xA0-0xAF EPYC Bergamo and Siena); family 25's other models are Zen 3.
- * See WEIGHT_PREFETCH and DECODE_TILES. */
+ * See WEIGHT_PREFETCH. */
 static int cpu_is_zen4(void) {
 #if defined(KERNELS_X86) && defined(__GNUC__)
     unsigned a, b, c, d;
@@ -423,16 +380,6 @@ static int set_choice(int *flag, const char *which, int auto_value, const char *
 int kernels_prefetch(const char *where) { return set_choice(&weights_to_l2, where, cpu_is_zen4(), "l1", "l2"); }
 
 const char *kernels_prefetch_active(void) { return weights_to_l2 ? "l2" : "l1"; }
-
-int kernels_decode_tiles(const char *which) { return set_choice(&decode_ymm, which, cpu_is_zen4(), "zmm", "ymm"); }
-
-const char *kernels_decode_tiles_active(void) { return decode_ymm ? "ymm" : "zmm"; }
-
-int kernels_batch_tiles(const char *which) {
-    return set_choice(&batch_seqs, which, cpu_is_zen4() || cpu_vendor_is("GenuineIntel"), "rows", "seqs");
-}
-
-const char *kernels_batch_tiles_active(void) { return batch_seqs ? "seqs" : "rows"; }
 
 /* ---- Q8_K activations (ggml uses the scalar reference on every CPU) ------------------------ */
 
@@ -543,22 +490,6 @@ static void apply_epilogue(const kernels_epilogue *ep, float *y, int64_t ldy, in
     }
 }
 
-/* The seq4_block layout of activation rows 0 .. 3, from their blocks q, scales d and
- * corrections corr (those of the high nibbles times 16, for seq_tile512's Q4_HIGH_IN_PLACE). */
-static void seq4_fill(seq4_block *s4, const block_q8_0 *q, const float *d, const int32_t *corr, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++)
-        for (int64_t m = 0; m < 4; m++) {
-            const int64_t at = m * nb + i;
-            memcpy(s4[i].lo + 16 * m, q[at].qs, 16);
-            memcpy(s4[i].hi + 16 * m, q[at].qs + 16, 16);
-            memcpy(s4[i].clo + 4 * m, corr + 8 * at, 4 * sizeof(int32_t));
-            for (int l = 0; l < 4; l++) {
-                s4[i].chi[4 * m + l] = 16 * corr[8 * at + 4 + l]; /* Q4_HIGH_IN_PLACE */
-                s4[i].d[4 * m + l] = d[at];
-            }
-        }
-}
-
 /* Weights with a tiled gemm: quantize the activations once (in parallel over rows), then the
  * gemm over chunks of weight rows. Q8_0/Q4_0 weights take Q8_0 activations with float scales
  * (and VNNI corrections); Q6_K weights take Q8_K activations. */
@@ -600,12 +531,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
             }
         }
     }
-    seq4_block *s4 = NULL;
-    if (batch_seqs && K->seq4_tiles && t->gemm == K->gemm_q4_0 && M == 4 && corr != NULL) {
-        s4 = (seq4_block *)aligned_alloc(64, (size_t)nb * sizeof(seq4_block));
-        if (s4 != NULL) seq4_fill(s4, (const block_q8_0 *)q, d, corr, nb);
-    }
-    const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, csum, s4, q8_0 ? NULL : (const block_q8_K *)q, nb};
+    const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, csum, q8_0 ? NULL : (const block_q8_K *)q, nb};
     const int nt = threads_for(n_threads, (N + 3) / 4);
     const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt, M);
     const int64_t n_chunks = (N + chunk - 1) / chunk;
@@ -620,7 +546,6 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     free(d);
     free(corr);
     free(csum);
-    free(s4);
     return 0;
 }
 

@@ -41,20 +41,6 @@ const char *kernels_active(void);
 int kernels_prefetch(const char *where);
 /* "l1" or "l2": where the matmuls prefetch weights now. */
 const char *kernels_prefetch_active(void);
-/* Which tiles the avx512vnni set's Q4_0 decode (one activation row) takes: "auto" (picked from
- * the CPU, see DECODE_TILES in kernels.c), "zmm" (four rows per register) or "ymm" (one row per
- * register). The same results either way. Returns 0 on success, -1 for any other name. */
-int kernels_decode_tiles(const char *which);
-/* "zmm" or "ymm": the Q4_0 decode tiles of the avx512vnni set now. */
-const char *kernels_decode_tiles_active(void);
-
-/* Which tiles the avx512vnni set's batched Q4_0 (4 activation rows) takes: "auto" (picked
- * from the CPU, see BATCH_TILES in kernels.c), "rows" (weight rows side by side in a zmm) or
- * "seqs" (activation rows side by side). The same results either way. Returns 0 on success, -1
- * for any other name. */
-int kernels_batch_tiles(const char *which);
-/* "rows" or "seqs": the batched Q4_0 tiles of the avx512vnni set now. */
-const char *kernels_batch_tiles_active(void);
 /* What kernels_matmul does to each output y[m, n] once it is computed, in this order (each step
  * rounds as the separate ggml op would): y += bias[n]; y = gelu_tanh(y) through ggml's table;
  * y += add[m, n] (a residual: float32 [M, N], not overlapping y). NULL / 0 skips a step. */

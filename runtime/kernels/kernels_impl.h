@@ -309,21 +309,6 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype
     }
 }
 
-/* Q_TILE_PAIRS. The avx512vnni set's ymm tiles, which run where DECODE_TILES picks them (Q4_0
- * decode on AMD Zen 4), take their blocks two per loop pass: a core there dispatches the ~59
- * instructions of a 4-row block at about six per cycle, and the pair shares the loop's counter,
- * compare and pointer steps (decode's Q4_0 matmuls of a 3B model 74-75.6 -> 71.6-73.9 ms with 1
- * thread, 50.0 -> 48.9 with 2; medians of 5-7 alternated passes, the same bits). Four per pass
- * was slower (73.3), and so was two per pass in the AVX2 set on the same core (93.8 against
- * 92.7), whose q_tile runs every Q4_0 and Q8_0 product on CPUs without AVX-512; so there it
- * stays one. */
-#undef Q_TILE_PAIRS /* this file is included once per kernel set */
-#ifdef KERNELS_AVX512
-#define Q_TILE_PAIRS 1
-#else
-#define Q_TILE_PAIRS 0
-#endif
-
 /* y[c * ldy + r * ys] = dot(weight row r, activation row m0 + c) for r < RW, c < RA, where weight
  * row r starts r * gs bytes after w. to_l2: a constant (AT_PREFETCH_LEVEL). */
 static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int RW, int RA, const uint8_t *w,
@@ -337,13 +322,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile)(int wtype, int 
     __m256 acc[4][8];
     for (int c = 0; c < RA; c++)
         for (int r = 0; r < RW; r++) acc[r][c] = _mm256_setzero_ps();
-    int64_t i = 0;
-    if (Q_TILE_PAIRS) /* each accumulator still takes the blocks in order: the same bits */
-        for (; i + 1 < nb; i += 2) {
-            SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i, yq, yd, yc, acc, to_l2);
-            SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i + 1, yq, yd, yc, acc, to_l2);
-        }
-    for (; i < nb; i++) SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i, yq, yd, yc, acc, to_l2);
+    for (int64_t i = 0; i < nb; i++) SUFFIX(q_tile_block)(wtype, RW, RA, w, gs, i, yq, yd, yc, acc, to_l2);
 #ifdef KERNELS_VNNI
     if (wtype == KT_Q4_0) /* Q4_HIGH_IN_PLACE: lanes 4-7 back from 16 times their value */
         for (int r = 0; r < RW; r++)
@@ -533,54 +512,6 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
         }
 }
 
-/* y[c * ldy + r * ys] = dot(Q4_0 weight row r, activation row c) for r < RW, c < 4, where
- * weight row r starts r * gs bytes after w and the activation rows are s4 (see BATCH_TILES):
- * lane 4c + l of lo[r] is row r's block_lanes lane l against activation row c (quad_tile512's
- * lane 4r + l of lo[q][c]), of hi[r] 16 times its lane 4 + l (the high nibbles stay in place,
- * as Q4_HIGH_IN_PLACE has them, against corrections 16 times theirs: one shift fewer per weight
- * row and block), so the same steps give the same bits once hi[r] is divided by 16. */
-static inline __attribute__((always_inline)) void SUFFIX(seq_tile512)(int RW, const uint8_t *w, size_t gs,
-                                                                      const seq4_block *s4, int64_t nb, float *y,
-                                                                      int64_t ldy, int64_t ys, int to_l2) {
-    const __m512i low = _mm512_set1_epi8(0xF);
-    __m512 lo[8], hi[8]; /* RW <= 8 */
-    for (int r = 0; r < RW; r++) lo[r] = hi[r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const seq4_block *sb = s4 + i;
-        const __m512i ylo = _mm512_load_si512(sb->lo), yhi = _mm512_load_si512(sb->hi);
-        const __m512i clo = _mm512_load_si512(sb->clo), chi = _mm512_load_si512(sb->chi);
-        const __m512 dy = _mm512_load_ps(sb->d);
-        for (int r = 0; r < RW; r++) {
-            const block_q4_0 *b = (const block_q4_0 *)(w + r * gs + (size_t)i * sizeof(block_q4_0));
-            prefetch_weights((const char *)b, to_l2);
-            const __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)b->qs));
-            const __m512 d = _mm512_mul_ps(_mm512_set1_ps(fp16_table[b->d]), dy);
-            const __m512i wl = _mm512_and_si512(z, low), wh = _mm512_andnot_si512(low, z);
-            lo[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(clo, wl, ylo)), lo[r]);
-            hi[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(chi, wh, yhi)), hi[r]);
-        }
-    }
-    for (int r = 0; r < RW; r++) {
-        float l16[16], h16[16];
-        _mm512_storeu_ps(l16, lo[r]);
-        _mm512_storeu_ps(h16, _mm512_mul_ps(hi[r], _mm512_set1_ps(1.0f / 16))); /* exact */
-        for (int c = 0; c < 4; c++)
-            y[c * ldy + r * ys] = SUFFIX(hsum8)(_mm256_set_m128(_mm_loadu_ps(h16 + 4 * c), _mm_loadu_ps(l16 + 4 * c)));
-    }
-}
-
-/* The 4 activation rows in a->s4 by seq_tile512: 8 weight rows from as many groups of
- * consecutive rows (see GROUPED_ROWS), then the rows left over one at a time. */
-static inline __attribute__((always_inline)) void SUFFIX(seq_tile512_row)(const uint8_t *w, size_t w_stride,
-                                                                          int64_t n_rows, const q8_act *a, float *y,
-                                                                          int64_t ldy) {
-    const int64_t g = n_rows / 8;
-    for (int64_t j = 0; j < g; j++)
-        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 8, w + j * w_stride, g * w_stride, a->s4, a->nb, y + j, ldy, g);
-    for (int64_t n = 8 * g; n < n_rows; n++)
-        AT_PREFETCH_LEVEL(SUFFIX(seq_tile512), 1, w + n * w_stride, w_stride, a->s4, a->nb, y + n, ldy, 1);
-}
-
 /* Activation rows m0 .. m0+RA-1 by quad_tile512: its 4 * RQ weight rows from as many groups of
  * consecutive rows (see GROUPED_ROWS); the rows left over go to q_tile512_row. */
 static inline __attribute__((always_inline)) void SUFFIX(quad_tile512_row)(int wtype, int RQ, int RA,
@@ -613,16 +544,8 @@ static inline __attribute__((always_inline)) void SUFFIX(gemm_q)(int wtype, cons
                                                                  int64_t n_rows, const q8_act *a, int64_t M, float *y,
                                                                  int64_t ldy) {
     int64_t m = 0;
-    if (wtype == KT_Q4_0 && a->s4 != NULL) { /* see BATCH_TILES */
-        SUFFIX(seq_tile512_row)(w, w_stride, n_rows, a, y, ldy);
-        return;
-    }
     for (; m + GEMM512_RA <= M; m += GEMM512_RA)
         SUFFIX(q_tile512_row)(wtype, GEMM512_RP, GEMM512_RA, w, w_stride, n_rows, a, m, y, ldy);
-    if (M == 1 && wtype == KT_Q4_0 && decode_ymm) { /* see DECODE_TILES */
-        SUFFIX(q_tile_row)(wtype, 4, 1, w, w_stride, n_rows, a, 0, y, ldy);
-        return;
-    }
     if (M - m <= 4) { /* decode, batched decode, a prompt's last rows */
         switch (M - m) {
         case 4: SUFFIX(quad_tile512_row)(wtype, 2, 4, w, w_stride, n_rows, a, m, y, ldy); break;
@@ -1279,9 +1202,6 @@ static const kernel_set SUFFIX(kernel_set) = {
     .gemm_q4_0 = SUFFIX(gemm_q4_0),
     .gemm_q4_0_blocks = SUFFIX(gemm_q4_0_blocks),
     .gemm_q6_K = SUFFIX(gemm_q6_K),
-#ifdef KERNELS_AVX512
-    .seq4_tiles = 1,
-#endif
 #ifdef KERNELS_VNNI
     .act_corr = 1u << KT_Q8_0 | 1u << KT_Q4_0,
 #elif defined(KERNELS_AVX2)
