@@ -188,6 +188,7 @@ GEMM_SHAPES = [
     (450, 2240, 9),
     # Q4_0 matrices of a multiple of 8 rows take the block order (BLOCK_ORDER): tiles of 8 rows
     # and of 4, one to four activation rows at a time
+    (8, 32, 2),
     (8, 64, 1),
     (16, 96, 3),
     (24, 256, 4),
@@ -506,3 +507,5 @@ def test_kernel_errors_are_clear(tmp_path: Path) -> None:
         _kernels.matmul(8, w, 32, x, out, 1, None, False, out)
     with pytest.raises(ValueError, match="f32_to_f16: out of 6 for 8 values"):
         _kernels.f32_to_f16(np.zeros(8, np.float32), np.zeros(6, np.uint16))
+    with pytest.raises(ValueError, match="vec_dot: n_out must be at least 1, got 0"):
+        _kernels.vec_dot(2, np.zeros(18, np.uint8), np.zeros(32, np.float32), 0)
