@@ -119,7 +119,7 @@ typedef struct {
  * per block. gemm_q4_0_blocks (kernels_impl.h) holds two weight rows per ymm and reduces the
  * rows' lanes by horizontal adds; on an AMD EPYC (Zen 4) core a 3072 x 3072 matmul of 256
  * activation rows ran at 87 instead of 60 GMAC/s, 4 rows at 87 instead of 80 and one at 46
- * instead of 41 (the AVX2 set: 53 instead of 43, 53 instead of 44, 40 instead of 32). traits_for
+ * instead of 41 (the AVX2 set: 58-62 instead of 43, 63 instead of 44, 41 instead of 32). traits_for
  * picks the order by the matrix's row count, as llama.cpp does. */
 
 /* WEIGHT_PREFETCH. The matmul tiles prefetch each weight stream PREFETCH_AHEAD bytes ahead of
