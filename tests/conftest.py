@@ -12,7 +12,7 @@ from tests.kernel_sets import SETS, using
 
 
 @pytest.fixture(scope="session")
-def llama_oracle() -> Iterator[Callable[..., Any]]:
+def llama_oracle() -> Callable[..., Any]:
     """A factory `(path, n_ctx=...) -> llama_cpp.Llama` with logits for every position.
 
     llama.cpp runs with its default settings, as users get it: Q4_0 matrices of a multiple of 8
@@ -35,7 +35,7 @@ def llama_oracle() -> Iterator[Callable[..., Any]]:
             **kw,
         )
 
-    yield load
+    return load
 
 
 @pytest.fixture(scope="session")

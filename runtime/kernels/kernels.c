@@ -439,12 +439,12 @@ static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_
     case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL, 0}; return 0;
     case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL, 0}; return 0;
     case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->gemm_q8_0, 128}; return 0;
-    case KT_Q4_0:
-        if (n_out % 8 == 0) /* BLOCK_ORDER */
-            *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0_blocks, K->gemm_q4_0_blocks, 8};
-        else
-            *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q4_0, K->gemm_q4_0, 8};
+    case KT_Q4_0: {
+        const int blocks = n_out % 8 == 0; /* BLOCK_ORDER */
+        *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, blocks ? K->dot_q4_0_blocks : K->dot_q4_0,
+                           blocks ? K->gemm_q4_0_blocks : K->gemm_q4_0, 8};
         return 0;
+    }
     case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, K->gemm_q6_K, 0}; return 0;
     default: return -1;
     }

@@ -161,6 +161,15 @@ static float SUFFIX(dot_q4_0)(int64_t n, const void *vx, const void *vy) {
 
 /* ---- Q8_0 / Q4_0 matmul over many rows: a register-tiled int8 GEMM ----------------------- */
 
+/* y[m * ldy + n] = dot(weight row n, activation row m) for n < n_rows, m0 <= m < m1, one dot
+ * product after another: the portable set's matmuls, and rows a tile leaves over. */
+static inline __attribute__((always_inline)) void SUFFIX(gemm_by_dots)(dot_fn dot, const uint8_t *w, size_t w_stride,
+                                                                         int64_t n_rows, const q8_act *a, int64_t m0,
+                                                                         int64_t m1, float *y, int64_t ldy) {
+    for (int64_t m = m0; m < m1; m++)
+        for (int64_t n = 0; n < n_rows; n++) y[m * ldy + n] = dot(a->nb * QK8_0, w + n * w_stride, a->q + m * a->nb);
+}
+
 /* Every output is one dot product computed exactly as dot_q8_0 / dot_q4_0 above compute it:
  * per block the same 8 integer lanes (lane l = sum of the products of bytes 4l..4l+3), then
  * acc = fma(fp16(x.d) * fp16(y.d), float(lanes), acc) in block order, then hsum8. The tiles only
@@ -598,14 +607,12 @@ static void SUFFIX(gemm_q4_0)(const uint8_t *w, size_t w_stride, int64_t n_rows,
 /* Portable: the single-row dot products, one after another. */
 static void SUFFIX(gemm_q8_0)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                               float *y, int64_t ldy) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < n_rows; n++) y[m * ldy + n] = SUFFIX(dot_q8_0)(a->nb * QK8_0, w + n * w_stride, a->q + m * a->nb);
+    SUFFIX(gemm_by_dots)(SUFFIX(dot_q8_0), w, w_stride, n_rows, a, 0, M, y, ldy);
 }
 
 static void SUFFIX(gemm_q4_0)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                               float *y, int64_t ldy) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < n_rows; n++) y[m * ldy + n] = SUFFIX(dot_q4_0)(a->nb * QK4_0, w + n * w_stride, a->q + m * a->nb);
+    SUFFIX(gemm_by_dots)(SUFFIX(dot_q4_0), w, w_stride, n_rows, a, 0, M, y, ldy);
 }
 #endif
 
@@ -658,9 +665,12 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_blocks_tile)(int RQ,
                                                                          int64_t ldy, int64_t ys, int to_l2) {
     const block_q8_0 *yq[4];
     const float *yd[4];
-    const int32_t *yc[4];
-    SUFFIX(act_rows)(a, m0, RA, yq, yd, yc);
-    for (int c = 0; c < RA; c++) yc[c] = a->csum + (m0 + c) * a->nb;
+    const int32_t *yc[4]; /* the blocks' whole corrections (q8_act.csum), not act_rows' lanes */
+    for (int c = 0; c < RA; c++) {
+        yq[c] = a->q + (m0 + c) * a->nb;
+        yd[c] = a->d + (m0 + c) * a->nb;
+        yc[c] = a->csum + (m0 + c) * a->nb;
+    }
     const __m256i low = _mm256_set1_epi8(0xF);
     __m256 acc[4];
     for (int c = 0; c < RA; c++) acc[c] = _mm256_setzero_ps();
@@ -718,9 +728,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_blocks_rows)(int RA,
         AT_PREFETCH_LEVEL(SUFFIX(q4_blocks_tile), 1, RA, w + n * w_stride, w_stride, a, m0, y + m0 * ldy + n, ldy, 1);
         n += 4;
     }
-    for (; n < n_rows; n++)
-        for (int c = 0; c < RA; c++)
-            y[(m0 + c) * ldy + n] = SUFFIX(dot_q4_0_blocks)(a->nb * QK4_0, w + n * w_stride, a->q + (m0 + c) * a->nb);
+    SUFFIX(gemm_by_dots)(SUFFIX(dot_q4_0_blocks), w + n * w_stride, w_stride, n_rows - n, a, m0, m0 + RA, y + n, ldy);
 }
 
 /* Activation rows per q4_blocks_tile: four. With AVX2's 16 registers the tile's eight weight
@@ -746,9 +754,7 @@ static void SUFFIX(gemm_q4_0_blocks)(const uint8_t *w, size_t w_stride, int64_t 
 /* Portable: the single-row dot products, one after another. */
 static void SUFFIX(gemm_q4_0_blocks)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                                      float *y, int64_t ldy) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < n_rows; n++)
-            y[m * ldy + n] = SUFFIX(dot_q4_0_blocks)(a->nb * QK4_0, w + n * w_stride, a->q + m * a->nb);
+    SUFFIX(gemm_by_dots)(SUFFIX(dot_q4_0_blocks), w, w_stride, n_rows, a, 0, M, y, ldy);
 }
 #endif
 
