@@ -634,23 +634,50 @@ static float SUFFIX(dot_q4_0_blocks)(int64_t n, const void *vx, const void *vy) 
 }
 
 #ifdef KERNELS_AVX2
-/* acc + the products of unsigned bytes u and signed bytes s, four to each 32-bit lane (nibble x
- * byte pairs cannot saturate maddubs) */
+#ifdef KERNELS_VNNI
+/* acc + the products of unsigned bytes u and signed bytes s, four to each 32-bit lane */
 static inline __attribute__((always_inline)) __m256i SUFFIX(dot_u8s8)(__m256i acc, __m256i u, __m256i s) {
 #if defined(KERNELS_AVX512)
     return _mm256_dpbusd_epi32(acc, u, s);
-#elif defined(KERNELS_VNNI)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #endif
 }
+#endif
 
-/* vphaddd(a, b) by two vshufps and an add: 4-6% faster on AMD Zen 4 */
-static inline __attribute__((always_inline)) __m256i SUFFIX(hadd_epi32)(__m256i a, __m256i b) {
+/* vphaddd(a, b) by two vshufps and an add (4-6% faster on AMD Zen 4): each 128-bit half's 32-bit
+ * units 0+1 and 2+3 of a, then of b. With in16, the units are added as two 16-bit lanes each. */
+static inline __attribute__((always_inline)) __m256i SUFFIX(hadd_units)(__m256i a, __m256i b, int in16) {
     const __m256 x = _mm256_castsi256_ps(a), y = _mm256_castsi256_ps(b);
-    return _mm256_add_epi32(_mm256_castps_si256(_mm256_shuffle_ps(x, y, 0x88)),
-                            _mm256_castps_si256(_mm256_shuffle_ps(x, y, 0xDD)));
+    const __m256i even = _mm256_castps_si256(_mm256_shuffle_ps(x, y, 0x88));
+    const __m256i odd = _mm256_castps_si256(_mm256_shuffle_ps(x, y, 0xDD));
+    return in16 ? _mm256_add_epi16(even, odd) : _mm256_add_epi32(even, odd);
+}
+
+/* The 32 products of one Q4_0 block per weight row of sum[0..3] (2 rows each, one per half, as
+ * q4_blocks_tile holds them): one 32-bit lane per row, rows 0, 2, 4, 6 in the low half and 1, 3,
+ * 5, 7 in the high. wl/wh are the unsigned nibbles, yl/yh the activation's halves. With VNNI each
+ * row's products go to 32-bit lanes at once. Without it, maddubs leaves pairs in 16-bit lanes; these
+ * are added (low and high nibbles, then two levels of the reduction) while they fit in 16 bits,
+ * and only then widened by one madd, 22 instructions for 8 rows where widening each first took
+ * 29: a nibble (0..15) times a byte (-128..127) is within [-1920, 1905], so 16 products are
+ * within [-30720, 30480], and the last level, 32, would not fit. */
+static inline __attribute__((always_inline)) __m256i SUFFIX(block_sums8)(int RQ, const __m256i *wl, const __m256i *wh,
+                                                                         __m256i yl, __m256i yh) {
+    __m256i sum[4];
+#ifdef KERNELS_VNNI
+    for (int p = 0; p < 2 * RQ; p++)
+        sum[p] = SUFFIX(dot_u8s8)(SUFFIX(dot_u8s8)(_mm256_setzero_si256(), wl[p], yl), wh[p], yh);
+    const __m256i h0 = SUFFIX(hadd_units)(sum[0], sum[1], 0);
+    const __m256i h1 = RQ == 2 ? SUFFIX(hadd_units)(sum[2], sum[3], 0) : h0;
+    return SUFFIX(hadd_units)(h0, h1, 0);
+#else
+    for (int p = 0; p < 2 * RQ; p++)
+        sum[p] = _mm256_add_epi16(_mm256_maddubs_epi16(wl[p], yl), _mm256_maddubs_epi16(wh[p], yh));
+    const __m256i h0 = SUFFIX(hadd_units)(sum[0], sum[1], 1);
+    const __m256i h1 = RQ == 2 ? SUFFIX(hadd_units)(sum[2], sum[3], 1) : h0;
+    return _mm256_madd_epi16(SUFFIX(hadd_units)(h0, h1, 1), _mm256_set1_epi16(1));
+#endif
 }
 
 /* y[c * ldy + r * ys] = dot_q4_0_blocks(weight row r, activation row m0 + c) for r < 4 * RQ,
@@ -694,12 +721,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_blocks_tile)(int RQ,
         for (int c = 0; c < RA; c++) {
             const __m256i yl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)yq[c][i].qs));
             const __m256i yh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(yq[c][i].qs + 16)));
-            __m256i sum[4];
-            for (int p = 0; p < 2 * RQ; p++)
-                sum[p] = SUFFIX(dot_u8s8)(SUFFIX(dot_u8s8)(_mm256_setzero_si256(), wl[p], yl), wh[p], yh);
-            const __m256i h0 = SUFFIX(hadd_epi32)(sum[0], sum[1]);
-            const __m256i h1 = RQ == 2 ? SUFFIX(hadd_epi32)(sum[2], sum[3]) : h0;
-            const __m256i total = _mm256_add_epi32(SUFFIX(hadd_epi32)(h0, h1), _mm256_set1_epi32(yc[c][i]));
+            const __m256i total = _mm256_add_epi32(SUFFIX(block_sums8)(RQ, wl, wh, yl, yh), _mm256_set1_epi32(yc[c][i]));
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
                                      _mm256_mul_ps(dx, _mm256_set1_ps(yd[c][i])), acc[c]);
         }
