@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -687,21 +688,24 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
 
 
-@pytest.mark.parametrize("madvise", [True, False], ids=["madvise", "page-reads"])
+@pytest.mark.parametrize("how", ["madvise", "madvise-in-pieces", "page-reads"])
 def test_populate_faults_in_the_whole_mapping(
-    fuzz_model: Path, tmp_path: Path, madvise: bool, monkeypatch: pytest.MonkeyPatch
+    fuzz_model: Path, tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """GGUFFile.populate (the server's pre-faulting after the header check) makes every page of a
-    parsed file resident, through madvise or, where the kernel lacks MADV_POPULATE_READ, by reading
-    one byte per page."""
+    parsed file resident, through madvise (POPULATE_CHUNK bytes per call, the last piece shorter)
+    or, where the kernel lacks MADV_POPULATE_READ, by reading one byte per page."""
     import runtime.gguf as gguf_module
 
-    if not madvise:
+    if how == "page-reads":
         monkeypatch.setattr(gguf_module, "_madvise_populate", lambda address, n_bytes: False)
     path = tmp_path / "big.gguf"
     shutil.copyfile(fuzz_model, path)
     with open(path, "ab") as f:  # padding after the tensor data: 16 MiB the parse never reads
         f.write(os.urandom(16 << 20))
+    if how == "madvise-in-pieces":  # two pieces, the second a third of the file: it cannot go unseen
+        piece = (path.stat().st_size * 2 // 3) & ~(mmap.PAGESIZE - 1)
+        monkeypatch.setattr(gguf_module, "POPULATE_CHUNK", piece)
     size_kib = path.stat().st_size >> 10
     with read_gguf(path) as f:
         before = _rss_kib()
