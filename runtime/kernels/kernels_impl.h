@@ -229,6 +229,18 @@ static inline __attribute__((always_inline)) __m256i SUFFIX(block_corr)(int wtyp
     return c;
 }
 
+#ifdef KERNELS_VNNI
+/* acc + the products of unsigned bytes u and signed bytes s, four to each 32-bit lane; with
+ * AVX-512, AVX512-VNNI's EVEX form of the instruction (CPUs with it may lack AVX-VNNI) */
+static inline __attribute__((always_inline)) __m256i SUFFIX(dot_u8s8)(__m256i acc, __m256i u, __m256i s) {
+#if defined(KERNELS_AVX512)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+#endif
+
 /* The block's 8 integer lanes as floats. VNNI: one dpbusd of the unsigned weights starting from
  * corr = -offset * (lane sums of y), which leaves exactly sum(w * y) per lane. AVX2, Q4_0: the
  * same with maddubs and madd (nibble x byte pairs cannot saturate), which spares ggml's two sign
@@ -240,12 +252,7 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(block_lanes)(int wtyp
                                                                         __m256i corr) {
 #ifdef KERNELS_VNNI
     (void)w_abs;
-#ifdef KERNELS_AVX512
-    /* AVX512-VNNI's EVEX form of the same instruction (CPUs with it may lack AVX-VNNI) */
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(corr, w, y));
-#else
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(corr, w, y));
-#endif
+    return _mm256_cvtepi32_ps(SUFFIX(dot_u8s8)(corr, w, y));
 #else
     if (wtype == KT_Q4_0) {
         const __m256i dot = _mm256_maddubs_epi16(w, y);
@@ -634,17 +641,6 @@ static float SUFFIX(dot_q4_0_blocks)(int64_t n, const void *vx, const void *vy) 
 }
 
 #ifdef KERNELS_AVX2
-#ifdef KERNELS_VNNI
-/* acc + the products of unsigned bytes u and signed bytes s, four to each 32-bit lane */
-static inline __attribute__((always_inline)) __m256i SUFFIX(dot_u8s8)(__m256i acc, __m256i u, __m256i s) {
-#if defined(KERNELS_AVX512)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#endif
-}
-#endif
-
 /* vphaddd(a, b) by two vshufps and an add (4-6% faster on AMD Zen 4): each 128-bit half's 32-bit
  * units 0+1 and 2+3 of a, then of b. With in16, the units are added as two 16-bit lanes each. */
 static inline __attribute__((always_inline)) __m256i SUFFIX(hadd_units)(__m256i a, __m256i b, int in16) {
