@@ -75,6 +75,7 @@ def split(path: str, threads: int, seqs: int, position: int, steps: int) -> tupl
     from runtime.kv_cache import KVCache
 
     with Model.load(path, n_threads=threads, n_ctx=position + steps + 1) as m:
+        m.wait_repacked()
         vocab = m.config.n_vocab
         logits = prefill(m.transformer, m.cache, [(17 * i) % vocab for i in range(position)])
         caches = [m.cache] + [KVCache(m.config, m.n_ctx) for _ in range(seqs - 1)]

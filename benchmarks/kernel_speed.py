@@ -9,6 +9,7 @@ best of `--repeat` calls as ms, GMAC/s and the weight bytes read per second (wha
 activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 3072,
 12288 x 3072, 3072 x 12288), Q6_K on the LM head of the Q4_0 models (49152 x 3072). The machine
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
+Where a set has a tile for repacked Q4_0 (runtime/repack.py), Q4_0 is also timed repacked.
 
     python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2] [--rows 1,4]
         [--prefetch l1,l2]
@@ -19,7 +20,8 @@ files, several times larger than the caches), in the order of a forward pass, be
 passes (alternating between the variants compared), as milliseconds per token and GB/s beside the
 read bandwidth. The single matmuls above come from the caches and so say little about decode.
 --sets defaults to every SIMD set this CPU runs; --prefetch l1,l2 compares prefetching the weights
-into L1 and into L2 (`auto` is what the runtime picks for this CPU).
+into L1 and into L2 (`auto` is what the runtime picks for this CPU); a Q4_0 model the runtime
+repacks is timed in both layouts.
 
     python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
 
@@ -32,6 +34,7 @@ decode's weight stream evicts them). Decode meets its attention cold.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -70,12 +73,12 @@ def random_weights(rng: np.random.Generator, t: GGMLType, n: int, k: int) -> np.
     return blocks.reshape(n, -1)
 
 
-def best_time(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int, repeat: int) -> float:
+def best_time(wtype: int, w: np.ndarray, x: np.ndarray, threads: int, repeat: int) -> float:
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        _kernels.matmul(int(t), w, x.shape[1], x, out, threads)
+        _kernels.matmul(wtype, w, x.shape[1], x, out, threads)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -97,32 +100,48 @@ def stream(
     print("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({n} thr)" for n in threads), flush=True)
     for name in types:
         with Model.load(ensure_model("3b", VARIANTS[name], False)) as model:
+            model.wait_repacked()
             tr = model.transformer
             linears = [lin for b in tr.blocks for lin in (b.wq, b.wk, b.wv, b.wqkv, b.wo, b.ffn_up, b.ffn_down) if lin]
             linears.append(tr.output)
             n_bytes = sum(lin.rows.nbytes for lin in linears)
+            # the file's layout, and the repacked one where the model repacked (runtime/repack.py)
+            in_file = [
+                dataclasses.replace(lin, rows=model.gguf.raw(lin.name).reshape(lin.rows.shape), repacked=False)
+                for lin in linears
+            ]
+            layouts = {"": in_file, " repacked": linears} if any(lin.repacked for lin in linears) else {"": linears}
             rng = np.random.default_rng(0)
-            variants = [(s, lv) for s in sets for lv in prefetch]
+            variants = [(s, lv, lay) for s in sets for lv in prefetch for lay in layouts if _takes(s, lay)]
             for m, n in ((m, n) for m in rows for n in threads):
                 x = {lin.n_in: rng.standard_normal((m, lin.n_in)).astype(np.float32) for lin in linears}
                 best = dict.fromkeys(variants, float("inf"))
                 for i in range(repeat + 1):  # passes alternate between variants; the first warms up
-                    for s, level in variants:
+                    for s, level, lay in variants:
                         _kernels.use(s)
                         _kernels.prefetch(level)
                         t0 = time.perf_counter()
-                        for lin in linears:
+                        for lin in layouts[lay]:
                             lin(x[lin.n_in], n)
                         if i:
-                            best[s, level] = min(best[s, level], time.perf_counter() - t0)
+                            best[s, level, lay] = min(best[s, level, lay], time.perf_counter() - t0)
                 cells = []
-                for (s, level), sec in best.items():
+                for (s, level, lay), sec in best.items():
                     gbs = n_bytes / sec / 1e9
-                    label = " ".join([s] + [level] * (len(prefetch) > 1))
+                    label = " ".join([s] + [level] * (len(prefetch) > 1)) + lay
                     cells.append(f"{label} {sec * 1e3:6.1f} ms {gbs:5.1f} GB/s ({100 * gbs / bandwidth[n]:.0f}%)")
                 print(f"{name} 3b decode matmuls, {m} seq, {n} thr: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
     _kernels.prefetch("auto")
+
+
+def _takes(kernel_set: str, layout: str) -> bool:
+    """Whether to time `layout` on `kernel_set`: the repacked one only where the set has its tile
+    (the others read it one output at a time, a fallback)."""
+    if not layout:
+        return True
+    _kernels.use(kernel_set)
+    return _kernels.repacks_q4_0()
 
 
 EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
@@ -203,9 +222,15 @@ def main() -> None:
                 cells = []
                 for s in sets:
                     _kernels.use(s)
-                    sec = best_time(t, w, x, threads[0], args.repeat)
-                    gmac, gbs = m * n * k / sec / 1e9, w.nbytes / sec / 1e9
-                    cells.append(f"{s} {sec * 1e3:7.2f} ms {gmac:6.1f} GMAC/s {gbs:5.1f} GB/s")
+                    layouts = [("", int(t), w)]
+                    if t == GGMLType.Q4_0 and _kernels.repacks_q4_0():  # the layout the runtime repacks to
+                        packed = np.empty_like(w)
+                        _kernels.repack_q4_0(w, k, packed)
+                        layouts.append((" repacked", _kernels.Q4_0_R16, packed))
+                    for label, wtype, weights in layouts:
+                        sec = best_time(wtype, weights, x, threads[0], args.repeat)
+                        gmac, gbs = m * n * k / sec / 1e9, w.nbytes / sec / 1e9
+                        cells.append(f"{s}{label} {sec * 1e3:7.2f} ms {gmac:6.1f} GMAC/s {gbs:5.1f} GB/s")
                 print(f"{name} {n}x{k} M={m}: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
 

@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="fill in the middle: generate what goes between the prompt (prefix) and this suffix",
     )
+    _add_no_repack(gen)
     gen.add_argument(
         "--no-special",
         dest="special",
@@ -318,10 +319,23 @@ def _add_serve(commands: Any, fmt: type[argparse.HelpFormatter], debug: argparse
         "a mismatch refuses to serve; a record of a successful check lets the next start skip the hash",
     )
     serve.add_argument("--rehash", action="store_true", help="hash the weights even when a check record exists")
+    _add_no_repack(serve)
     serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="server log level"
     )
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
+
+
+def _add_no_repack(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        default=None,
+        help="keep Q4_0 matrices in the file's layout; by default, on CPUs with AVX-512 VNNI, they are repacked "
+        "for its faster kernel while the model already serves (the same results, ~1.6 GB of memory "
+        "for a 3B model in place of the file's pages)",
+    )
 
 
 def _port(text: str) -> int:
@@ -493,7 +507,7 @@ def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     sampler = _TimedSampler(params)  # validates the parameters before the model is loaded
     max_tokens = None if args.n_predict < 0 else args.n_predict
-    with Model.load(args.model, n_threads=args.threads, n_ctx=args.ctx_size) as model:
+    with Model.load(args.model, n_threads=args.threads, n_ctx=args.ctx_size, repack=args.repack) as model:
         if args.infill_suffix is not None:
             ids = model.infill_ids(args.prompt, args.infill_suffix)
         else:
@@ -545,7 +559,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # The load starts now, and the HTTP stack is imported while the file is pre-faulted (without
     # the GIL): the first answer comes sooner than with one after the other.
-    load = ModelLoad(args.model, n_threads=args.threads, n_ctx=args.ctx, weights_sha256=sha256, rehash=args.rehash)
+    load = ModelLoad(
+        args.model,
+        n_threads=args.threads,
+        n_ctx=args.ctx,
+        weights_sha256=sha256,
+        rehash=args.rehash,
+        repack=args.repack,
+    )
     try:
         from runtime.server.serve import run
         from runtime.server.state import ServerConfig

@@ -34,23 +34,52 @@ class Model:
 
     One Model serves one generation at a time (it owns a single KV cache)."""
 
-    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, tokenizer: CodeTokenizer, n_ctx: int, n_threads: int) -> None:
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        cfg: ModelConfig,
+        tokenizer: CodeTokenizer,
+        n_ctx: int,
+        n_threads: int,
+        *,
+        repack: bool | None = None,
+    ) -> None:
         self.gguf = gguf
         self.config = cfg
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         self.n_threads = n_threads
-        self.transformer = Transformer(gguf, cfg, n_threads)
-        self.cache = KVCache(cfg, n_ctx)
+        self.transformer = Transformer(gguf, cfg, n_threads, repack=repack)
+        try:
+            self.cache = KVCache(cfg, n_ctx)
+        except BaseException:
+            self.transformer.close()
+            raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_ctx: int | None = None) -> Model:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        repack: bool | None = None,
+    ) -> Model:
         """Map `path` and check it fully (metadata, every tensor's shape and type, tokenizer).
-        n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs."""
-        return cls.open(read_gguf(path, populate=True), n_threads=n_threads, n_ctx=n_ctx)
+        n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs. repack: copy
+        the layers' Q4_0 matrices into the kernels' repacked layout (runtime/repack.py); None
+        (default) does where the CPU's kernel set has a tile for it; the same results either way."""
+        return cls.open(read_gguf(path, populate=True), n_threads=n_threads, n_ctx=n_ctx, repack=repack)
 
     @classmethod
-    def open(cls, f: GGUFFile, *, n_threads: int | None = None, n_ctx: int | None = None) -> Model:
+    def open(
+        cls,
+        f: GGUFFile,
+        *,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        repack: bool | None = None,
+    ) -> Model:
         """`load` on a file already mapped and parsed; the Model takes it over (and closes it if
         the model cannot be built)."""
         try:
@@ -70,7 +99,7 @@ class Model:
             threads = n_threads if n_threads is not None else default_threads()
             if threads < 1:
                 raise GenerationError(f"n_threads must be at least 1, got {threads}")
-            return cls(f, cfg, tokenizer, ctx, threads)
+            return cls(f, cfg, tokenizer, ctx, threads, repack=repack)
         except BaseException:
             f.close()
             raise
@@ -79,7 +108,14 @@ class Model:
     def path(self) -> Path:
         return self.gguf.path
 
+    def wait_repacked(self, timeout: float | None = None) -> bool:
+        """Wait until the Q4_0 matrices being repacked in the background (runtime/repack.py) all
+        serve repacked, as benchmarks do before timing; False on timeout. At once if none are."""
+        repacking = self.transformer.repacking
+        return repacking is None or repacking.wait(timeout)
+
     def close(self) -> None:
+        self.transformer.close()
         self.gguf.close()
 
     def __enter__(self) -> Model:

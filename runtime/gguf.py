@@ -97,8 +97,21 @@ class GGUFFile:
         (Python's mmap.madvise holds the GIL); on kernels without it, one read per page."""
         assert self._mmap is not None, "file is closed"
         data = np.frombuffer(self._mmap, dtype=np.uint8)
-        if not _madvise_populate(data.ctypes.data, data.nbytes):
+        if not _madvise(data.ctypes.data, data.nbytes, MADV_POPULATE_READ):
             data[:: mmap.PAGESIZE].max()
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages from this process (madvise(MADV_DONTNEED) over the whole
+        pages inside it): once a copy of it is made (runtime/repack.py), they need not count in
+        its RSS. They stay in the page cache, and reading the tensor again faults them back in."""
+        assert self._mmap is not None, "file is closed"
+        info = self._info(name)
+        data = np.frombuffer(self._mmap, dtype=np.uint8)
+        start = data.ctypes.data + info.offset
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + info.n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _madvise(first, last - first, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         if self._mmap is not None:
@@ -128,9 +141,10 @@ class GGUFFile:
 POPULATE_CHUNK = 64 << 20
 
 
-def _madvise_populate(address: int, n_bytes: int) -> bool:
-    """madvise(MADV_POPULATE_READ) over [address, address + n_bytes), POPULATE_CHUNK bytes per
-    call; False where unsupported."""
+def _madvise(address: int, n_bytes: int, advice: int) -> bool:
+    """madvise(advice) over [address, address + n_bytes), POPULATE_CHUNK bytes per call, through
+    ctypes, which lets other threads run meanwhile (Python's mmap.madvise holds the GIL); False
+    where unsupported."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):  # not Linux
@@ -138,7 +152,7 @@ def _madvise_populate(address: int, n_bytes: int) -> bool:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
     for offset in range(0, n_bytes, POPULATE_CHUNK):
-        if madvise(address + offset, min(POPULATE_CHUNK, n_bytes - offset), MADV_POPULATE_READ) != 0:
+        if madvise(address + offset, min(POPULATE_CHUNK, n_bytes - offset), advice) != 0:
             return False
     return True
 

@@ -8,7 +8,9 @@ Nearly all time goes to the quantized matmuls.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
+from runtime.repack import BackgroundRepack, Job, repackable
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,13 @@ class Block:
 
 
 class _Loader:
-    """Finds tensors by name and checks their shape and type, naming the tensor when wrong."""
+    """Finds tensors by name and checks their shape and type, naming the tensor when wrong.
+    own_vectors: float32 vectors are copied out of the file (repacking drops matrices' pages,
+    and reading a vector next to one would map them back: runtime/repack.py)."""
 
-    def __init__(self, f: GGUFFile) -> None:
+    def __init__(self, f: GGUFFile, own_vectors: bool = False) -> None:
         self.f = f
+        self.own_vectors = own_vectors
 
     def _get(self, name: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
         info = self.f.tensors.get(name)
@@ -60,7 +66,7 @@ class _Loader:
     def vector(self, name: str, n: int) -> np.ndarray:
         info = self._get(name, (n,))
         if info.ggml_type == GGMLType.F32:
-            return self.f.tensor(name)
+            return self.f.tensor(name).copy() if self.own_vectors else self.f.tensor(name)
         if info.ggml_type == GGMLType.F16:
             return self.f.tensor(name).astype(np.float32)
         raise UnsupportedModelError(
@@ -80,27 +86,43 @@ class _Loader:
             )
         raw = self.f.raw(name).reshape(n_out, -1)
         b = self.vector(f"{prefix}.bias", n_out) if bias else None
-        return Linear(raw, info.ggml_type, n_in, b)
+        return Linear(raw, info.ggml_type, n_in, b, name=name)
+
+
+# A Block's matrices: (its field, LayerStack's name for it)
+MATRICES = (
+    ("wq", "wq"),
+    ("wk", "wk"),
+    ("wv", "wv"),
+    ("wqkv", "wqkv"),
+    ("wo", "wo"),
+    ("ffn_up", "up"),
+    ("ffn_down", "down"),
+)
 
 
 def _linear_spec(lin: Linear | None) -> tuple[int, np.ndarray, np.ndarray | None] | None:
-    return None if lin is None else (int(lin.ggml_type), lin.rows, lin.bias)
+    return None if lin is None else (lin.kernel_type, lin.rows, lin.bias)
 
 
 def _layer_spec(b: Block) -> dict[str, object]:
     """One layer as _kernels.LayerStack takes it."""
     norms = {"attn_norm": (b.attn_norm.weight, b.attn_norm.bias), "ffn_norm": (b.ffn_norm.weight, b.ffn_norm.bias)}
-    mats = {"wq": b.wq, "wk": b.wk, "wv": b.wv, "wqkv": b.wqkv, "wo": b.wo, "up": b.ffn_up, "down": b.ffn_down}
-    return norms | {name: _linear_spec(lin) for name, lin in mats.items()}
+    return norms | {key: _linear_spec(getattr(b, field)) for field, key in MATRICES}
 
 
 class Transformer:
     """Weights plus the forward pass. `forward` appends tokens to a KVCache and returns logits."""
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int) -> None:
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int, *, repack: bool | None = None) -> None:
+        """repack: repack the layers' Q4_0 matrices on a thread of their own while the model
+        serves (runtime/repack.py; `repacking`); None: where the kernel set in use has a tile for
+        them. The same results either way."""
         self.cfg = cfg
         self.n_threads = n_threads
-        load = _Loader(f)
+        if repack is None:
+            repack = _kernels.repacks_q4_0()
+        load = _Loader(f, own_vectors=repack)
         E, F, V = cfg.n_embd, cfg.n_ff, cfg.n_vocab
         self.token_embd = load.linear("token_embd", V, E, bias=False)
         self.position_embd = (
@@ -153,6 +175,28 @@ class Transformer:
         # float64 [len(_kernels.LAYER_OPS)]: if set, every forward adds each layer op's seconds to it
         self.op_seconds: np.ndarray | None = None
         self._rope_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._forward_lock = threading.Lock()  # held by each forward pass and each repacked matrix's takeover
+        self._matrix_at: dict[str, tuple[int, str, str]] = {}  # tensor name: (layer, Block field, LayerStack name)
+        jobs = []
+        for il, layer in enumerate(self.blocks):
+            for field, key in MATRICES:
+                lin = getattr(layer, field)
+                if repack and lin is not None and repackable(f.tensors[lin.name]):
+                    self._matrix_at[lin.name] = (il, field, key)
+                    jobs.append(Job(lin.name, lin.rows, lin.n_in))
+        self.repacking = BackgroundRepack(f, jobs, self._take_over, self._forward_lock) if jobs else None
+
+    def _take_over(self, job: Job, copy: np.ndarray) -> None:
+        """The repacked copy of matrix `job` serves from now on (called with the forward lock held)."""
+        il, field, key = self._matrix_at[job.name]
+        lin = dataclasses.replace(getattr(self.blocks[il], field), rows=copy, repacked=True)
+        self.layers.set_linear(il, key, (lin.kernel_type, lin.rows, lin.bias))
+        self.blocks[il] = dataclasses.replace(self.blocks[il], **{field: lin})
+
+    def close(self) -> None:
+        """Stop repacking (before the file is unmapped)."""
+        if self.repacking is not None:
+            self.repacking.stop()
 
     def rope(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
         if self._rope_cache is None or self._rope_cache[0].shape[0] < n_ctx:
@@ -187,7 +231,8 @@ class Transformer:
             cos_all, sin_all = self.rope(max(c.n_ctx for c, _ in segments))
             cos, sin = cos_all[positions], sin_all[positions]
         cache_rows = [(c.k, c.v, c.n_past, n) for (c, _), n in zip(segments, lengths, strict=True)]
-        self.layers.forward(x, cache_rows, cos, sin, nt, self.op_seconds)
+        with self._forward_lock:
+            self.layers.forward(x, cache_rows, cos, sin, nt, self.op_seconds)
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n
         if not all_logits:

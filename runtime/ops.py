@@ -17,14 +17,21 @@ MATMUL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLTy
 class Linear:
     """y = x @ W.T (+ b). W stays in its file type: raw rows straight from the memory map."""
 
-    rows: np.ndarray  # uint8 [n_out, row_bytes], a view into the mapped file
+    rows: np.ndarray  # uint8 [n_out, row_bytes], a view into the mapped file (or its repacked copy)
     ggml_type: GGMLType
     n_in: int
     bias: np.ndarray | None = None  # float32 [n_out]
+    repacked: bool = False  # Q4_0 rows in the kernels' repacked layout (runtime/repack.py)
+    name: str = ""  # the tensor's name in the file
 
     @property
     def n_out(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def kernel_type(self) -> int:
+        """The matmul's weight type: the ggml type, or the repacked layout's."""
+        return _kernels.Q4_0_R16 if self.repacked else int(self.ggml_type)
 
     def __call__(
         self, x: np.ndarray, n_threads: int, *, gelu: bool = False, add: np.ndarray | None = None
@@ -32,11 +39,12 @@ class Linear:
         """x @ W.T + b, then gelu_tanh if `gelu`, then + `add` (a residual [M, n_out]), all in the
         matmul's threads as they finish their outputs (the bits of the separate steps)."""
         out = np.empty((x.shape[0], self.n_out), dtype=np.float32)
-        _kernels.matmul(int(self.ggml_type), self.rows, self.n_in, x, out, n_threads, self.bias, gelu, add)
+        _kernels.matmul(self.kernel_type, self.rows, self.n_in, x, out, n_threads, self.bias, gelu, add)
         return out
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows `ids` (embedding lookup): float32 [len(ids), n_in]."""
+        assert not self.repacked, "embeddings are never repacked"
         out = np.empty((len(ids), self.n_in), dtype=np.float32)
         _kernels.get_rows(int(self.ggml_type), self.rows, self.n_in, np.ascontiguousarray(ids, dtype=np.int64), out)
         return out

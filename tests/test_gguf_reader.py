@@ -698,7 +698,7 @@ def test_populate_faults_in_the_whole_mapping(
     import runtime.gguf as gguf_module
 
     if how == "page-reads":
-        monkeypatch.setattr(gguf_module, "_madvise_populate", lambda address, n_bytes: False)
+        monkeypatch.setattr(gguf_module, "_madvise", lambda address, n_bytes, advice: False)
     path = tmp_path / "big.gguf"
     shutil.copyfile(fuzz_model, path)
     with open(path, "ab") as f:  # padding after the tensor data: 16 MiB the parse never reads

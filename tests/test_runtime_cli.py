@@ -178,6 +178,16 @@ def test_generate_zero_tokens(models: dict[str, Path]) -> None:
     assert stats(p)[3] == "0" and stats(p)[2] == stats(p)[4] == "-"
 
 
+def test_generate_with_and_without_repacking(tmp_path: Path) -> None:
+    """--no-repack keeps Q4_0 matrices in the file's layout (runtime/repack.py): the same text."""
+    path = make_model(tmp_path / "q4_0.gguf", wtype="q4_0")
+    texts = [
+        cli("generate", "-m", str(path), "-p", PROMPT, "-n", "12", "--temp", "0", *extra).stdout
+        for extra in ([], ["--no-repack"])
+    ]
+    assert texts[0] == texts[1] and len(texts[0]) > 1
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

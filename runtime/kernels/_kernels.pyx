@@ -40,6 +40,10 @@ cdef extern from "kernels.h" nogil:
     float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k, int64_t n_out)
     uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
     int64_t kernels_row_bytes(int wtype, int64_t K)
+    int kernels_repacks_q4_0()
+    int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst,
+                            int n_threads)
+    enum: KT_Q4_0_R16
 
 cdef extern from "forward.h" nogil:
     ctypedef struct kernels_linear:
@@ -89,6 +93,30 @@ def prefetch(str where="auto"):
     if kernels_prefetch(where.encode()) != 0:
         raise ValueError(f"prefetch level {where!r}: expected auto, l1 or l2")
     return kernels_prefetch_active().decode()
+
+
+Q4_0_R16 = KT_Q4_0_R16  # the matmul's weight type for rows repack_q4_0 wrote (not a ggml type)
+
+
+def repacks_q4_0():
+    """True if the kernel set in use has a tile for repacked Q4_0 rows (a model should repack
+    its Q4_0 matrices at load); False if it would only read them by a slower path."""
+    return kernels_repacks_q4_0() != 0
+
+
+def repack_q4_0(const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out, int n_threads=1):
+    """out = W's Q4_0 rows (uint8 [N, row_bytes], N a multiple of 16) repacked for matmul with
+    weight type Q4_0_R16: the same bytes, interleaved by groups of 16 rows, the same results."""
+    cdef int64_t n = w.shape[0]
+    if out.shape[0] != n or out.shape[1] != w.shape[1] or w.shape[1] != kernels_row_bytes(2, k):
+        raise ValueError(f"repack_q4_0 shapes: W {n}x{w.shape[1]} of {k} elements, out {out.shape[0]}x{out.shape[1]}")
+    if n == 0:
+        return
+    cdef int rc
+    with nogil:
+        rc = kernels_repack_q4_0(&w[0, 0], w.shape[1], n, k, &out[0, 0], n_threads)
+    if rc != 0:
+        raise ValueError(f"repack_q4_0: {n} rows are not a multiple of 16")
 
 
 def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
@@ -385,6 +413,35 @@ cdef class LayerStack:
         if bias is not None:
             out.bias = self._vector(bias, n_out, il)
         return out
+
+    def set_linear(self, int il, str name, spec):
+        """Layer il's matrix `name` ("wq", "wk", "wv", "wqkv", "wo", "up" or "down") becomes `spec`,
+        of the same shape: how a repacked copy of its weights takes over (runtime/repack.py).
+        The caller makes sure that no `forward` runs meanwhile."""
+        if not 0 <= il < self.n_layer:
+            raise IndexError(f"LayerStack.set_linear: layer {il} of {self.n_layer}")
+        cdef kernels_linear *target
+        L = &self.layers[il]
+        if name == "wq":
+            target = &L.wq
+        elif name == "wk":
+            target = &L.wk
+        elif name == "wv":
+            target = &L.wv
+        elif name == "wqkv":
+            target = &L.wqkv
+        elif name == "wo":
+            target = &L.wo
+        elif name == "up":
+            target = &L.up
+        elif name == "down":
+            target = &L.down
+        else:
+            raise ValueError(f"LayerStack.set_linear: no matrix {name!r}")
+        if target.w == NULL:
+            raise ValueError(f"LayerStack.set_linear: layer {il} has no {name}")
+        cdef int64_t n_in = self.dims.n_ff if name == "down" else self.dims.n_embd
+        target[0] = self._linear(spec, target.n_out, n_in, il, name)
 
     def forward(self, float[:, ::1] x, list segments, cos=None, sin=None, int n_threads=1, timings=None):
         """Runs every layer over x [T, E] in place. `segments` are (k cache, v cache, n_past,

@@ -98,6 +98,8 @@ typedef struct {
     gemm_fn gemm_q8_0, gemm_q4_0;  /* many rows at once, each output as dot_q8_0 / dot_q4_0 */
     dot_fn dot_q4_0_blocks;        /* Q4_0 in llama.cpp's block order (BLOCK_ORDER) */
     gemm_fn gemm_q4_0_blocks;      /* many rows at once, each output as dot_q4_0_blocks */
+    gemm_fn gemm_q4_0_r16;         /* the same outputs from repacked rows (REPACKED_Q4_0) */
+    int repacks_q4_0;              /* the set has a tile for repacked rows: load should repack */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
     unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
@@ -166,6 +168,20 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
         else                                 \
             tile(__VA_ARGS__, 0);            \
     } while (0)
+
+/* REPACKED_Q4_0. Q4_0 matrices of a multiple of 16 rows, repacked once (kernels_repack_q4_0, on a
+ * thread of its own while the model serves: runtime/repack.py)
+ * for the AVX-512 tile (q4_r16_tile in kernels_impl.h), the way llama.cpp repacks Q4_0 by default
+ * (for the same reason: a block's 32 products per row summed into one 32-bit lane, with no
+ * horizontal adds). Rows 16g .. 16g+15 form group g, stored where those rows were; block i of
+ * group g takes R16_BYTES bytes at (g * nb + i) * R16_BYTES: the 16 rows' fp16 scales, then four
+ * units of 64 bytes, unit u holding bytes 4u .. 4u+3 of each of the 16 rows' nibbles (row r at
+ * 4r). One zmm load is then one unit of 16 rows: the low nibbles are elements 4u .. 4u+3 of each
+ * row, the high ones 16+4u .. 16+4u+3, which vpdpbusd multiplies by a broadcast of the same four
+ * activation bytes. Only the bytes move, so each output keeps the block order's bits
+ * (BLOCK_ORDER); the repacked bytes are as many as the file's. */
+#define R16_ROWS 16
+#define R16_BYTES (R16_ROWS * sizeof(block_q4_0))
 
 #define SUFFIX(name) name##_generic
 #define SUFFIX_NAME "generic"
@@ -426,6 +442,8 @@ typedef struct {
     dot_fn dot;
     gemm_fn gemm;           /* Q8_0/Q4_0/Q6_K: the tiled matmul; NULL: dot by dot */
     int act_offset;         /* what the VNNI gemm adds to the weight bytes to make them unsigned */
+    int block_order;        /* q8_act.csum: Q4_0 summed in the block order (BLOCK_ORDER) */
+    int64_t row_group;      /* rows a chunk keeps together: R16_ROWS for repacked Q4_0, else 4 */
 } type_traits;
 
 /* ggml sums F16/F32 products in tinyBLAS's order when llamafile_sgemm takes the product: two or
@@ -436,16 +454,24 @@ static int tinyblas_takes(int64_t n_out, int64_t n_rows, int64_t k) { return n_r
 static int traits_for(int wtype, int64_t n_out, int64_t n_rows, int64_t k, type_traits *t) {
     const int batched = tinyblas_takes(n_out, n_rows, k);
     switch (wtype) {
-    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL, 0}; return 0;
-    case KT_F16: *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL, 0}; return 0;
-    case KT_Q8_0: *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->gemm_q8_0, 128}; return 0;
+    case KT_F32: *t = (type_traits){1, 4, NULL, batched ? K->dot_f32_blas : K->dot_f32_vec, NULL, 0, 0, 4}; return 0;
+    case KT_F16:
+        *t = (type_traits){1, 2, K->quantize_f16, batched ? K->dot_f16_blas : K->dot_f16_vec, NULL, 0, 0, 4};
+        return 0;
+    case KT_Q8_0:
+        *t = (type_traits){QK8_0, sizeof(block_q8_0), K->quantize_q8_0, K->dot_q8_0, K->gemm_q8_0, 128, 0, 4};
+        return 0;
     case KT_Q4_0: {
         const int blocks = n_out % 8 == 0; /* BLOCK_ORDER */
         *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, blocks ? K->dot_q4_0_blocks : K->dot_q4_0,
-                           blocks ? K->gemm_q4_0_blocks : K->gemm_q4_0, 8};
+                           blocks ? K->gemm_q4_0_blocks : K->gemm_q4_0, 8, blocks, 4};
         return 0;
     }
-    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, K->gemm_q6_K, 0}; return 0;
+    case KT_Q4_0_R16: /* no single-row dot: a row's bytes are spread over its group */
+        if (n_out % R16_ROWS != 0) return -1;
+        *t = (type_traits){QK4_0, sizeof(block_q8_0), K->quantize_q8_0, NULL, K->gemm_q4_0_r16, 8, 1, R16_ROWS};
+        return 0;
+    case KT_Q6_K: *t = (type_traits){QK_K, sizeof(block_q8_K), quantize_q8_K, K->dot_q6_K, K->gemm_q6_K, 0, 0, 4}; return 0;
     default: return -1;
     }
 }
@@ -462,13 +488,13 @@ static int threads_for(int n_threads, int64_t work) {
  * its stream of reads cold (a 3B model decoded 3-7% faster with 2 threads than with 256 KiB,
  * near this machine's run-to-run noise).
  * At least four units per thread so that a thread slowed down by another process does not hold
- * up the call; a multiple of 4 so that tiles stay whole. */
-static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt, int64_t M) {
+ * up the call; a multiple of `group` (4, or 16 for repacked Q4_0) so that tiles stay whole. */
+static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt, int64_t M, int64_t group) {
     int64_t rows = (int64_t)(((M == 1 ? 4096u : 256u) << 10) / (row_bytes ? row_bytes : 1));
     const int64_t balanced = (N + 4 * nt - 1) / (4 * nt);
     if (rows > balanced) rows = balanced;
-    rows = (rows + 3) & ~(int64_t)3;
-    return rows < 4 ? 4 : rows;
+    rows = (rows + group - 1) / group * group;
+    return rows < group ? group : rows;
 }
 
 static void gelu_part(const float *x, float *y, int64_t n);
@@ -500,8 +526,8 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     const int q8_0 = wtype != KT_Q6_K;
     uint8_t *q = (uint8_t *)malloc(n_blocks * t->act_block_bytes);
     float *d = q8_0 ? (float *)malloc(n_blocks * sizeof(float)) : NULL;
-    const int block_order = t->gemm == K->gemm_q4_0_blocks;
-    const int with_corr = q8_0 && !block_order && (K->act_corr >> wtype & 1u);
+    const int block_order = t->block_order;
+    const int with_corr = q8_0 && !block_order && wtype < 32 && (K->act_corr >> wtype & 1u);
     int32_t *corr = with_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
     int32_t *csum = block_order ? (int32_t *)malloc(n_blocks * sizeof(int32_t)) : NULL;
     if (q == NULL || (q8_0 && d == NULL) || (with_corr && corr == NULL) || (block_order && csum == NULL)) {
@@ -533,7 +559,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     }
     const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, csum, q8_0 ? NULL : (const block_q8_K *)q, nb};
     const int nt = threads_for(n_threads, (N + 3) / 4);
-    const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt, M);
+    const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt, M, t->row_group);
     const int64_t n_chunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; c++) {
@@ -549,13 +575,36 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     return 0;
 }
 
+int kernels_repacks_q4_0(void) { return K->repacks_q4_0; }
+
+int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K_, uint8_t *dst,
+                        int n_threads) {
+    if (N % R16_ROWS != 0 || K_ % QK4_0 != 0 || src_row_bytes < (size_t)(K_ / QK4_0) * sizeof(block_q4_0)) return -1;
+    const int64_t nb = K_ / QK4_0, n_groups = N / R16_ROWS;
+    const int nt = threads_for(n_threads, n_groups);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < n_groups; g++) {
+        uint8_t *group = dst + (size_t)(g * nb) * R16_BYTES;
+        for (int64_t i = 0; i < nb; i++) {
+            uint8_t *out = group + (size_t)i * R16_BYTES;
+            for (int r = 0; r < R16_ROWS; r++) {
+                const block_q4_0 *b = (const block_q4_0 *)(src + (size_t)(g * R16_ROWS + r) * src_row_bytes) + i;
+                memcpy(out + 2 * r, &b->d, 2);
+                for (int u = 0; u < 4; u++) memcpy(out + 2 * R16_ROWS + 64 * u + 4 * r, b->qs + 4 * u, 4);
+            }
+        }
+    }
+    return 0;
+}
+
 int64_t kernels_row_bytes(int wtype, int64_t K) {
     int64_t block, bytes;
     switch (wtype) {
     case KT_F32: block = 1, bytes = sizeof(float); break;
     case KT_F16: block = 1, bytes = sizeof(uint16_t); break;
     case KT_Q8_0: block = QK8_0, bytes = sizeof(block_q8_0); break;
-    case KT_Q4_0: block = QK4_0, bytes = sizeof(block_q4_0); break;
+    case KT_Q4_0:
+    case KT_Q4_0_R16: block = QK4_0, bytes = sizeof(block_q4_0); break;
     case KT_Q6_K: block = QK_K, bytes = sizeof(block_q6_K); break;
     default: return -1;
     }
@@ -1353,7 +1402,7 @@ void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k) { quantize_q8_
 float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k, int64_t n_out) {
     /* the single-row dot product itself, not the gemm: tests compare the two */
     type_traits t;
-    if (traits_for(wtype, n_out, 1, k, &t) != 0 || k % t.block != 0) return NAN;
+    if (traits_for(wtype, n_out, 1, k, &t) != 0 || k % t.block != 0 || t.dot == NULL) return NAN;
     if (t.quantize == NULL) return t.dot(k, w_row, x);
     uint8_t *buf = (uint8_t *)malloc((size_t)(k / t.block) * t.act_block_bytes);
     if (buf == NULL) return NAN;

@@ -26,6 +26,8 @@ enum {
     KT_Q8_0 = 8,
     KT_Q6_K = 14,
     KT_Q8_K = 15,
+    /* not a ggml type: Q4_0 rows repacked by kernels_repack_q4_0 (REPACKED_Q4_0 in kernels.c) */
+    KT_Q4_0_R16 = 100,
 };
 
 /* Picks the kernel set: "auto" (best the CPU supports), "avx512vnni" (AVX-512 F/BW/VL/VNNI: zmm
@@ -56,6 +58,15 @@ typedef struct {
  * block size. */
 int kernels_matmul(int wtype, const uint8_t *w, size_t w_row_bytes, int64_t N, int64_t K,
                    const float *x, int64_t M, float *y, const kernels_epilogue *ep, int n_threads);
+
+/* 1 if the kernel set in use has a tile for repacked Q4_0 rows (KT_Q4_0_R16), which a model
+ * should then repack at load; 0 if it would only read them by a slower path. */
+int kernels_repacks_q4_0(void);
+
+/* Repacks N rows of K Q4_0 elements (src_row_bytes apart) into dst (N * K / 32 * 18 bytes),
+ * for kernels_matmul with KT_Q4_0_R16 and rows of K / 32 * 18 bytes. N must be a multiple of
+ * 16. Returns 0, or -1 for an N or K it cannot take. */
+int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst, int n_threads);
 
 /* Bytes of one weight row of K elements of type wtype, or -1 if the matmul does not take the
  * type or K is not a multiple of its block. */

@@ -45,6 +45,7 @@ class ModelLoad:
         n_ctx: int | None = None,
         weights_sha256: str | None = None,
         rehash: bool = False,
+        repack: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.model: Model | None = None
@@ -56,10 +57,12 @@ class ModelLoad:
         self._ended = False
         self._on_end: list[Callable[[ModelLoad], None]] = []
         # daemon: a SIGTERM during a long load is not held up by it
-        options = (n_threads, n_ctx, weights_sha256, rehash)
+        options = (n_threads, n_ctx, weights_sha256, rehash, repack)
         threading.Thread(target=self._run, args=options, name="llmctl-load", daemon=True).start()
 
-    def _run(self, n_threads: int | None, n_ctx: int | None, sha256: str | None, rehash: bool) -> None:
+    def _run(
+        self, n_threads: int | None, n_ctx: int | None, sha256: str | None, rehash: bool, repack: bool | None
+    ) -> None:
         t0 = time.monotonic()
         f: GGUFFile | None = None
         try:
@@ -75,7 +78,7 @@ class ModelLoad:
                 hashed = not verify_weights(self.path, sha256, rehash=rehash)
                 log.info("weights match sha256:%s (%s)", sha256, "hashed" if hashed else "check record")
             f.populate()
-            self.model = Model.open(f, n_threads=n_threads, n_ctx=n_ctx)
+            self.model = Model.open(f, n_threads=n_threads, n_ctx=n_ctx, repack=repack)
         except Exception as e:  # ModelError, OSError, MemoryError...: the server cannot serve
             self.error = failure_message(e)
             if f is not None:

@@ -1,0 +1,135 @@
+"""Q4_0 matrices repacked for the kernels' AVX-512 tile (REPACKED_Q4_0 in kernels.c), on a thread
+of their own while the model already serves.
+
+llama.cpp repacks Q4_0 weights at load by default; the runtime does too where its kernel set has
+a tile for the repacked layout (`_kernels.repacks_q4_0()`, the AVX-512 VNNI set): the same bytes,
+interleaved by groups of 16 rows, so that one vpdpbusd works on 16 rows at once and each row's
+block sum lands in its own lane. The results are the same bits as from the file's layout, so a
+model can serve from the file at once and let each repacked matrix take over when it is ready:
+a load does not wait for the copies (a page fault per huge page of them, which on a virtual
+machine can take seconds when the host backs the memory lazily).
+
+The copies live in one anonymous mapping backed by huge pages. Once a copy has taken over, the
+process drops the file's pages of that matrix (they stay in the page cache), so RSS stays near
+the file's size throughout: the file plus one matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.ggml_types import GGMLType
+from runtime.gguf import GGUFFile, TensorInfo
+from runtime.kernels import _kernels
+
+log = logging.getLogger("llmctl.runtime")
+
+GROUP_ROWS = 16  # rows interleaved together (R16_ROWS in kernels.c)
+HUGE_PAGE = 2 << 20
+ALIGN = 64  # each matrix starts on a cache line
+
+
+def repackable(info: TensorInfo) -> bool:
+    """A Q4_0 matrix whose rows split into whole groups."""
+    return info.ggml_type == GGMLType.Q4_0 and len(info.shape) == 2 and info.shape[0] % GROUP_ROWS == 0
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class Arena:
+    """Anonymous memory for `total` bytes of repacked matrices, on huge pages where the kernel
+    allows, handed out in order."""
+
+    def __init__(self, total: int) -> None:
+        # One huge page of slack so that the matrices start on a huge page boundary; the slack
+        # is never touched, so it costs address space only.
+        self._memory = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._memory.madvise(mmap.MADV_HUGEPAGE)
+        address = np.frombuffer(self._memory, dtype=np.uint8, count=1).ctypes.data
+        self._next = (-address) % HUGE_PAGE
+        self._end = self._next + total
+
+    def repack(self, rows: np.ndarray, n_in: int, n_threads: int) -> np.ndarray:
+        """A repacked copy of Q4_0 `rows` (uint8 [n_out, row_bytes], n_in elements each), for the
+        matmul's weight type `_kernels.Q4_0_R16`."""
+        if self._next + rows.size > self._end:
+            raise ValueError(f"Arena: {rows.size} bytes do not fit")
+        out = np.frombuffer(self._memory, dtype=np.uint8, count=rows.size, offset=self._next).reshape(rows.shape)
+        _kernels.repack_q4_0(rows, n_in, out, n_threads)
+        self._next += _round_up(rows.size, ALIGN)
+        return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One matrix to repack: tensor `name` of the file, its rows as the model reads them now."""
+
+    name: str
+    rows: np.ndarray
+    n_in: int
+
+
+class BackgroundRepack:
+    """Repacks `jobs` one after another on a daemon thread. Each copy takes over through
+    `install(job, copy)`, called with `lock` held (every forward pass holds it too, so none
+    runs with half its matrices swapped), after which the file's pages of the matrix leave the
+    process. A failure (out of memory...) is logged and stops the repacking; the matrices not yet
+    repacked keep serving from the file, with the same results."""
+
+    def __init__(
+        self,
+        f: GGUFFile,
+        jobs: Sequence[Job],
+        install: Callable[[Job, np.ndarray], None],
+        lock: threading.Lock,
+        n_threads: int = 1,
+    ) -> None:
+        self.error: str | None = None
+        self._f = f
+        self._jobs = list(jobs)
+        self._install = install
+        self._lock = lock
+        self._n_threads = n_threads
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmctl-repack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        done = 0
+        start = time.monotonic()
+        try:
+            arena = Arena(sum(_round_up(job.rows.size, ALIGN) for job in self._jobs))
+            for job in self._jobs:
+                if self._stop.is_set():
+                    return
+                copy = arena.repack(job.rows, job.n_in, self._n_threads)
+                with self._lock:
+                    self._install(job, copy)
+                    self._f.release(job.name)
+                done += 1
+            n_bytes = sum(job.rows.size for job in self._jobs)
+            seconds = time.monotonic() - start
+            log.info("repacked %d Q4_0 matrices (%.0f MiB) in %.1f s", done, n_bytes / 2**20, seconds)
+        except Exception as e:  # MemoryError, OSError: serving goes on from the file's layout
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("repacking Q4_0 matrices stopped after %d of %d: %s", done, len(self._jobs), self.error)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every matrix is repacked (or the repacking failed); False on timeout."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop after the matrix in hand and wait for the thread (before the file is unmapped)."""
+        self._stop.set()
+        self._thread.join()

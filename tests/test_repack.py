@@ -1,0 +1,237 @@
+"""Q4_0 matrices repacked for the AVX-512 tile (runtime/repack.py, REPACKED_Q4_0 in kernels.c):
+the layout, the same bits as the file's layout on every kernel set, and the model's background
+repacking: forward passes during it, the file's pages it gives back, closing and failing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime.repack as repack_module
+from runtime import Model
+from runtime.ggml_types import GGMLType
+from runtime.gguf import GGUFFile
+from runtime.kernels import _kernels
+from runtime.model import MATRICES
+from runtime.testing.make_model import make_model
+from tests.test_kernels import _activations, _random_q_rows
+
+Q4_0 = int(GGMLType.Q4_0)
+
+
+def _layout(rows: np.ndarray) -> np.ndarray:
+    """The repacked layout as REPACKED_Q4_0 describes it: per group of 16 rows and block, the 16
+    fp16 scales, then four units of each row's 4 quant bytes 4u .. 4u+3 (row r at 4r)."""
+    n, row_bytes = rows.shape
+    nb = row_bytes // 18
+    blocks = rows.reshape(n // 16, 16, nb, 18)  # group, row, block, bytes
+    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n // 16, nb, 32)
+    units = blocks[..., 2:].reshape(n // 16, 16, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n // 16, nb, 256)
+    return np.concatenate([scales, units], axis=2).reshape(n, row_bytes)
+
+
+def _repacked(rows: np.ndarray, k: int, threads: int = 2) -> np.ndarray:
+    out = np.empty_like(rows)
+    _kernels.repack_q4_0(rows, k, out, threads)
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (464, 2240)])
+def test_repack_writes_the_documented_layout(n: int, k: int) -> None:
+    rows = _random_q_rows(np.random.default_rng(n), GGMLType.Q4_0, n, k)
+    for threads in (1, 3):
+        assert np.array_equal(_repacked(rows, k, threads), _layout(rows))
+
+
+# (weight rows, row length): one group and many, rows as long as a down projection's, and enough
+# groups for several chunks per thread
+REPACK_SHAPES = [(16, 32), (32, 96), (48, 256), (64, 160), (112, 1024), (64, 4160), (464, 2240)]
+
+
+def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str) -> None:
+    """Every tile shape of the AVX-512 set (1 to 17 activation rows, groups side by side) and the
+    other sets' reading of the layout give the block order's bits, on every thread count."""
+    rng = np.random.default_rng(3)
+    for n, k in REPACK_SHAPES:
+        rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
+        packed = _repacked(rows, k)
+        for m in (1, 2, 3, 4, 5, 8, 9, 17):
+            x = _activations(rng, m, k)
+            ref = np.empty((m, n), dtype=np.float32)
+            _kernels.matmul(Q4_0, rows, k, x, ref, 1)
+            for threads in (1, 2, 3):
+                out = np.empty((m, n), dtype=np.float32)
+                _kernels.matmul(_kernels.Q4_0_R16, packed, k, x, out, threads)
+                assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (kernel_set, n, k, m, threads)
+
+
+def test_repacked_matmul_applies_the_epilogue(kernel_set: str) -> None:
+    rng = np.random.default_rng(4)
+    n, k, m = 64, 256, 3
+    rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
+    x = _activations(rng, m, k)
+    bias = rng.standard_normal(n).astype(np.float32)
+    add = rng.standard_normal((m, n)).astype(np.float32)
+    ref = np.empty((m, n), dtype=np.float32)
+    out = np.empty((m, n), dtype=np.float32)
+    _kernels.matmul(Q4_0, rows, k, x, ref, 2, bias, True, add)
+    _kernels.matmul(_kernels.Q4_0_R16, _repacked(rows, k), k, x, out, 2, bias, True, add)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_repacking_refuses_rows_that_are_not_whole_groups() -> None:
+    rows = _random_q_rows(np.random.default_rng(5), GGMLType.Q4_0, 24, 64)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        _kernels.repack_q4_0(rows, 64, np.empty_like(rows))
+    with pytest.raises(ValueError, match="shapes"):
+        _kernels.repack_q4_0(rows[:16], 96, np.empty_like(rows[:16]))
+    out = np.empty((1, 24), dtype=np.float32)
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        _kernels.matmul(_kernels.Q4_0_R16, rows, 64, np.ones((1, 64), np.float32), out)
+
+
+@pytest.fixture(scope="module")
+def q4_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("repack")
+    models = {
+        arch: make_model(d / f"{arch}.gguf", arch=arch, preset="small", wtype="q4_0", head_type="q6_k", seed=2)
+        for arch in ("starcoder2", "starcoder")
+    }
+    # layers spanning several huge pages of the file beyond the embeddings'
+    models["12 layers"] = make_model(d / "deep.gguf", preset="small", wtype="q4_0", head_type="q6_k", n_layer=12)
+    return models
+
+
+def _eval(path: Path, ids: list[int], repack: bool) -> np.ndarray:
+    with Model.load(path, n_ctx=256, repack=repack) as model:
+        assert model.wait_repacked(60)
+        return model.eval(ids)
+
+
+@pytest.mark.parametrize("arch", ["starcoder2", "starcoder"])
+def test_a_repacked_model_gives_the_same_logits(kernel_set: str, q4_models: dict[str, Path], arch: str) -> None:
+    """Prompt and decode rows alike (eval runs the prompt in one pass, complete decodes row by
+    row), on every kernel set: the AVX-512 tile, or the other sets reading the layout."""
+    ids = list(range(5, 105))
+    with Model.load(q4_models[arch], n_ctx=256, repack=True) as model:
+        assert model.wait_repacked(60)
+        assert model.transformer.repacking is not None and model.transformer.repacking.error is None
+        assert all(block.wo.repacked and block.ffn_down.repacked for block in model.transformer.blocks)
+        logits = model.eval(ids)
+        tokens = model.complete(ids[:20], max_tokens=12, temperature=0).tokens
+    with Model.load(q4_models[arch], n_ctx=256, repack=False) as plain:
+        assert plain.transformer.repacking is None
+        assert not any(block.wo.repacked for block in plain.transformer.blocks)
+        assert np.array_equal(logits.view(np.uint32), plain.eval(ids).view(np.uint32))
+        assert tokens == plain.complete(ids[:20], max_tokens=12, temperature=0).tokens
+
+
+def test_repacking_by_default_only_where_the_set_has_a_tile(q4_models: dict[str, Path]) -> None:
+    with Model.load(q4_models["starcoder2"], n_ctx=64) as model:
+        assert (model.transformer.repacking is not None) == _kernels.repacks_q4_0()
+    assert _kernels.repacks_q4_0() == (_kernels.active() == "avx512vnni")
+
+
+def _resident_pages(f: GGUFFile, name: str) -> np.ndarray:
+    """Addresses of the whole pages of tensor `name` mapped into this process (/proc/self/pagemap's
+    present bit); the pages it shares with its neighbours are left out."""
+    base = f.raw(name).ctypes.data
+    first, last = -(-base // 4096), (base + f.tensors[name].n_bytes) // 4096
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first) * 8), dtype=np.uint64)
+    return (first + np.flatnonzero(entries >> np.uint64(63))) * 4096
+
+
+def _stray_pages(model: Model, names: list[str]) -> dict[str, int]:
+    """Pages of the matrices `names` still mapped, except in the huge pages of the file that also
+    hold the embeddings, which stay in use (reading them maps their whole huge page back)."""
+    huge = repack_module.HUGE_PAGE
+    embd = model.gguf.raw("token_embd.weight")
+    shared = range(embd.ctypes.data // huge, (embd.ctypes.data + embd.size) // huge + 1)
+    counts = {name: sum(p // huge not in shared for p in _resident_pages(model.gguf, name)) for name in names}
+    return {name: n for name, n in counts.items() if n}
+
+
+def test_repacked_matrices_leave_the_files_pages(q4_models: dict[str, Path]) -> None:
+    """Once repacked, a matrix's pages of the mapped file are no longer in the process (RSS stays
+    near the file's size), even after forward passes that read the vectors beside them."""
+    with Model.load(q4_models["12 layers"], n_ctx=256, repack=True) as model:
+        f = model.gguf
+        names = [name for name, info in f.tensors.items() if repack_module.repackable(info)]
+        assert len(names) == 72 and model.wait_repacked(60)
+        model.eval(list(range(30)))
+        assert _stray_pages(model, names) == {}
+        embd, huge = f.raw("token_embd.weight"), repack_module.HUGE_PAGE
+        beyond = [n for n in names if f.raw(n).ctypes.data // huge > (embd.ctypes.data + embd.size) // huge]
+        assert len(beyond) > len(names) // 2  # the check covers most matrices
+        assert len(_resident_pages(f, "token_embd.weight")) > 0
+
+
+def test_forward_passes_while_repacking_give_the_same_bits(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repacking thread is held after 36 of the 72 matrices: the model then serves from both
+    layouts at once, the file's pages of those 36 already given back; then forward passes run
+    while the rest is repacked. Every pass gives the same bits, and in the end no page of a
+    repacked matrix stays mapped (a pass that reads a matrix in a huge page of the file beside a
+    released one maps that whole huge page back; releasing the second one drops it again)."""
+    path, ids = q4_models["12 layers"], list(range(40, 90))
+    reference = _eval(path, ids, repack=False)
+    half_done, go_on = threading.Event(), threading.Event()
+    original = repack_module.Arena.repack
+    calls = 0
+
+    def held_halfway(self: repack_module.Arena, rows: np.ndarray, n_in: int, n_threads: int) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 37:
+            half_done.set()
+            assert go_on.wait(60)
+        return original(self, rows, n_in, n_threads)
+
+    monkeypatch.setattr(repack_module.Arena, "repack", held_halfway)
+    with Model.load(path, n_ctx=256, repack=True) as model:
+        assert half_done.wait(60)
+        matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
+        repacked = [lin.name for lin in matrices if lin is not None and lin.repacked]
+        assert len(repacked) == 36
+        assert _stray_pages(model, repacked) == {}
+        assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
+        go_on.set()
+        passes = 0
+        while not model.wait_repacked(0):
+            assert np.array_equal(model.eval(ids[:8]).view(np.uint32), reference[:8].view(np.uint32))
+            passes += 1
+        assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
+        all_names = [name for name, info in model.gguf.tensors.items() if repack_module.repackable(info)]
+        assert _stray_pages(model, all_names) == {}, passes
+
+
+def test_closing_a_model_stops_its_repacking(q4_models: dict[str, Path]) -> None:
+    model = Model.load(q4_models["starcoder2"], n_ctx=64, repack=True)
+    repacking = model.transformer.repacking
+    model.close()
+    assert repacking is not None and repacking.wait(0)
+
+
+def test_a_failed_repacking_is_logged_and_the_model_serves_on(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_memory(self: repack_module.Arena, total: int) -> None:
+        raise MemoryError("cannot map 1 GiB")
+
+    ids = list(range(10, 40))
+    reference = _eval(q4_models["starcoder2"], ids, repack=False)
+    monkeypatch.setattr(repack_module.Arena, "__init__", no_memory)
+    with caplog.at_level(logging.WARNING, logger="llmctl.runtime"):
+        with Model.load(q4_models["starcoder2"], n_ctx=256, repack=True) as model:
+            assert model.wait_repacked(60)
+            repacking = model.transformer.repacking
+            assert repacking is not None and repacking.error == "MemoryError: cannot map 1 GiB"
+            assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
+    assert "repacking Q4_0 matrices stopped after 0 of" in caplog.text
