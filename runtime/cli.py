@@ -332,9 +332,9 @@ def _add_no_repack(parser: argparse.ArgumentParser) -> None:
         dest="repack",
         action="store_false",
         default=None,
-        help="keep Q4_0 matrices in the file's layout; by default, on CPUs with AVX-512 VNNI, they are repacked "
-        "for its faster kernel while the model already serves (the same results, ~1.6 GB of memory "
-        "for a 3B model in place of the file's pages)",
+        help="keep Q4_0 matrices in the file's layout; by default, on CPUs with AVX2, they are repacked for "
+        "faster kernels while the model already serves (the same results, ~1.6 GB of memory for a 3B "
+        "model in place of the file's pages)",
     )
 
 

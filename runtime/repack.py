@@ -1,10 +1,10 @@
-"""Q4_0 matrices repacked for the kernels' AVX-512 tile (REPACKED_Q4_0 in kernels.c), on a thread
+"""Q4_0 matrices repacked for the kernels' repacked tiles (REPACKED_Q4_0 in kernels.c), on a thread
 of their own while the model already serves.
 
 llama.cpp repacks Q4_0 weights at load by default; the runtime does too where its kernel set has
-a tile for the repacked layout (`_kernels.repacks_q4_0()`, the AVX-512 VNNI set): the same bytes,
-interleaved by groups of 16 rows, so that one vpdpbusd works on 16 rows at once and each row's
-block sum lands in its own lane. The results are the same bits as from the file's layout, so a
+a tile for the repacked layout (`_kernels.repacks_q4_0()`: every SIMD set): the same bytes,
+interleaved by groups of 16 rows, so that one vpdpbusd (or maddubs) works on 8 or 16 rows at once
+and each row's block sum lands in its own lane. The results are the same bits as from the file's layout, so a
 model can serve from the file at once and let each repacked matrix take over when it is ready:
 a load does not wait for the copies (a page fault per huge page of them, which on a virtual
 machine can take seconds when the host backs the memory lazily).

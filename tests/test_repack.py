@@ -1,4 +1,4 @@
-"""Q4_0 matrices repacked for the AVX-512 tile (runtime/repack.py, REPACKED_Q4_0 in kernels.c):
+"""Q4_0 matrices repacked for the SIMD sets' tiles (runtime/repack.py, REPACKED_Q4_0 in kernels.c):
 the layout, the same bits as the file's layout on every kernel set, and the model's background
 repacking: forward passes during it, the file's pages it gives back, closing and failing."""
 
@@ -53,8 +53,9 @@ REPACK_SHAPES = [(16, 32), (32, 96), (48, 256), (64, 160), (112, 1024), (64, 416
 
 
 def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str) -> None:
-    """Every tile shape of the AVX-512 set (1 to 17 activation rows, groups side by side) and the
-    other sets' reading of the layout give the block order's bits, on every thread count."""
+    """Every tile shape of the SIMD sets (1 to 17 activation rows, groups side by side, zmm and
+    ymm, with and without VNNI) and the portable set's reading of the layout give the block
+    order's bits, on every thread count."""
     rng = np.random.default_rng(3)
     for n, k in REPACK_SHAPES:
         rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
@@ -115,7 +116,7 @@ def _eval(path: Path, ids: list[int], repack: bool) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["starcoder2", "starcoder"])
 def test_a_repacked_model_gives_the_same_logits(kernel_set: str, q4_models: dict[str, Path], arch: str) -> None:
     """Prompt and decode rows alike (eval runs the prompt in one pass, complete decodes row by
-    row), on every kernel set: the AVX-512 tile, or the other sets reading the layout."""
+    row), on every kernel set: the SIMD sets' tiles, or the portable set reading the layout."""
     ids = list(range(5, 105))
     with Model.load(q4_models[arch], n_ctx=256, repack=True) as model:
         assert model.wait_repacked(60)
@@ -130,10 +131,10 @@ def test_a_repacked_model_gives_the_same_logits(kernel_set: str, q4_models: dict
         assert tokens == plain.complete(ids[:20], max_tokens=12, temperature=0).tokens
 
 
-def test_repacking_by_default_only_where_the_set_has_a_tile(q4_models: dict[str, Path]) -> None:
+def test_repacking_by_default_only_where_the_set_has_a_tile(kernel_set: str, q4_models: dict[str, Path]) -> None:
+    assert _kernels.repacks_q4_0() == (kernel_set != "generic")
     with Model.load(q4_models["starcoder2"], n_ctx=64) as model:
-        assert (model.transformer.repacking is not None) == _kernels.repacks_q4_0()
-    assert _kernels.repacks_q4_0() == (_kernels.active() == "avx512vnni")
+        assert (model.transformer.repacking is not None) == (kernel_set != "generic")
 
 
 def _resident_pages(f: GGUFFile, name: str) -> np.ndarray:

@@ -170,16 +170,17 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
     } while (0)
 
 /* REPACKED_Q4_0. Q4_0 matrices of a multiple of 16 rows, repacked once (kernels_repack_q4_0, on a
- * thread of its own while the model serves: runtime/repack.py)
- * for the AVX-512 tile (q4_r16_tile in kernels_impl.h), the way llama.cpp repacks Q4_0 by default
- * (for the same reason: a block's 32 products per row summed into one 32-bit lane, with no
- * horizontal adds). Rows 16g .. 16g+15 form group g, stored where those rows were; block i of
+ * thread of its own while the model serves: runtime/repack.py) for the SIMD sets' tiles
+ * (q4_r16_tile and q4_r16_tile256 in kernels_impl.h), the way llama.cpp repacks Q4_0 by default
+ * and for the same reason: a block's 32 products per row summed into one 32-bit lane, with no
+ * horizontal adds. Rows 16g .. 16g+15 form group g, stored where those rows were; block i of
  * group g takes R16_BYTES bytes at (g * nb + i) * R16_BYTES: the 16 rows' fp16 scales, then four
  * units of 64 bytes, unit u holding bytes 4u .. 4u+3 of each of the 16 rows' nibbles (row r at
- * 4r). One zmm load is then one unit of 16 rows: the low nibbles are elements 4u .. 4u+3 of each
- * row, the high ones 16+4u .. 16+4u+3, which vpdpbusd multiplies by a broadcast of the same four
- * activation bytes. Only the bytes move, so each output keeps the block order's bits
- * (BLOCK_ORDER); the repacked bytes are as many as the file's. */
+ * 4r). One zmm load is then one unit of 16 rows (a ymm load one of 8): the low nibbles are
+ * elements 4u .. 4u+3 of each row, the high ones 16+4u .. 16+4u+3, which vpdpbusd (or maddubs)
+ * multiplies by a broadcast of the same four activation bytes. Only the bytes move, so each
+ * output keeps the block order's bits (BLOCK_ORDER); the repacked bytes are as many as the
+ * file's. */
 #define R16_ROWS 16
 #define R16_BYTES (R16_ROWS * sizeof(block_q4_0))
 

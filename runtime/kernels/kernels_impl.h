@@ -776,13 +776,14 @@ static void SUFFIX(gemm_q4_0_blocks)(const uint8_t *w, size_t w_stride, int64_t 
 
 /* ---- Q4_0 repacked (REPACKED_Q4_0 in kernels.c) ------------------------------------------- */
 
-#ifdef KERNELS_AVX512
+#ifdef KERNELS_AVX2
 #ifndef R16_RG_MAX
-#define R16_RG_MAX 4
+#define R16_RG_MAX 4 /* most groups per tile */
 #endif
 #ifndef R16_RA_MAX
-#define R16_RA_MAX 8
+#define R16_RA_MAX 8 /* most activation rows per tile */
 #endif
+#ifdef KERNELS_AVX512
 /* y[c * ldy + g * ys + r] = dot_q4_0_blocks(row r of group g, activation row m0 + c) for g < RG,
  * c < RA: groups gs bytes apart from w. Per block, each group's four units are loaded once and
  * split into low and high nibbles; each activation row then takes 8 vpdpbusd per group, each
@@ -830,6 +831,103 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
         for (int c = 0; c < RA; c++) _mm512_storeu_ps(y + c * ldy + g * ys, acc[g][c]);
 }
 
+/* Tile shapes (override with -D to try others), measured on an AMD EPYC Zen 4 core. Prompts: 8
+ * activation rows by 1 group, 170-177 GMAC/s for 256 rows of the 3B shapes from L2 (the file
+ * layout's tile: 86-90); 12 and 16 rows, or 2 groups, were as fast or slower. Batched decode (3 or
+ * 4 rows): 2 groups, the 3B model's Q4_0 matrices for 4 sequences in 80 ms with 1 thread against
+ * 88 with 1 group and 99 with 4 (51 against 53 and 56 with 2 threads). Decode (1 or 2 rows): 4
+ * groups, as far apart as the rows allow (GROUPED_ROWS): 64-66 ms against 66-71 with 2 and 72-79
+ * with 1 (8: the same as 4). */
+#ifndef R16_RA512
+#define R16_RA512 8
+#endif
+#ifndef R16_RG_BATCH512
+#define R16_RG_BATCH512 2
+#endif
+#ifndef R16_RG_DECODE512
+#define R16_RG_DECODE512 4
+#endif
+#define R16_RA R16_RA512
+#define R16_RG_BATCH R16_RG_BATCH512
+#define R16_RG_DECODE R16_RG_DECODE512
+#else
+/* q4_r16_tile in ymm registers: each group as two halves of 8 rows (a unit's low and high 32
+ * bytes). Without VNNI, maddubs leaves each row's products in pairs in two 16-bit lanes; a
+ * block's 8 vectors of them are added while they fit in 16 bits (16 products of a nibble and a
+ * byte, within [-30720, 30480]) and one madd widens each row's two lanes into its 32-bit lane.
+ * On an AMD Zen 4 core (the AVX2 set, and the avxvnni code as avxvnni-evex), against the block
+ * order's tile: one activation row 33% (AVX2) and 75-100% (VNNI) faster from the caches, the 3B
+ * Q4_0 decode matmuls 72 instead of 81 ms with 1 thread and 50-52 instead of 68-69 with 2; 4 and
+ * 256 rows as fast with AVX2 (the maddubs steps bound both) and 30% faster with VNNI. */
+static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, int RA, const uint8_t *w, size_t gs,
+                                                                      const q8_act *a, int64_t m0, float *y,
+                                                                      int64_t ldy, int64_t ys, int to_l2) {
+    const block_q8_0 *yq[R16_RA_MAX];
+    const float *yd[R16_RA_MAX];
+    const int32_t *yc[R16_RA_MAX];
+    SUFFIX(act_rows)(a, m0, RA, a->csum, 1, yq, yd, yc);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[2 * R16_RG_MAX][R16_RA_MAX];
+    for (int h = 0; h < 2 * RG; h++)
+        for (int c = 0; c < RA; c++) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < a->nb; i++) {
+        for (int g = 0; g < RG; g++) {
+            const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
+            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_weights(b + o, to_l2);
+            for (int h = 0; h < 2; h++) {
+                const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
+                __m256i wl[4], wh[4];
+                for (int u = 0; u < 4; u++) {
+                    const __m256i z = _mm256_loadu_si256((const __m256i *)(b + 2 * R16_ROWS + 64 * u + 32 * h));
+                    wl[u] = _mm256_and_si256(z, low);
+                    wh[u] = _mm256_and_si256(_mm256_srli_epi16(z, 4), low);
+                }
+                for (int c = 0; c < RA; c++) {
+                    const int32_t *yw = (const int32_t *)yq[c][i].qs;
+#ifdef KERNELS_VNNI
+                    __m256i s0 = _mm256_set1_epi32(yc[c][i]), s1 = _mm256_setzero_si256();
+                    for (int u = 0; u < 4; u++) {
+                        s0 = SUFFIX(dot_u8s8)(s0, wl[u], _mm256_set1_epi32(yw[u]));
+                        s1 = SUFFIX(dot_u8s8)(s1, wh[u], _mm256_set1_epi32(yw[4 + u]));
+                    }
+                    const __m256i sum = _mm256_add_epi32(s0, s1);
+#else
+                    __m256i p0 = _mm256_maddubs_epi16(wl[0], _mm256_set1_epi32(yw[0]));
+                    __m256i p1 = _mm256_maddubs_epi16(wh[0], _mm256_set1_epi32(yw[4]));
+                    for (int u = 1; u < 4; u++) {
+                        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(wl[u], _mm256_set1_epi32(yw[u])));
+                        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(wh[u], _mm256_set1_epi32(yw[4 + u])));
+                    }
+                    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), _mm256_set1_epi16(1)),
+                                                         _mm256_set1_epi32(yc[c][i]));
+#endif
+                    acc[2 * g + h][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
+                                                        _mm256_mul_ps(dx, _mm256_set1_ps(yd[c][i])), acc[2 * g + h][c]);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < RG; g++)
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < RA; c++) _mm256_storeu_ps(y + c * ldy + g * ys + 8 * h, acc[2 * g + h][c]);
+}
+
+/* Tile shapes, measured as above: 4 activation rows by 1 group (2 rows: 15% slower for 4
+ * sequences); one row by 2 groups (1: 25% slower, 4: 8%). */
+#ifndef R16_RA256
+#define R16_RA256 4
+#endif
+#ifndef R16_RG_BATCH256
+#define R16_RG_BATCH256 1
+#endif
+#ifndef R16_RG_DECODE256
+#define R16_RG_DECODE256 2
+#endif
+#define R16_RA R16_RA256
+#define R16_RG_BATCH R16_RG_BATCH256
+#define R16_RG_DECODE R16_RG_DECODE256
+#endif
+
 /* Activation rows m0 .. m0+RA-1 against n_groups groups: tiles of RG groups, which are as many
  * parts of the rows apart (GROUPED_ROWS), then single groups for what is left. */
 static inline __attribute__((always_inline)) void SUFFIX(q4_r16_rows)(int RG, int RA, const uint8_t *w, size_t gbytes,
@@ -843,23 +941,6 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_rows)(int RG, in
         AT_PREFETCH_LEVEL(SUFFIX(q4_r16_tile), 1, RA, w + g * gbytes, gbytes, a, m0, y + m0 * ldy + R16_ROWS * g, ldy,
                           R16_ROWS);
 }
-
-/* Tile shapes (override with -D to try others), measured on an AMD EPYC Zen 4 core. Prompts: 8
- * activation rows by 1 group, 170-177 GMAC/s for 256 rows of the 3B shapes from L2 (the file
- * layout's tile: 86-90); 12 and 16 rows, or 2 groups, were as fast or slower. Batched decode (3 or
- * 4 rows): 2 groups, the 3B model's Q4_0 matrices for 4 sequences in 80 ms with 1 thread against
- * 88 with 1 group and 99 with 4 (51 against 53 and 56 with 2 threads). Decode (1 or 2 rows): 4
- * groups, as far apart as the rows allow (GROUPED_ROWS): 64-66 ms against 66-71 with 2 and 72-79
- * with 1 (8: the same as 4). */
-#ifndef R16_RA
-#define R16_RA 8
-#endif
-#ifndef R16_RG_DECODE
-#define R16_RG_DECODE 4
-#endif
-#ifndef R16_RG_BATCH
-#define R16_RG_BATCH 2
-#endif
 
 /* Repacked Q4_0 rows (a multiple of 16, w_stride bytes per row as in the file). */
 static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
@@ -879,6 +960,9 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
     default: break;
     }
 }
+#undef R16_RA
+#undef R16_RG_BATCH
+#undef R16_RG_DECODE
 #else
 /* The sets without a tile for the layout: dot_q4_0_blocks read from it, one output at a time. */
 static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
@@ -1356,7 +1440,7 @@ static const kernel_set SUFFIX(kernel_set) = {
     .gemm_q4_0 = SUFFIX(gemm_q4_0),
     .gemm_q4_0_blocks = SUFFIX(gemm_q4_0_blocks),
     .gemm_q4_0_r16 = SUFFIX(gemm_q4_0_r16),
-#ifdef KERNELS_AVX512
+#ifdef KERNELS_AVX2
     .repacks_q4_0 = 1,
 #endif
     .gemm_q6_K = SUFFIX(gemm_q6_K),
