@@ -24,11 +24,14 @@ into L1 and into L2 (`auto` is what the runtime picks for this CPU); a Q4_0 mode
 repacks is timed in both layouts.
 
     python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
+        [--rows 1,1000]
 
-times decode attention per token over the 30 layers of the 3B shape (24 heads, 2 KV heads, head
-size 128; random fp16 caches) at each position: warm (one layer's cache, again and again, so it
+times attention per step over the 30 layers of the 3B shape (24 heads, 2 KV heads, head size
+128; random fp16 caches) at each position: warm (one layer's cache, again and again, so it
 stays in L2) and cold (the 30 layers' caches in turn, with a 64 MB read between layers, as
-decode's weight stream evicts them). Decode meets its attention cold.
+decode's weight stream evicts them). A step is one new token (decode, which meets its
+attention cold) or --rows new tokens at once (a prompt of that many tokens after the position:
+`--positions 0 --rows 1000` times a 1,000-token prompt's attention).
 """
 
 from __future__ import annotations
@@ -147,23 +150,21 @@ def _takes(kernel_set: str, layout: str) -> bool:
 EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
 
 
-def attention(sets: list[str], threads: list[int], positions: list[int], repeat: int) -> None:
-    """Decode attention per token, warm and cold: see the module docstring."""
+def attention(sets: list[str], threads: list[int], positions: list[int], repeat: int, rows: list[int]) -> None:
+    """Attention per step of `rows` new tokens (1: decode), warm and cold: see the module docstring."""
     from runtime.testing.make_model import PRESETS
 
     d = PRESETS["3b"]
-    hd, n_ctx = d.n_embd // d.n_head, max(positions) + 1
+    hd, n_ctx = d.n_embd // d.n_head, max(positions) + max(rows)
     rng = np.random.default_rng(0)
     caches = [
         tuple(rng.standard_normal((n_ctx, d.n_head_kv, hd)).astype(np.float16).view(np.uint16) for _ in "kv")
         for _ in range(d.n_layer)
     ]
-    q = rng.standard_normal((1, d.n_head, hd)).astype(np.float32)
-    out = np.empty_like(q)
     evict = np.ones(EVICT_BYTES, dtype=np.uint8)
     scale = float(1 / np.sqrt(hd))
 
-    def per_token(pos: int, n: int, cold: bool) -> float:
+    def per_step(q: np.ndarray, out: np.ndarray, pos: int, n: int, cold: bool) -> float:
         best = float("inf")
         for _ in range(repeat):
             total = 0.0
@@ -176,13 +177,16 @@ def attention(sets: list[str], threads: list[int], positions: list[int], repeat:
             best = min(best, total)
         return best
 
-    for pos, n in ((p, n) for p in positions for n in threads):
+    for t, pos, n in ((t, p, n) for t in rows for p in positions for n in threads):
+        q = rng.standard_normal((t, d.n_head, hd)).astype(np.float32)
+        out = np.empty_like(q)
         cells = []
         for s in sets:
             _kernels.use(s)
-            warm, cold = per_token(pos, n, False), per_token(pos, n, True)
+            warm, cold = per_step(q, out, pos, n, False), per_step(q, out, pos, n, True)
             cells.append(f"{s} warm {warm * 1e3:6.2f} ms cold {cold * 1e3:6.2f} ms")
-        print(f"attention, {d.n_layer} layers, position {pos}, {n} thr: " + " | ".join(cells), flush=True)
+        what = "decode" if t == 1 else f"{t} prompt tokens"
+        print(f"attention, {what}, {d.n_layer} layers, position {pos}, {n} thr: " + " | ".join(cells), flush=True)
     _kernels.use("auto")
 
 
@@ -190,7 +194,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default=",".join(simd_sets()), help="kernel sets, compared side by side")
     p.add_argument("--types", default="q8_0,q4_0,q6_k", help="comma-separated: q8_0, q4_0, q6_k")
-    p.add_argument("--rows", help="activation rows (M) to time: default 1,4,256 (--stream: sequences, default 1)")
+    p.add_argument(
+        "--rows",
+        help="activation rows (M) to time: default 1,4,256 (--stream: sequences, default 1; --attention: new tokens, "
+        "default 1, decode)",
+    )
     p.add_argument("--threads", default="1", help="thread count (--stream: a list, 1,2)")
     p.add_argument("--repeat", type=int, default=5, help="calls per measurement; the best counts")
     p.add_argument("--stream", action="store_true", help="decode's matmuls over a whole 3B model instead")
@@ -203,7 +211,8 @@ def main() -> None:
     sets = args.sets.split(",")
     threads = [int(n) for n in args.threads.split(",")]
     if args.attention:
-        attention(sets, threads, [int(x) for x in args.positions.split(",")], args.repeat)
+        rows = [int(r) for r in (args.rows or "1").split(",")]
+        attention(sets, threads, [int(x) for x in args.positions.split(",")], args.repeat, rows)
         return
     if args.stream:
         rows = [int(r) for r in (args.rows or "1").split(",")]
