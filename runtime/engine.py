@@ -110,9 +110,10 @@ class Model:
 
     def wait_repacked(self, timeout: float | None = None) -> bool:
         """Wait until the Q4_0 matrices being repacked in the background (runtime/repack.py) all
-        serve repacked, as benchmarks do before timing; False on timeout. At once if none are."""
+        serve repacked, as benchmarks do before timing: True once they do (at once if there are
+        none), False on timeout or if the repacking failed (`transformer.repacking.error`)."""
         repacking = self.transformer.repacking
-        return repacking is None or repacking.wait(timeout)
+        return repacking is None or (repacking.wait(timeout) and repacking.complete)
 
     def close(self) -> None:
         self.transformer.close()

@@ -104,7 +104,8 @@ class GGUFFile:
         """Drop tensor `name`'s pages from this process (madvise(MADV_DONTNEED) over the whole
         pages inside it): once a copy of it is made (runtime/repack.py), they need not count in
         its RSS. They stay in the page cache, and reading the tensor again faults them back in."""
-        assert self._mmap is not None, "file is closed"
+        if self._mmap is None:  # closed: nothing is mapped
+            return
         info = self._info(name)
         data = np.frombuffer(self._mmap, dtype=np.uint8)
         start = data.ctypes.data + info.offset

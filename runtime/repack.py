@@ -70,7 +70,7 @@ class Arena:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Job:
     """One matrix to repack: tensor `name` of the file, its rows as the model reads them now."""
 
@@ -83,8 +83,9 @@ class BackgroundRepack:
     """Repacks `jobs` one after another on a daemon thread. Each copy takes over through
     `install(job, copy)`, called with `lock` held (every forward pass holds it too, so none
     runs with half its matrices swapped), after which the file's pages of the matrix leave the
-    process. A failure (out of memory...) is logged and stops the repacking; the matrices not yet
-    repacked keep serving from the file, with the same results."""
+    process (no pass reads them any more). A failure (out of memory...) is logged in `error` and
+    stops the repacking; the matrices not yet repacked keep serving from the file, with the same
+    results. `installed` counts the copies that took over."""
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class BackgroundRepack:
         n_threads: int = 1,
     ) -> None:
         self.error: str | None = None
+        self.installed = 0
         self._f = f
         self._jobs = list(jobs)
         self._install = install
@@ -105,7 +107,6 @@ class BackgroundRepack:
         self._thread.start()
 
     def _run(self) -> None:
-        done = 0
         start = time.monotonic()
         try:
             arena = Arena(sum(_round_up(job.rows.size, ALIGN) for job in self._jobs))
@@ -115,17 +116,25 @@ class BackgroundRepack:
                 copy = arena.repack(job.rows, job.n_in, self._n_threads)
                 with self._lock:
                     self._install(job, copy)
-                    self._f.release(job.name)
-                done += 1
+                self.installed += 1
+                self._f.release(job.name)  # outside the lock: a madvise need not hold up a pass
             n_bytes = sum(job.rows.size for job in self._jobs)
             seconds = time.monotonic() - start
-            log.info("repacked %d Q4_0 matrices (%.0f MiB) in %.1f s", done, n_bytes / 2**20, seconds)
+            log.info("repacked %d Q4_0 matrices (%.0f MiB) in %.1f s", self.installed, n_bytes / 2**20, seconds)
         except Exception as e:  # MemoryError, OSError: serving goes on from the file's layout
             self.error = f"{type(e).__name__}: {e}"
-            log.warning("repacking Q4_0 matrices stopped after %d of %d: %s", done, len(self._jobs), self.error)
+            log.warning(
+                "repacking Q4_0 matrices stopped after %d of %d: %s", self.installed, len(self._jobs), self.error
+            )
+
+    @property
+    def complete(self) -> bool:
+        """Every matrix serves repacked."""
+        return self.installed == len(self._jobs)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every matrix is repacked (or the repacking failed); False on timeout."""
+        """Wait until the thread has ended: every matrix repacked, or the repacking failed (`error`)
+        or was stopped; False on timeout."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

@@ -100,7 +100,7 @@ def test_logits_match_llama_cpp(
     path = make_model(tmp_path / f"{case_id}.gguf", preset="tiny", seed=7, **kwargs)
     text = _source_text(4000)
     with Model.load(path, n_ctx=512) as model:
-        model.wait_repacked()  # the AVX-512 set's Q4_0 matrices, repacked as the server serves them
+        assert model.wait_repacked()  # the Q4_0 matrices, repacked as the server serves them
         ids = model.tokenize(text, special=False)[:300]
         llm = llama_oracle(path, n_ctx=512)
         assert llm.tokenize(text.encode(), add_bos=False, special=False)[:300] == ids
@@ -121,7 +121,7 @@ def test_logits_match_at_2048_tokens(kernel_set: str, tmp_path: Path, llama_orac
     for arch in ("starcoder2", "starcoder"):
         path = make_model(tmp_path / f"{arch}.gguf", arch=arch, preset="tiny", wtype="q8_0", n_ctx=2048, seed=3)
         with Model.load(path, n_ctx=2048) as model:
-            model.wait_repacked()
+            assert model.wait_repacked()
             ids = model.tokenize(_source_text(40000), special=False)[:2048]
             assert len(ids) == 2048
             ref = _llama_logits(llama_oracle(path, n_ctx=2048), ids)
@@ -149,7 +149,7 @@ def test_greedy_continuations_match_llama_cpp(
 ) -> None:
     path = make_model(tmp_path / "m.gguf", preset="small", wtype=wtype, head_type=head, n_layer=2, seed=11)
     with Model.load(path, n_ctx=512) as model:
-        model.wait_repacked()
+        assert model.wait_repacked()
         llm = llama_oracle(path, n_ctx=512)
         same = 0
         for k in range(20):

@@ -60,7 +60,7 @@ def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str) -> None:
     for n, k in REPACK_SHAPES:
         rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
         packed = _repacked(rows, k)
-        for m in (1, 2, 3, 4, 5, 8, 9, 17):
+        for m in range(1, 18):
             x = _activations(rng, m, k)
             ref = np.empty((m, n), dtype=np.float32)
             _kernels.matmul(Q4_0, rows, k, x, ref, 1)
@@ -93,6 +93,8 @@ def test_repacking_refuses_rows_that_are_not_whole_groups() -> None:
     out = np.empty((1, 24), dtype=np.float32)
     with pytest.raises(ValueError, match="unsupported weight type"):
         _kernels.matmul(_kernels.Q4_0_R16, rows, 64, np.ones((1, 64), np.float32), out)
+    with pytest.raises(ValueError, match="rows of 36 bytes for 96 elements"):  # would read past the rows
+        _kernels.matmul(_kernels.Q4_0_R16, rows[:16], 96, np.ones((1, 96), np.float32), out[:, :16])
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,25 @@ def test_repacked_matrices_leave_the_files_pages(q4_models: dict[str, Path]) -> 
         assert len(_resident_pages(f, "token_embd.weight")) > 0
 
 
+def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
+    """Hold the repacking thread before it repacks its `at`-th matrix: (the first event, set
+    once it is held there; the second, which lets it go on)."""
+    held, go_on = threading.Event(), threading.Event()
+    original = repack_module.Arena.repack
+    calls = 0
+
+    def repack(self: repack_module.Arena, rows: np.ndarray, n_in: int, n_threads: int) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            held.set()
+            assert go_on.wait(60)
+        return original(self, rows, n_in, n_threads)
+
+    monkeypatch.setattr(repack_module.Arena, "repack", repack)
+    return held, go_on
+
+
 def test_forward_passes_while_repacking_give_the_same_bits(
     q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,19 +204,7 @@ def test_forward_passes_while_repacking_give_the_same_bits(
     released one maps that whole huge page back; releasing the second one drops it again)."""
     path, ids = q4_models["12 layers"], list(range(40, 90))
     reference = _eval(path, ids, repack=False)
-    half_done, go_on = threading.Event(), threading.Event()
-    original = repack_module.Arena.repack
-    calls = 0
-
-    def held_halfway(self: repack_module.Arena, rows: np.ndarray, n_in: int, n_threads: int) -> np.ndarray:
-        nonlocal calls
-        calls += 1
-        if calls == 37:
-            half_done.set()
-            assert go_on.wait(60)
-        return original(self, rows, n_in, n_threads)
-
-    monkeypatch.setattr(repack_module.Arena, "repack", held_halfway)
+    half_done, go_on = _hold_repacking(monkeypatch, 37)
     with Model.load(path, n_ctx=256, repack=True) as model:
         assert half_done.wait(60)
         matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
@@ -213,11 +222,25 @@ def test_forward_passes_while_repacking_give_the_same_bits(
         assert _stray_pages(model, all_names) == {}, passes
 
 
-def test_closing_a_model_stops_its_repacking(q4_models: dict[str, Path]) -> None:
+def test_closing_a_model_stops_its_repacking(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing while the second matrix is being repacked: that one takes over, no other does,
+    and the thread has ended when close returns (the file is unmapped after it)."""
+    second, go_on = _hold_repacking(monkeypatch, 2)
     model = Model.load(q4_models["starcoder2"], n_ctx=64, repack=True)
     repacking = model.transformer.repacking
-    model.close()
-    assert repacking is not None and repacking.wait(0)
+    assert repacking is not None and second.wait(60)
+    closing = threading.Thread(target=model.close)
+    with caplog.at_level(logging.INFO, logger="llmctl.runtime"):
+        closing.start()
+        go_on.set()
+        closing.join(60)
+    assert not closing.is_alive() and repacking.wait(0)
+    assert repacking.installed == 2 and not repacking.complete and repacking.error is None
+    matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
+    assert sum(lin.repacked for lin in matrices if lin is not None) == 2
+    assert "repacked" not in caplog.text and "stopped" not in caplog.text
 
 
 def test_a_failed_repacking_is_logged_and_the_model_serves_on(
@@ -231,8 +254,9 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
     monkeypatch.setattr(repack_module.Arena, "__init__", no_memory)
     with caplog.at_level(logging.WARNING, logger="llmctl.runtime"):
         with Model.load(q4_models["starcoder2"], n_ctx=256, repack=True) as model:
-            assert model.wait_repacked(60)
+            assert not model.wait_repacked(60)  # ended, but nothing serves repacked
             repacking = model.transformer.repacking
-            assert repacking is not None and repacking.error == "MemoryError: cannot map 1 GiB"
+            assert repacking is not None and repacking.wait(0) and repacking.installed == 0
+            assert repacking.error == "MemoryError: cannot map 1 GiB"
             assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
     assert "repacking Q4_0 matrices stopped after 0 of" in caplog.text

@@ -43,6 +43,7 @@ cdef extern from "kernels.h" nogil:
     int kernels_repacks_q4_0()
     int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst,
                             int n_threads)
+    enum: KT_Q4_0
     enum: KT_Q4_0_R16
 
 cdef extern from "forward.h" nogil:
@@ -108,7 +109,7 @@ def repack_q4_0(const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out, int n_t
     """out = W's Q4_0 rows (uint8 [N, row_bytes], N a multiple of 16) repacked for matmul with
     weight type Q4_0_R16: the same bytes, interleaved by groups of 16 rows, the same results."""
     cdef int64_t n = w.shape[0]
-    if out.shape[0] != n or out.shape[1] != w.shape[1] or w.shape[1] != kernels_row_bytes(2, k):
+    if out.shape[0] != n or out.shape[1] != w.shape[1] or w.shape[1] != kernels_row_bytes(KT_Q4_0, k):
         raise ValueError(f"repack_q4_0 shapes: W {n}x{w.shape[1]} of {k} elements, out {out.shape[0]}x{out.shape[1]}")
     if n == 0:
         return
@@ -128,6 +129,10 @@ def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,
     cdef int64_t n = w.shape[0], m = x.shape[0]
     if x.shape[1] != k or out.shape[0] != m or out.shape[1] != n:
         raise ValueError(f"matmul shapes: W {n}x{k}, x {x.shape[0]}x{x.shape[1]}, out {out.shape[0]}x{out.shape[1]}")
+    cdef int64_t row_bytes = kernels_row_bytes(wtype, k)
+    if row_bytes >= 0 and w.shape[1] != row_bytes:  # (unsupported types fail below, by name)
+        raise ValueError(f"matmul: rows of {w.shape[1]} bytes for {k} elements of weight type {wtype}, "
+                         f"expected {row_bytes}")
     cdef const float[::1] b
     cdef const float[:, ::1] r
     cdef kernels_epilogue ep

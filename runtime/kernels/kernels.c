@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
 
 /* REPACKED_Q4_0. Q4_0 matrices of a multiple of 16 rows, repacked once (kernels_repack_q4_0, on a
  * thread of its own while the model serves: runtime/repack.py) for the SIMD sets' tiles
- * (q4_r16_tile and q4_r16_tile256 in kernels_impl.h), the way llama.cpp repacks Q4_0 by default
+ * (q4_r16_tile in kernels_impl.h, in zmm and in ymm registers), the way llama.cpp repacks Q4_0 by default
  * and for the same reason: a block's 32 products per row summed into one 32-bit lane, with no
  * horizontal adds. Rows 16g .. 16g+15 form group g, stored where those rows were; block i of
  * group g takes R16_BYTES bytes at (g * nb + i) * R16_BYTES: the 16 rows' fp16 scales, then four
@@ -559,7 +559,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
         }
     }
     const q8_act a = {q8_0 ? (const block_q8_0 *)q : NULL, d, corr, csum, q8_0 ? NULL : (const block_q8_K *)q, nb};
-    const int nt = threads_for(n_threads, (N + 3) / 4);
+    const int nt = threads_for(n_threads, (N + t->row_group - 1) / t->row_group);
     const int64_t chunk = rows_per_chunk(N, w_row_bytes, nt, M, t->row_group);
     const int64_t n_chunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)

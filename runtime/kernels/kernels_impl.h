@@ -777,6 +777,13 @@ static void SUFFIX(gemm_q4_0_blocks)(const uint8_t *w, size_t w_stride, int64_t 
 /* ---- Q4_0 repacked (REPACKED_Q4_0 in kernels.c) ------------------------------------------- */
 
 #ifdef KERNELS_AVX2
+/* Bytes 4u .. 4u+3 of an activation block as one 32-bit unit, for a broadcast (qs is not 4-byte
+ * aligned; memcpy is how C reads it, and the compiler makes it the broadcast's memory operand). */
+static inline __attribute__((always_inline)) int32_t SUFFIX(unit4)(const int8_t *qs, int u) {
+    int32_t v;
+    memcpy(&v, qs + 4 * u, sizeof(v));
+    return v;
+}
 #ifndef R16_RG_MAX
 #define R16_RG_MAX 4 /* most groups per tile */
 #endif
@@ -814,13 +821,13 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
             }
         }
         for (int c = 0; c < RA; c++) {
-            const int32_t *yw = (const int32_t *)yq[c][i].qs;
+            const int8_t *yw = yq[c][i].qs;
             const __m512 dy = _mm512_set1_ps(yd[c][i]);
             for (int g = 0; g < RG; g++) {
                 __m512i s0 = _mm512_set1_epi32(yc[c][i]), s1 = _mm512_setzero_si512();
                 for (int u = 0; u < 4; u++) {
-                    s0 = _mm512_dpbusd_epi32(s0, wl[g][u], _mm512_set1_epi32(yw[u]));
-                    s1 = _mm512_dpbusd_epi32(s1, wh[g][u], _mm512_set1_epi32(yw[4 + u]));
+                    s0 = _mm512_dpbusd_epi32(s0, wl[g][u], _mm512_set1_epi32(SUFFIX(unit4)(yw, u)));
+                    s1 = _mm512_dpbusd_epi32(s1, wh[g][u], _mm512_set1_epi32(SUFFIX(unit4)(yw, 4 + u)));
                 }
                 acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dx[g], dy),
                                             acc[g][c]);
@@ -883,20 +890,20 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
                     wh[u] = _mm256_and_si256(_mm256_srli_epi16(z, 4), low);
                 }
                 for (int c = 0; c < RA; c++) {
-                    const int32_t *yw = (const int32_t *)yq[c][i].qs;
+                    const int8_t *yw = yq[c][i].qs;
 #ifdef KERNELS_VNNI
                     __m256i s0 = _mm256_set1_epi32(yc[c][i]), s1 = _mm256_setzero_si256();
                     for (int u = 0; u < 4; u++) {
-                        s0 = SUFFIX(dot_u8s8)(s0, wl[u], _mm256_set1_epi32(yw[u]));
-                        s1 = SUFFIX(dot_u8s8)(s1, wh[u], _mm256_set1_epi32(yw[4 + u]));
+                        s0 = SUFFIX(dot_u8s8)(s0, wl[u], _mm256_set1_epi32(SUFFIX(unit4)(yw, u)));
+                        s1 = SUFFIX(dot_u8s8)(s1, wh[u], _mm256_set1_epi32(SUFFIX(unit4)(yw, 4 + u)));
                     }
                     const __m256i sum = _mm256_add_epi32(s0, s1);
 #else
-                    __m256i p0 = _mm256_maddubs_epi16(wl[0], _mm256_set1_epi32(yw[0]));
-                    __m256i p1 = _mm256_maddubs_epi16(wh[0], _mm256_set1_epi32(yw[4]));
+                    __m256i p0 = _mm256_maddubs_epi16(wl[0], _mm256_set1_epi32(SUFFIX(unit4)(yw, 0)));
+                    __m256i p1 = _mm256_maddubs_epi16(wh[0], _mm256_set1_epi32(SUFFIX(unit4)(yw, 4)));
                     for (int u = 1; u < 4; u++) {
-                        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(wl[u], _mm256_set1_epi32(yw[u])));
-                        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(wh[u], _mm256_set1_epi32(yw[4 + u])));
+                        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(wl[u], _mm256_set1_epi32(SUFFIX(unit4)(yw, u))));
+                        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(wh[u], _mm256_set1_epi32(SUFFIX(unit4)(yw, 4 + u))));
                     }
                     const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), _mm256_set1_epi16(1)),
                                                          _mm256_set1_epi32(yc[c][i]));
@@ -927,6 +934,9 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
 #define R16_RG_BATCH R16_RG_BATCH256
 #define R16_RG_DECODE R16_RG_DECODE256
 #endif
+/* gemm_q4_0_r16's tiles take up to 7 leftover rows, and every tile fits its arrays */
+_Static_assert(R16_RA <= 8 && R16_RA <= R16_RA_MAX && R16_RG_BATCH <= R16_RG_MAX && R16_RG_DECODE <= R16_RG_MAX,
+               "R16 tile shapes out of range");
 
 /* Activation rows m0 .. m0+RA-1 against n_groups groups: tiles of RG groups, which are as many
  * parts of the rows apart (GROUPED_ROWS), then single groups for what is left. */
