@@ -98,6 +98,7 @@ def stream(
     sequences decoded together (activation rows): see the module docstring."""
     from benchmarks.runtime_speed import VARIANTS, ensure_model, read_bandwidth
     from runtime.engine import Model
+    from runtime.model import MATRICES
 
     bandwidth = {n: read_bandwidth(n) for n in threads}
     print("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({n} thr)" for n in threads), flush=True)
@@ -105,7 +106,7 @@ def stream(
         with Model.load(ensure_model("3b", VARIANTS[name], False)) as model:
             model.wait_repacked()
             tr = model.transformer
-            linears = [lin for b in tr.blocks for lin in (b.wq, b.wk, b.wv, b.wqkv, b.wo, b.ffn_up, b.ffn_down) if lin]
+            linears = [lin for b in tr.blocks for field, _ in MATRICES if (lin := getattr(b, field))]
             linears.append(tr.output)
             n_bytes = sum(lin.rows.nbytes for lin in linears)
             # the file's layout, and the repacked one where the model repacked (runtime/repack.py)

@@ -13,6 +13,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
-from runtime.repack import BackgroundRepack, Job, repackable
+from runtime.repack import BackgroundRepack, repackable
 
 
 @dataclass(frozen=True)
@@ -183,15 +184,16 @@ class Transformer:
                 lin = getattr(layer, field)
                 if repack and lin is not None and repackable(f.tensors[lin.name]):
                     self._matrix_at[lin.name] = (il, field, key)
-                    jobs.append(Job(lin.name, lin.rows, lin.n_in))
+                    jobs.append(lin)
         self.repacking = BackgroundRepack(f, jobs, self._take_over, self._forward_lock) if jobs else None
 
-    def _take_over(self, job: Job, copy: np.ndarray) -> None:
+    def _take_over(self, job: Linear, copy: np.ndarray) -> None:
         """The repacked copy of matrix `job` serves from now on (called with the forward lock held)."""
         il, field, key = self._matrix_at[job.name]
-        lin = dataclasses.replace(getattr(self.blocks[il], field), rows=copy, repacked=True)
+        lin = dataclasses.replace(job, rows=copy, repacked=True)
         self.layers.set_linear(il, key, (lin.kernel_type, lin.rows, lin.bias))
-        self.blocks[il] = dataclasses.replace(self.blocks[il], **{field: lin})
+        field_value: dict[str, Any] = {field: lin}
+        self.blocks[il] = dataclasses.replace(self.blocks[il], **field_value)
 
     def close(self) -> None:
         """Stop repacking (before the file is unmapped)."""

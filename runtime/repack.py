@@ -21,13 +21,13 @@ import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.ggml_types import GGMLType
 from runtime.gguf import GGUFFile, TensorInfo
 from runtime.kernels import _kernels
+from runtime.ops import Linear
 
 log = logging.getLogger("llmctl.runtime")
 
@@ -70,28 +70,19 @@ class Arena:
         return out
 
 
-@dataclass(frozen=True, eq=False)
-class Job:
-    """One matrix to repack: tensor `name` of the file, its rows as the model reads them now."""
-
-    name: str
-    rows: np.ndarray
-    n_in: int
-
-
 class BackgroundRepack:
-    """Repacks `jobs` one after another on a daemon thread. Each copy takes over through
-    `install(job, copy)`, called with `lock` held (every forward pass holds it too, so none
-    runs with half its matrices swapped), after which the file's pages of the matrix leave the
-    process (no pass reads them any more). A failure (out of memory...) is logged in `error` and
-    stops the repacking; the matrices not yet repacked keep serving from the file, with the same
-    results. `installed` counts the copies that took over."""
+    """Repacks the matrices `jobs` (tensors of `f`, as the model reads them now) one after another
+    on a daemon thread. Each copy takes over through `install(job, copy)`, called with `lock` held
+    (every forward pass holds it too, so none runs with half its matrices swapped), after which
+    the file's pages of the matrix leave the process (no pass reads them any more). A failure (out
+    of memory...) is logged in `error` and stops the repacking; the matrices not yet repacked keep
+    serving from the file, with the same results. `installed` counts the copies that took over."""
 
     def __init__(
         self,
         f: GGUFFile,
-        jobs: Sequence[Job],
-        install: Callable[[Job, np.ndarray], None],
+        jobs: Sequence[Linear],
+        install: Callable[[Linear, np.ndarray], None],
         lock: threading.Lock,
         n_threads: int = 1,
     ) -> None:

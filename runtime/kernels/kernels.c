@@ -528,7 +528,7 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
     uint8_t *q = (uint8_t *)malloc(n_blocks * t->act_block_bytes);
     float *d = q8_0 ? (float *)malloc(n_blocks * sizeof(float)) : NULL;
     const int block_order = t->block_order;
-    const int with_corr = q8_0 && !block_order && wtype < 32 && (K->act_corr >> wtype & 1u);
+    const int with_corr = q8_0 && !block_order && (K->act_corr >> wtype & 1u);
     int32_t *corr = with_corr ? (int32_t *)malloc(n_blocks * 8 * sizeof(int32_t)) : NULL;
     int32_t *csum = block_order ? (int32_t *)malloc(n_blocks * sizeof(int32_t)) : NULL;
     if (q == NULL || (q8_0 && d == NULL) || (with_corr && corr == NULL) || (block_order && csum == NULL)) {
