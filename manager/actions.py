@@ -186,6 +186,7 @@ def instance_spec(
         threads=manifest.threads,
         ctx=manifest.context,
         parallel=manifest.parallel,
+        repack=manifest.repack,
         cpus=manifest.cpus,
         memory=manifest.memory,
         api_key=api_key,

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from manager.drivers.base import tuning_args
 from manager.errors import LlmctlError
 from manager.manifest import ModelManifest
 from manager.model_image import MODELS_DIR, PORT
@@ -62,6 +63,7 @@ class Workload:
     threads: int | None = None
     ctx: int | None = None
     parallel: int | None = None
+    repack: bool = True  # False: --no-repack
     cpus: float | None = None
     memory: str | None = None
     api_key: bool = False  # the server reads its API key from the Secret `<release>-api-key`
@@ -87,6 +89,7 @@ def workload(m: ModelManifest, t: Target) -> Workload:
         threads=m.threads,
         ctx=m.context,
         parallel=m.parallel,
+        repack=m.repack,
         cpus=m.cpus,
         memory=m.memory,
         api_key=bool(m.api_key_env),
@@ -134,10 +137,7 @@ def _meta(w: Workload) -> dict[str, Any]:
 
 def _server_args(w: Workload) -> list[str]:
     args = ["--host", "0.0.0.0", "--port", str(PORT), "--sha256", w.weights_sha256]
-    for flag, value in (("--threads", w.threads), ("--ctx", w.ctx), ("--parallel", w.parallel)):
-        if value is not None:
-            args += [flag, str(value)]
-    return args
+    return args + tuning_args(threads=w.threads, ctx=w.ctx, parallel=w.parallel, repack=w.repack)
 
 
 def _verify_weights_command(path: str, digest: str) -> list[str]:

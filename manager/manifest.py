@@ -104,6 +104,7 @@ SCHEMA: dict[str, Any] = {
                         "threads": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},
                         "context": {"type": ["integer", "null"], "minimum": 16},
                         "parallel": {"type": ["integer", "null"], "minimum": 1, "maximum": 256},
+                        "repack": {"type": ["boolean", "null"]},  # false: runtime serve --no-repack
                     },
                 },
                 "resources": {
@@ -166,6 +167,7 @@ class ModelManifest:
     threads: int | None = None
     context: int | None = None
     parallel: int | None = None
+    repack: bool = True  # repack Q4_0 matrices after load (False: --no-repack)
     cpus: float | None = None
     memory: str | None = None
     host: str = "127.0.0.1"
@@ -208,6 +210,7 @@ def from_document(doc: dict[str, Any], base_dir: Path, path: Path | None = None)
         threads=server.get("threads"),
         context=server.get("context"),
         parallel=server.get("parallel"),
+        repack=server.get("repack") is not False,  # null: the default
         cpus=resources.get("cpus"),
         memory=resources.get("memory"),
         host=network.get("host") or "127.0.0.1",

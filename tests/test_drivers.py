@@ -100,7 +100,7 @@ def _state(driver: ProcessDriver, instance: Instance) -> dict[str, Any]:
 
 def test_process_instance_serves_lists_stops_and_is_removed(process_driver: ProcessDriver, weights: Path) -> None:
     key = "s3cret-key-for-the-test"
-    spec = _process_spec(weights, "demo", revision=3, parallel=2, ctx=256, api_key=key)
+    spec = _process_spec(weights, "demo", revision=3, parallel=2, ctx=256, repack=False, api_key=key)
     assert key not in repr(spec)
     instance = process_driver.start(spec)
     assert (instance.release, instance.revision, instance.driver) == ("demo", 3, "process")
@@ -121,6 +121,7 @@ def test_process_instance_serves_lists_stops_and_is_removed(process_driver: Proc
     assert process_driver.list(release="other") == []
     assert process_driver.health(instance) == "healthy"
     state = _state(process_driver, instance)
+    assert state["argv"][-5:] == ["--ctx", "256", "--parallel", "2", "--no-repack"]  # the server took it
     child = state["child"]["pid"]
     for where in (
         json.dumps(state),
@@ -147,6 +148,16 @@ def test_process_instance_serves_lists_stops_and_is_removed(process_driver: Proc
     process_driver.stop(instance)  # both idempotent: cleanup after a partial failure just works
     process_driver.remove(instance)
     assert not process_driver.state_path("demo", 3).exists() and not process_driver.log_path("demo", 3).exists()
+
+
+def test_server_args_add_no_repack_only_when_repacking_is_off() -> None:
+    spec = InstanceSpec(
+        release="r", revision=1, image="", image_id="", weights=None, weights_in_image="",
+        weights_sha256=WRONG_DIGEST, threads=2, parallel=3,
+    )  # fmt: skip
+    assert spec.server_args() == ["--threads", "2", "--parallel", "3"]  # the default: the server repacks
+    assert replace(spec, repack=False).server_args() == ["--threads", "2", "--parallel", "3", "--no-repack"]
+    assert replace(spec, threads=None, parallel=None, repack=False).server_args() == ["--no-repack"]
 
 
 def test_a_crashed_server_is_restarted(process_driver: ProcessDriver, weights: Path) -> None:

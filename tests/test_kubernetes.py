@@ -64,6 +64,36 @@ def test_one_replica_has_no_disruption_budget_and_mounted_weights_are_refused(
     assert "needs the weights baked into the image" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("sets", "tail"),
+    [
+        ([], ["--parallel", "3"]),  # the default adds nothing: the server repacks
+        (["server.repack=true"], ["--parallel", "3"]),
+        (["server.repack=false"], ["--parallel", "3", "--no-repack"]),
+    ],
+)
+def test_server_repack_false_adds_no_repack_to_the_server_args(
+    capsys: pytest.CaptureFixture[str], sets: list[str], tail: list[str]
+) -> None:
+    flags = [f for s in sets for f in ("--set", s)]
+    pod = render(capsys, "starcoder2-7b", "--set", "server.parallel=3", *flags)[0]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--parallel") :] == tail
+
+
+def test_a_non_boolean_server_repack_is_a_one_line_error_naming_the_field(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text('server:\n  repack: "false"\n')  # a string, however boolean it looks
+    for args, shown in ((["--set", "server.repack=maybe"], "'maybe'"), (["-f", str(values)], "'false'")):
+        assert cli.main(["template", "starcoder2-7b", "--target", "kubernetes", *args]) == 1
+        assert capsys.readouterr().err == (
+            f"llmctl: error: starcoder2-7b: values field server.repack: {shown} is not of type 'boolean'; "
+            "check your -f/--set values (values.schema.json)\n"
+        )
+
+
 def test_derived_weights_need_a_built_image_first(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["template", "starcoder2-3b-q4", "--target", "kubernetes"]) == 1
     assert "build the image first" in capsys.readouterr().err

@@ -46,14 +46,15 @@ def test_chart_lints_without_errors(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(set(NAMES) - {"demo"}))
 def test_chart_renders_a_manifest_pinning_the_catalog_digest(name: str) -> None:
     chart = charts.load_chart(chart_repos.resolve(name, None, CHARTS))  # found by name, like install
-    values = charts.merge_values(chart, sets=["server.parallel=4", "resources.memory=8g"])
+    assert chart.values["server"]["repack"] is True
+    values = charts.merge_values(chart, sets=["server.parallel=4", "resources.memory=8g", "server.repack=false"])
     text, _ = charts.render_manifest(chart, values, charts.ReleaseInfo("sc2"))
     m = parse_manifest(text, name, Path.cwd())
     source = name.removesuffix("-q4")
     assert m.weights_sha256 == f"sha256:{CATALOG[source]}" and m.weights_url.startswith("https://huggingface.co/")
     assert m.requantize == ("Q4_0" if name.endswith("-q4") else None)
     assert m.quantization == ("Q4_0" if name.endswith("-q4") else "Q8_0")
-    assert (m.parallel, m.memory, m.host, m.license) == (4, "8g", "127.0.0.1", "bigcode-openrail-m")
+    assert (m.parallel, m.repack, m.memory, m.host, m.license) == (4, False, "8g", "127.0.0.1", "bigcode-openrail-m")
     assert m.architecture == ("starcoder2" if name.startswith("starcoder2") else "starcoder")
 
 

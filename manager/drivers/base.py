@@ -66,6 +66,7 @@ class InstanceSpec:
     threads: int | None = None
     ctx: int | None = None
     parallel: int | None = None
+    repack: bool = True  # False: --no-repack (Q4_0 matrices served in the file's layout)
     cpus: float | None = None  # docker: CPU quota; process: ignored
     memory: str | None = None  # docker: memory limit such as "4g"; process: ignored
     replicas: int | None = None  # swarm, kubernetes: pods or tasks (None: keep the count, 1 when new); others: 1
@@ -76,12 +77,17 @@ class InstanceSpec:
     api_key: str | None = field(default=None, repr=False)
 
     def server_args(self) -> list[str]:
-        """The optional `runtime serve` tuning flags (`--threads`, `--ctx`, `--parallel`)."""
-        args: list[str] = []
-        for flag, value in (("--threads", self.threads), ("--ctx", self.ctx), ("--parallel", self.parallel)):
-            if value is not None:
-                args += [flag, str(value)]
-        return args
+        """The optional `runtime serve` tuning flags (`--threads`, `--ctx`, `--parallel`, `--no-repack`)."""
+        return tuning_args(threads=self.threads, ctx=self.ctx, parallel=self.parallel, repack=self.repack)
+
+
+def tuning_args(*, threads: int | None, ctx: int | None, parallel: int | None, repack: bool) -> list[str]:
+    """`runtime serve`'s tuning flags for the settings given (None, and repack=True: the server's default)."""
+    args: list[str] = []
+    for flag, value in (("--threads", threads), ("--ctx", ctx), ("--parallel", parallel)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args if repack else [*args, "--no-repack"]
 
 
 @dataclass

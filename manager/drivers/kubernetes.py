@@ -394,6 +394,7 @@ class KubernetesDriver:
             threads=spec.threads,
             ctx=spec.ctx,
             parallel=spec.parallel,
+            repack=spec.repack,
             cpus=spec.cpus,
             memory=spec.memory,
             api_key=spec.api_key is not None,
