@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -557,10 +558,11 @@ def section(
         + (f", then a {args.long_prompt}-token prompt on an emptied cache" if args.long_prompt else "")
         + f"; median of {args.rounds} round{'s' if args.rounds != 1 else ''}, {engines}.",
         "- llama.cpp: "
+        + (f"{args.llama_build}; " if have_llama else "")
         + (
             "without its extra buffer types (no Q4_0 repacking)."
             if args.llama_no_extra_bufts
-            else "default settings (Q4_0 weights repacked for AVX2), as users run it and as the parity tests do."
+            else "default settings (Q4_0 weights repacked), as users run it and as the parity tests do."
         ),
     ]
     repacks = [
@@ -601,6 +603,24 @@ def section(
 
 
 NO_EXTRA_BUFTS_ENV = "LLMCTL_BENCH_LLAMA_NO_EXTRA_BUFTS"
+LLAMA_LIB_ENV = "LLAMA_CPP_LIB_PATH"  # where llama_cpp loads libllama.so from (llama-cpp-python's own variable)
+# ggml's CPU features (llama_print_system_info) that say which SIMD code a llama.cpp build runs
+LLAMA_SIMD = tuple("AVX AVX2 F16C FMA BMI2 AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_INT8".split())
+
+
+def llama_build() -> str:
+    """Which llama.cpp the children run and the SIMD features it was compiled for, from
+    `llama_print_system_info()` in a fresh interpreter (so this process never loads it)."""
+    lib = os.environ.get(LLAMA_LIB_ENV)
+    where = f"the libraries in `{lib}`" if lib else "llama-cpp-python's own build"
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"runtime_speed: cannot load llama.cpp from {where}: {last}")
+    features = {m.group(1) for m in re.finditer(r"\b([A-Z0-9_]+) = 1\b", proc.stdout)}
+    simd = [f for f in LLAMA_SIMD if f in features]
+    return f"{where}, compiled for {', '.join(simd) or 'no SIMD'}"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -627,7 +647,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="run llama.cpp without its extra buffer types (no Q4_0 repacking); "
         "by default it runs as users get it, as the parity tests do",
     )
+    p.add_argument(
+        "--llama-lib",
+        type=Path,
+        help="run llama.cpp from the shared libraries in this directory (libllama.so and its libggml*, "
+        "for example a -march=native build of llama-cpp-python's llama.cpp version) instead of "
+        "llama-cpp-python's own build, which scripts/bootstrap.sh compiles for AVX2 only",
+    )
     a = p.parse_args(argv)
+    if a.llama_lib is not None and not (a.llama_lib / "libllama.so").is_file():
+        p.error(f"--llama-lib: no libllama.so in {a.llama_lib} (build llama.cpp with -DBUILD_SHARED_LIBS=ON)")
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
     try:
         a.threads = [int(t) for t in a.threads.split(",") if t.strip()]
@@ -653,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.llama_no_extra_bufts:
         os.environ[NO_EXTRA_BUFTS_ENV] = "1"  # read by the llama.cpp children
+    if args.llama_lib is not None:
+        os.environ[LLAMA_LIB_ENV] = str(args.llama_lib.resolve())  # read by llama_cpp in the children
     command = shlex.join(["python", "-m", "benchmarks.runtime_speed", *argv])
 
     have_llama = importlib.util.find_spec("llama_cpp") is not None
@@ -662,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             llama_ver = importlib.metadata.version("llama-cpp-python")
         except importlib.metadata.PackageNotFoundError:
             llama_ver = "unknown version"
+        args.llama_build = llama_build()
+        log(f"runtime_speed: llama.cpp from {args.llama_build}")
     else:
         log("runtime_speed: llama_cpp is not installed (pip install llama-cpp-python): measuring llmctl only")
     engines = ENGINES if have_llama else ENGINES[:1]
