@@ -608,6 +608,26 @@ LLAMA_LIB_ENV = "LLAMA_CPP_LIB_PATH"  # where llama_cpp loads libllama.so from (
 LLAMA_SIMD = tuple("AVX AVX2 F16C FMA BMI2 AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_INT8".split())
 
 
+def add_llama_lib_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--llama-lib",
+        type=Path,
+        help="run llama.cpp from the shared libraries in this directory (libllama.so and its libggml*, "
+        "for example a -march=native build of llama-cpp-python's llama.cpp version) instead of "
+        "llama-cpp-python's own build, which scripts/bootstrap.sh compiles for AVX2 only",
+    )
+
+
+def check_llama_lib(p: argparse.ArgumentParser, lib: Path | None) -> None:
+    """Refuse a --llama-lib without libllama.so; else point the llama.cpp children (which inherit
+    this process's environment) at it."""
+    if lib is None:
+        return
+    if not (lib / "libllama.so").is_file():
+        p.error(f"--llama-lib: no libllama.so in {lib} (build llama.cpp with -DBUILD_SHARED_LIBS=ON)")
+    os.environ[LLAMA_LIB_ENV] = str(lib.resolve())
+
+
 def llama_build() -> str:
     """Which llama.cpp the children run and the SIMD features it was compiled for, from
     `llama_print_system_info()` in a fresh interpreter (so this process never loads it)."""
@@ -647,16 +667,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="run llama.cpp without its extra buffer types (no Q4_0 repacking); "
         "by default it runs as users get it, as the parity tests do",
     )
-    p.add_argument(
-        "--llama-lib",
-        type=Path,
-        help="run llama.cpp from the shared libraries in this directory (libllama.so and its libggml*, "
-        "for example a -march=native build of llama-cpp-python's llama.cpp version) instead of "
-        "llama-cpp-python's own build, which scripts/bootstrap.sh compiles for AVX2 only",
-    )
+    add_llama_lib_argument(p)
     a = p.parse_args(argv)
-    if a.llama_lib is not None and not (a.llama_lib / "libllama.so").is_file():
-        p.error(f"--llama-lib: no libllama.so in {a.llama_lib} (build llama.cpp with -DBUILD_SHARED_LIBS=ON)")
+    check_llama_lib(p, a.llama_lib)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
     try:
         a.threads = [int(t) for t in a.threads.split(",") if t.strip()]
@@ -682,8 +695,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.llama_no_extra_bufts:
         os.environ[NO_EXTRA_BUFTS_ENV] = "1"  # read by the llama.cpp children
-    if args.llama_lib is not None:
-        os.environ[LLAMA_LIB_ENV] = str(args.llama_lib.resolve())  # read by llama_cpp in the children
     command = shlex.join(["python", "-m", "benchmarks.runtime_speed", *argv])
 
     have_llama = importlib.util.find_spec("llama_cpp") is not None

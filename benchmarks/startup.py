@@ -38,9 +38,12 @@ from benchmarks.runtime_speed import (
     ROOT,
     RSS_SLACK_MIB,
     VARIANTS,
+    add_llama_lib_argument,
+    check_llama_lib,
     cpu_model,
     ensure_model,
     hold_in_page_cache,
+    llama_build,
     log,
     open_llama,
     peak_rss_mib,
@@ -144,13 +147,15 @@ def report(rows: list[Row], args: argparse.Namespace, have_llama: bool) -> str:
         f"### Time to first request and first token, {args.preset} shape, {args.threads} threads",
         "",
         f"- Command: `python -m benchmarks.startup --preset {args.preset} --rounds {args.rounds} "
-        "--out docs/benchmarks.md`",
+        + (f"--llama-lib {args.llama_lib} " if args.llama_lib else "")
+        + "--out docs/benchmarks.md`",
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         f"- Page cache warm; median of {args.rounds} rounds, engines alternated. Long prompt: {args.prompt} tokens, "
         f"context {args.ctx}.",
         "- llmctl: `python -m runtime serve`, timed from the spawn over HTTP on loopback. llama.cpp: llama-cpp-python "
-        "in a fresh interpreter, no HTTP (a lower bound for llama-server).",
+        "in a fresh interpreter, no HTTP (a lower bound for llama-server)"
+        + (f", {args.llama_build}." if have_llama else "."),
         "",
         "| model | engine | listening s | healthy s | first request s | TTFT long prompt s | peak RSS MiB "
         "| RSS budget MiB |",
@@ -187,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=2048, help="context of both engines")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, help="write the table into this Markdown file (between markers)")
+    add_llama_lib_argument(p)
     args = p.parse_args(argv)
+    check_llama_lib(p, args.llama_lib)
     try:
         import llama_cpp  # noqa: F401
 
         have_llama = True
+        args.llama_build = llama_build()
     except ImportError:
         have_llama = False
         log("llama-cpp-python is not installed: measuring llmctl only")
