@@ -193,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="path to llama.cpp's llama-server")
     p.add_argument("--out", type=Path, help="rewrite the server_load section of this markdown file")
     args = p.parse_args(argv)
+    if args.llama_server and not Path(args.llama_server).is_file():
+        p.error(f"--llama-server: no such file: {args.llama_server}")
     path = model_path(args)
     n_slots = max(args.streams)
     points: list[Point] = []
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = [sys.executable, "-m", "runtime", "serve", "-m", str(path), "--port", str(port)]
     ours += ["--parallel", str(n_slots), "--threads", str(args.threads), "--ctx", str(args.ctx)]
     points += run_server(ours, f"http://127.0.0.1:{port}", args, "llmctl")
-    llama = args.llama_server if args.llama_server and Path(args.llama_server).exists() else None
+    llama = args.llama_server
     if llama:
         port = free_port()
         cmd = [llama, "-m", str(path), "--port", str(port), "-np", str(n_slots), "-t", str(args.threads)]

@@ -1,7 +1,9 @@
-"""benchmarks.runtime_speed's choice of llama.cpp build: `--llama-lib` and the build it reports.
+"""The benchmarks' choice of llama.cpp: runtime_speed's `--llama-lib` and the build it reports,
+server_load's `--llama-server`.
 
-The benchmark compares llmctl with llama.cpp; on a CPU with more than AVX2, the fair comparison is
-a llama.cpp compiled for that CPU, so the table must say which build it measured.
+The benchmarks compare llmctl with llama.cpp; on a CPU with more than AVX2, the fair comparison is
+a llama.cpp compiled for that CPU, so the table must say which build it measured, and a peer that
+is not there must be an error, not a silent llmctl-only run.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import runtime_speed
+from benchmarks import runtime_speed, server_load
 
 
 def test_llama_lib_without_libllama_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,3 +37,11 @@ def test_llama_build_from_a_directory_without_llama_says_so(tmp_path: Path, monk
     with pytest.raises(SystemExit) as exc:
         runtime_speed.llama_build()
     assert str(exc.value).startswith(f"runtime_speed: cannot load llama.cpp from the libraries in `{tmp_path}`: ")
+
+
+def test_server_load_refuses_a_missing_llama_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "llama-server"
+    with pytest.raises(SystemExit) as exc:
+        server_load.main(["--llama-server", str(missing)])
+    assert exc.value.code == 2
+    assert f"--llama-server: no such file: {missing}" in capsys.readouterr().err
