@@ -618,7 +618,7 @@ def add_llama_lib_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_llama_lib(p: argparse.ArgumentParser, lib: Path | None) -> None:
+def use_llama_lib(p: argparse.ArgumentParser, lib: Path | None) -> None:
     """Refuse a --llama-lib without libllama.so; else point the llama.cpp children (which inherit
     this process's environment) at it."""
     if lib is None:
@@ -669,7 +669,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     add_llama_lib_argument(p)
     a = p.parse_args(argv)
-    check_llama_lib(p, a.llama_lib)
+    use_llama_lib(p, a.llama_lib)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
     try:
         a.threads = [int(t) for t in a.threads.split(",") if t.strip()]

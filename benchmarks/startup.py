@@ -39,7 +39,6 @@ from benchmarks.runtime_speed import (
     RSS_SLACK_MIB,
     VARIANTS,
     add_llama_lib_argument,
-    check_llama_lib,
     cpu_model,
     ensure_model,
     hold_in_page_cache,
@@ -49,6 +48,7 @@ from benchmarks.runtime_speed import (
     peak_rss_mib,
     prompt_ids,
     run_child,
+    use_llama_lib,
 )
 from benchmarks.server_load import free_port
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the table into this Markdown file (between markers)")
     add_llama_lib_argument(p)
     args = p.parse_args(argv)
-    check_llama_lib(p, args.llama_lib)
+    use_llama_lib(p, args.llama_lib)
     try:
         import llama_cpp  # noqa: F401
 
