@@ -9,7 +9,7 @@ best of `--repeat` calls as ms, GMAC/s and the weight bytes read per second (wha
 activation row). Q8_0/Q4_0 run on the attention and feed-forward shapes (3072 x 3072,
 12288 x 3072, 3072 x 12288), Q6_K on the LM head of the Q4_0 models (49152 x 3072). The machine
 is shared: use one thread and several repeats, and compare sets within one run. Never asserted.
-Where a set has a tile for repacked Q4_0 (runtime/repack.py), Q4_0 is also timed repacked.
+Where a set has a tile for repacked Q4_0 or Q8_0 (runtime/repack.py), they are also timed repacked.
 
     python -m benchmarks.kernel_speed --stream [--types q8_0,q4_0] [--threads 1,2] [--rows 1,4]
         [--prefetch l1,l2]
@@ -20,7 +20,7 @@ files, several times larger than the caches), in the order of a forward pass, be
 passes (alternating between the variants compared), as milliseconds per token and GB/s beside the
 read bandwidth. The single matmuls above come from the caches and so say little about decode.
 --sets defaults to every SIMD set this CPU runs; --prefetch l1,l2 compares prefetching the weights
-into L1 and into L2 (`auto` is what the runtime picks for this CPU); a Q4_0 model the runtime
+into L1 and into L2 (`auto` is what the runtime picks for this CPU); a model the runtime
 repacks is timed in both layouts.
 
     python -m benchmarks.kernel_speed --attention [--positions 256,1000,2000] [--threads 1,2]
@@ -44,6 +44,7 @@ import numpy as np
 
 from runtime.ggml_types import BLOCK_SIZE, GGMLType
 from runtime.kernels import _kernels
+from runtime.repack import LAYOUTS
 
 TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q6_k": GGMLType.Q6_K}
 SHAPES = {
@@ -103,7 +104,7 @@ def stream(
     bandwidth = {n: read_bandwidth(n) for n in threads}
     print("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({n} thr)" for n in threads), flush=True)
     for name in types:
-        with Model.load(ensure_model("3b", VARIANTS[name], False)) as model:
+        with Model.load(ensure_model("3b", VARIANTS[name], False), repack=True) as model:
             model.wait_repacked()
             tr = model.transformer
             linears = [lin for b in tr.blocks for field, _ in MATRICES if (lin := getattr(b, field))]
@@ -116,7 +117,7 @@ def stream(
             ]
             layouts = {"": in_file, " repacked": linears} if any(lin.repacked for lin in linears) else {"": linears}
             rng = np.random.default_rng(0)
-            variants = [(s, lv, lay) for s in sets for lv in prefetch for lay in layouts if _takes(s, lay)]
+            variants = [(s, lv, lay) for s in sets for lv in prefetch for lay in layouts if _takes(s, TYPES[name], lay)]
             for m, n in ((m, n) for m in rows for n in threads):
                 x = {lin.n_in: rng.standard_normal((m, lin.n_in)).astype(np.float32) for lin in linears}
                 best = dict.fromkeys(variants, float("inf"))
@@ -139,13 +140,13 @@ def stream(
     _kernels.prefetch("auto")
 
 
-def _takes(kernel_set: str, layout: str) -> bool:
-    """Whether to time `layout` on `kernel_set`: the repacked one only where the set has its tile
-    (the others read it one output at a time, a fallback)."""
+def _takes(kernel_set: str, t: GGMLType, layout: str) -> bool:
+    """Whether to time `layout` of weight type `t` on `kernel_set`: the repacked one only where the
+    set has its tile (the others read it one output at a time, a fallback)."""
     if not layout:
         return True
     _kernels.use(kernel_set)
-    return _kernels.repacks_q4_0()
+    return LAYOUTS[t].has_tile()
 
 
 EVICT_BYTES = 64 << 20  # read between layers in --attention: more than L2 and a core's share of L3
@@ -233,10 +234,11 @@ def main() -> None:
                 for s in sets:
                     _kernels.use(s)
                     layouts = [("", int(t), w)]
-                    if t == GGMLType.Q4_0 and _kernels.repacks_q4_0():  # the layout the runtime repacks to
+                    layout = LAYOUTS.get(t)
+                    if layout is not None and layout.has_tile():  # the layout the runtime repacks to
                         packed = np.empty_like(w)
-                        _kernels.repack_q4_0(w, k, packed)
-                        layouts.append((" repacked", _kernels.Q4_0_R16, packed))
+                        layout.repack(w, k, packed, 1)
+                        layouts.append((" repacked", layout.kernel_type, packed))
                     for label, wtype, weights in layouts:
                         sec = best_time(wtype, weights, x, threads[0], args.repeat)
                         gmac, gbs = m * n * k / sec / 1e9, w.nbytes / sec / 1e9

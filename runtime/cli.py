@@ -327,7 +327,8 @@ def _add_serve(commands: Any, fmt: type[argparse.HelpFormatter], debug: argparse
 
 
 def _add_no_repack(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--no-repack",
         dest="repack",
         action="store_false",
@@ -335,6 +336,14 @@ def _add_no_repack(parser: argparse.ArgumentParser) -> None:
         help="keep Q4_0 matrices in the file's layout; by default, on CPUs with AVX2, they are repacked for "
         "faster kernels while the model already serves (the same results, ~1.6 GB of memory for a 3B "
         "model in place of the file's pages)",
+    )
+    group.add_argument(
+        "--repack",
+        dest="repack",
+        action="store_true",
+        default=None,
+        help="repack Q8_0 matrices too, on CPUs with AVX-512: several sequences decoded together "
+        "(--parallel) run faster, one alone slower (docs/runtime.md, 'Repacked matrices')",
     )
 
 

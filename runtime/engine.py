@@ -67,8 +67,9 @@ class Model:
     ) -> Model:
         """Map `path` and check it fully (metadata, every tensor's shape and type, tokenizer).
         n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs. repack: copy
-        the layers' Q4_0 matrices into the kernels' repacked layout (runtime/repack.py); None
-        (default) does where the CPU's kernel set has a tile for it; the same results either way."""
+        the layers' matrices into the kernels' repacked layouts where the CPU's kernel set has a
+        tile for them (runtime/repack.py): None (default) the Q4_0 ones, True Q8_0 too, False
+        none; the same results either way."""
         return cls.open(read_gguf(path, populate=True), n_threads=n_threads, n_ctx=n_ctx, repack=repack)
 
     @classmethod
@@ -109,7 +110,7 @@ class Model:
         return self.gguf.path
 
     def wait_repacked(self, timeout: float | None = None) -> bool:
-        """Wait until the Q4_0 matrices being repacked in the background (runtime/repack.py) all
+        """Wait until the matrices being repacked in the background (runtime/repack.py) all
         serve repacked, as benchmarks do before timing: True once they do (at once if there are
         none), False on timeout or if the repacking failed (`transformer.repacking.error`)."""
         repacking = self.transformer.repacking

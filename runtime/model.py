@@ -25,7 +25,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
-from runtime.repack import BackgroundRepack, repackable
+from runtime.repack import BackgroundRepack, repackable, types_to_repack
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,13 @@ class Transformer:
     """Weights plus the forward pass. `forward` appends tokens to a KVCache and returns logits."""
 
     def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int, *, repack: bool | None = None) -> None:
-        """repack: repack the layers' Q4_0 matrices on a thread of their own while the model
-        serves (runtime/repack.py; `repacking`); None: where the kernel set in use has a tile for
-        them. The same results either way."""
+        """repack: repack the layers' matrices on a thread of their own while the model serves
+        (runtime/repack.py; `repacking`), those of the types the kernel set in use has a tile for:
+        None, Q4_0; True, Q8_0 too; False, none. The same results either way."""
         self.cfg = cfg
         self.n_threads = n_threads
-        if repack is None:
-            repack = _kernels.repacks_q4_0()
-        load = _Loader(f, own_vectors=repack)
+        repack_types = types_to_repack(repack)
+        load = _Loader(f, own_vectors=bool(repack_types))
         E, F, V = cfg.n_embd, cfg.n_ff, cfg.n_vocab
         self.token_embd = load.linear("token_embd", V, E, bias=False)
         self.position_embd = (
@@ -182,7 +181,7 @@ class Transformer:
         for il, layer in enumerate(self.blocks):
             for field, key in MATRICES:
                 lin = getattr(layer, field)
-                if repack and lin is not None and repackable(f.tensors[lin.name]):
+                if lin is not None and lin.ggml_type in repack_types and repackable(f.tensors[lin.name]):
                     self._matrix_at[lin.name] = (il, field, key)
                     jobs.append(lin)
         self.repacking = BackgroundRepack(f, jobs, self._take_over, self._forward_lock) if jobs else None

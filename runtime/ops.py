@@ -21,7 +21,7 @@ class Linear:
     ggml_type: GGMLType
     n_in: int
     bias: np.ndarray | None = None  # float32 [n_out]
-    repacked: bool = False  # Q4_0 rows in the kernels' repacked layout (runtime/repack.py)
+    repacked: bool = False  # Q4_0 or Q8_0 rows in the kernels' repacked layout (runtime/repack.py)
     name: str = ""  # the tensor's name in the file
 
     @property
@@ -31,7 +31,9 @@ class Linear:
     @property
     def kernel_type(self) -> int:
         """The matmul's weight type: the ggml type, or the repacked layout's."""
-        return _kernels.Q4_0_R16 if self.repacked else int(self.ggml_type)
+        if not self.repacked:
+            return int(self.ggml_type)
+        return _kernels.Q4_0_R16 if self.ggml_type == GGMLType.Q4_0 else _kernels.Q8_0_R8
 
     def __call__(
         self, x: np.ndarray, n_threads: int, *, gelu: bool = False, add: np.ndarray | None = None

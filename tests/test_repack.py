@@ -1,6 +1,7 @@
-"""Q4_0 matrices repacked for the SIMD sets' tiles (runtime/repack.py, REPACKED_Q4_0 in kernels.c):
-the layout, the same bits as the file's layout on every kernel set, and the model's background
-repacking: forward passes during it, the file's pages it gives back, closing and failing."""
+"""Q4_0 and Q8_0 matrices repacked for the SIMD sets' tiles (runtime/repack.py, REPACKED_Q4_0 and
+REPACKED_Q8_0 in kernels.c): the layouts, the same bits as the file's layout on every kernel set,
+and the model's background repacking: forward passes during it, the file's pages it gives back,
+closing and failing."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from runtime.testing.make_model import make_model
 from tests.test_kernels import _activations, _random_q_rows
 
 Q4_0 = int(GGMLType.Q4_0)
+Q8_0 = int(GGMLType.Q8_0)
 
 
 def _layout(rows: np.ndarray) -> np.ndarray:
@@ -34,9 +36,22 @@ def _layout(rows: np.ndarray) -> np.ndarray:
     return np.concatenate([scales, units], axis=2).reshape(n, row_bytes)
 
 
-def _repacked(rows: np.ndarray, k: int, threads: int = 2) -> np.ndarray:
+def _q8_layout(rows: np.ndarray) -> np.ndarray:
+    """The repacked layout as REPACKED_Q8_0 describes it: per group of 8 rows and block, the 8 fp16
+    scales, then four units of each row's lanes u and 4 + u (bytes 4u .. 4u+3, 16+4u .. 16+4u+3)
+    side by side (row r at 8r)."""
+    n, row_bytes = rows.shape
+    nb = row_bytes // 34
+    blocks = rows.reshape(n // 8, 8, nb, 34)  # group, row, block, bytes
+    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n // 8, nb, 16)
+    lanes = blocks[..., 2:].reshape(n // 8, 8, nb, 2, 4, 4)  # group, row, block, half, unit, byte
+    units = lanes.transpose(0, 2, 4, 1, 3, 5).reshape(n // 8, nb, 256)
+    return np.concatenate([scales, units], axis=2).reshape(n, row_bytes)
+
+
+def _repacked(rows: np.ndarray, k: int, threads: int = 2, wtype: GGMLType = GGMLType.Q4_0) -> np.ndarray:
     out = np.empty_like(rows)
-    _kernels.repack_q4_0(rows, k, out, threads)
+    repack_module.LAYOUTS[wtype].repack(rows, k, out, threads)
     return out
 
 
@@ -45,6 +60,9 @@ def test_repack_writes_the_documented_layout(n: int, k: int) -> None:
     rows = _random_q_rows(np.random.default_rng(n), GGMLType.Q4_0, n, k)
     for threads in (1, 3):
         assert np.array_equal(_repacked(rows, k, threads), _layout(rows))
+    q8_rows = _random_q_rows(np.random.default_rng(n), GGMLType.Q8_0, n, k)
+    for threads in (1, 3):
+        assert np.array_equal(_repacked(q8_rows, k, threads, GGMLType.Q8_0), _q8_layout(q8_rows))
 
 
 # (weight rows, row length): one group and many, rows as long as a down projection's, and enough
@@ -52,35 +70,46 @@ def test_repack_writes_the_documented_layout(n: int, k: int) -> None:
 REPACK_SHAPES = [(16, 32), (32, 96), (48, 256), (64, 160), (112, 1024), (64, 4160), (464, 2240)]
 
 
-def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str) -> None:
-    """Every tile shape of the SIMD sets (1 to 17 activation rows, groups side by side, zmm and
-    ymm, with and without VNNI) and the portable set's reading of the layout give the block
-    order's bits, on every thread count."""
+# (weight rows, row length) for Q8_0: one group of 8 and many, an odd number of groups (a tile's
+# groups and the single ones left over), long rows, and several chunks per thread
+Q8_REPACK_SHAPES = [(8, 32), (24, 96), (40, 256), (56, 160), (104, 1024), (48, 4160), (456, 2240)]
+
+
+@pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0])
+def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str, wtype: GGMLType) -> None:
+    """Every tile shape of the SIMD sets (Q4_0: 1 to 17 activation rows, groups side by side, zmm
+    and ymm, with and without VNNI; Q8_0: 4 rows by one group, 3 by one, 2 by two, 1 by four) and
+    the other sets' reading of the layout give the file layout's bits (Q4_0's block order,
+    Q8_0's vec_dot order), on every thread count."""
     rng = np.random.default_rng(3)
-    for n, k in REPACK_SHAPES:
-        rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
-        packed = _repacked(rows, k)
-        for m in range(1, 18):
+    layout = repack_module.LAYOUTS[wtype]
+    shapes, most_rows = (REPACK_SHAPES, 17) if wtype == GGMLType.Q4_0 else (Q8_REPACK_SHAPES, 10)
+    for n, k in shapes:
+        rows = _random_q_rows(rng, wtype, n, k)
+        packed = _repacked(rows, k, wtype=wtype)
+        for m in range(1, most_rows + 1):
             x = _activations(rng, m, k)
             ref = np.empty((m, n), dtype=np.float32)
-            _kernels.matmul(Q4_0, rows, k, x, ref, 1)
+            _kernels.matmul(int(wtype), rows, k, x, ref, 1)
             for threads in (1, 2, 3):
                 out = np.empty((m, n), dtype=np.float32)
-                _kernels.matmul(_kernels.Q4_0_R16, packed, k, x, out, threads)
+                _kernels.matmul(layout.kernel_type, packed, k, x, out, threads)
                 assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (kernel_set, n, k, m, threads)
 
 
-def test_repacked_matmul_applies_the_epilogue(kernel_set: str) -> None:
+@pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0])
+def test_repacked_matmul_applies_the_epilogue(kernel_set: str, wtype: GGMLType) -> None:
     rng = np.random.default_rng(4)
     n, k, m = 64, 256, 3
-    rows = _random_q_rows(rng, GGMLType.Q4_0, n, k)
+    rows = _random_q_rows(rng, wtype, n, k)
     x = _activations(rng, m, k)
     bias = rng.standard_normal(n).astype(np.float32)
     add = rng.standard_normal((m, n)).astype(np.float32)
     ref = np.empty((m, n), dtype=np.float32)
     out = np.empty((m, n), dtype=np.float32)
-    _kernels.matmul(Q4_0, rows, k, x, ref, 2, bias, True, add)
-    _kernels.matmul(_kernels.Q4_0_R16, _repacked(rows, k), k, x, out, 2, bias, True, add)
+    _kernels.matmul(int(wtype), rows, k, x, ref, 2, bias, True, add)
+    layout = repack_module.LAYOUTS[wtype]
+    _kernels.matmul(layout.kernel_type, _repacked(rows, k, wtype=wtype), k, x, out, 2, bias, True, add)
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
@@ -95,6 +124,17 @@ def test_repacking_refuses_rows_that_are_not_whole_groups() -> None:
         _kernels.matmul(_kernels.Q4_0_R16, rows, 64, np.ones((1, 64), np.float32), out)
     with pytest.raises(ValueError, match="rows of 36 bytes for 96 elements"):  # would read past the rows
         _kernels.matmul(_kernels.Q4_0_R16, rows[:16], 96, np.ones((1, 96), np.float32), out[:, :16])
+
+
+def test_repacking_q8_0_refuses_rows_that_are_not_whole_groups() -> None:
+    rows = _random_q_rows(np.random.default_rng(6), GGMLType.Q8_0, 12, 64)
+    with pytest.raises(ValueError, match="repack_q8_0: 12 rows are not a multiple of 8"):
+        _kernels.repack_q8_0(rows, 64, np.empty_like(rows))
+    with pytest.raises(ValueError, match="repack_q8_0 shapes"):
+        _kernels.repack_q8_0(rows[:8], 96, np.empty_like(rows[:8]))
+    out = np.empty((1, 12), dtype=np.float32)
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        _kernels.matmul(_kernels.Q8_0_R8, rows, 64, np.ones((1, 64), np.float32), out)
 
 
 @pytest.fixture(scope="module")
@@ -115,28 +155,48 @@ def _eval(path: Path, ids: list[int], repack: bool) -> np.ndarray:
         return model.eval(ids)
 
 
-@pytest.mark.parametrize("arch", ["starcoder2", "starcoder"])
-def test_a_repacked_model_gives_the_same_logits(kernel_set: str, q4_models: dict[str, Path], arch: str) -> None:
+@pytest.fixture(scope="module")
+def q8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("repack8") / "q8.gguf", preset="small", wtype="q8_0", seed=4)
+
+
+@pytest.mark.parametrize("arch", ["starcoder2", "starcoder", "q8_0"])
+def test_a_repacked_model_gives_the_same_logits(
+    kernel_set: str, q4_models: dict[str, Path], q8_model: Path, arch: str
+) -> None:
     """Prompt and decode rows alike (eval runs the prompt in one pass, complete decodes row by
-    row), on every kernel set: the SIMD sets' tiles, or the portable set reading the layout."""
+    row), on every kernel set: the SIMD sets' tiles, or the other sets reading the layout."""
     ids = list(range(5, 105))
-    with Model.load(q4_models[arch], n_ctx=256, repack=True) as model:
+    path = q8_model if arch == "q8_0" else q4_models[arch]
+    if not repack_module.LAYOUTS[GGMLType.Q8_0 if arch == "q8_0" else GGMLType.Q4_0].has_tile():
+        pytest.skip(f"the {kernel_set} kernels have no tile for the layout: the matmul tests cover their reading of it")
+    with Model.load(path, n_ctx=256, repack=True) as model:
         assert model.wait_repacked(60)
         assert model.transformer.repacking is not None and model.transformer.repacking.error is None
         assert all(block.wo.repacked and block.ffn_down.repacked for block in model.transformer.blocks)
         logits = model.eval(ids)
         tokens = model.complete(ids[:20], max_tokens=12, temperature=0).tokens
-    with Model.load(q4_models[arch], n_ctx=256, repack=False) as plain:
+    with Model.load(path, n_ctx=256, repack=False) as plain:
         assert plain.transformer.repacking is None
         assert not any(block.wo.repacked for block in plain.transformer.blocks)
         assert np.array_equal(logits.view(np.uint32), plain.eval(ids).view(np.uint32))
         assert tokens == plain.complete(ids[:20], max_tokens=12, temperature=0).tokens
 
 
-def test_repacking_by_default_only_where_the_set_has_a_tile(kernel_set: str, q4_models: dict[str, Path]) -> None:
+def test_repacking_only_where_the_set_has_a_tile_and_q8_0_when_asked(
+    kernel_set: str, q4_models: dict[str, Path], q8_model: Path
+) -> None:
     assert _kernels.repacks_q4_0() == (kernel_set != "generic")
-    with Model.load(q4_models["starcoder2"], n_ctx=64) as model:
-        assert (model.transformer.repacking is not None) == (kernel_set != "generic")
+    assert _kernels.repacks_q8_0() == (kernel_set == "avx512vnni")
+    for repack in (None, True):
+        with Model.load(q4_models["starcoder2"], n_ctx=64, repack=repack) as model:
+            assert (model.transformer.repacking is not None) == (kernel_set != "generic")
+    with Model.load(q8_model, n_ctx=64) as model:
+        assert model.transformer.repacking is None  # Q8_0 is repacked only when asked
+    with Model.load(q8_model, n_ctx=64, repack=True) as model:
+        assert (model.transformer.repacking is not None) == (kernel_set == "avx512vnni")
+        assert model.wait_repacked(60)
+        assert model.transformer.blocks[0].ffn_up.repacked == (kernel_set == "avx512vnni")
 
 
 def _resident_pages(f: GGUFFile, name: str) -> np.ndarray:
@@ -182,13 +242,15 @@ def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading
     original = repack_module.Arena.repack
     calls = 0
 
-    def repack(self: repack_module.Arena, rows: np.ndarray, n_in: int, n_threads: int) -> np.ndarray:
+    def repack(
+        self: repack_module.Arena, layout: repack_module.Layout, rows: np.ndarray, n_in: int, n_threads: int
+    ) -> np.ndarray:
         nonlocal calls
         calls += 1
         if calls == at:
             held.set()
             assert go_on.wait(60)
-        return original(self, rows, n_in, n_threads)
+        return original(self, layout, rows, n_in, n_threads)
 
     monkeypatch.setattr(repack_module.Arena, "repack", repack)
     return held, go_on
@@ -259,4 +321,4 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
             assert repacking is not None and repacking.wait(0) and repacking.installed == 0
             assert repacking.error == "MemoryError: cannot map 1 GiB"
             assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
-    assert "repacking Q4_0 matrices stopped after 0 of" in caplog.text
+    assert "repacking matrices stopped after 0 of" in caplog.text

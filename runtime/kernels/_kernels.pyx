@@ -43,8 +43,13 @@ cdef extern from "kernels.h" nogil:
     int kernels_repacks_q4_0()
     int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst,
                             int n_threads)
+    int kernels_repacks_q8_0()
+    int kernels_repack_q8_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst,
+                            int n_threads)
     enum: KT_Q4_0
     enum: KT_Q4_0_R16
+    enum: KT_Q8_0
+    enum: KT_Q8_0_R8
 
 cdef extern from "forward.h" nogil:
     ctypedef struct kernels_linear:
@@ -105,19 +110,43 @@ def repacks_q4_0():
     return kernels_repacks_q4_0() != 0
 
 
-def repack_q4_0(const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out, int n_threads=1):
-    """out = W's Q4_0 rows (uint8 [N, row_bytes], N a multiple of 16) repacked for matmul with
-    weight type Q4_0_R16: the same bytes, interleaved by groups of 16 rows, the same results."""
+cdef _repack(str name, int wtype, int group, const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out,
+             int n_threads):
+    """out = W's rows of `wtype` repacked by the kernels' repack_<type> (`name`), groups of `group` rows."""
     cdef int64_t n = w.shape[0]
-    if out.shape[0] != n or out.shape[1] != w.shape[1] or w.shape[1] != kernels_row_bytes(KT_Q4_0, k):
-        raise ValueError(f"repack_q4_0 shapes: W {n}x{w.shape[1]} of {k} elements, out {out.shape[0]}x{out.shape[1]}")
+    if out.shape[0] != n or out.shape[1] != w.shape[1] or w.shape[1] != kernels_row_bytes(wtype, k):
+        raise ValueError(f"{name} shapes: W {n}x{w.shape[1]} of {k} elements, out {out.shape[0]}x{out.shape[1]}")
     if n == 0:
         return
     cdef int rc
     with nogil:
-        rc = kernels_repack_q4_0(&w[0, 0], w.shape[1], n, k, &out[0, 0], n_threads)
+        if wtype == KT_Q4_0:
+            rc = kernels_repack_q4_0(&w[0, 0], w.shape[1], n, k, &out[0, 0], n_threads)
+        else:
+            rc = kernels_repack_q8_0(&w[0, 0], w.shape[1], n, k, &out[0, 0], n_threads)
     if rc != 0:
-        raise ValueError(f"repack_q4_0: {n} rows are not a multiple of 16")
+        raise ValueError(f"{name}: {n} rows are not a multiple of {group}")
+
+
+def repack_q4_0(const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out, int n_threads=1):
+    """out = W's Q4_0 rows (uint8 [N, row_bytes], N a multiple of 16) repacked for matmul with
+    weight type Q4_0_R16: the same bytes, interleaved by groups of 16 rows, the same results."""
+    _repack("repack_q4_0", KT_Q4_0, 16, w, k, out, n_threads)
+
+
+Q8_0_R8 = KT_Q8_0_R8  # the matmul's weight type for rows repack_q8_0 wrote (not a ggml type)
+
+
+def repacks_q8_0():
+    """True if the kernel set in use has a tile for repacked Q8_0 rows (a model may repack its
+    Q8_0 matrices at load); False if it would only read them by a slower path."""
+    return kernels_repacks_q8_0() != 0
+
+
+def repack_q8_0(const uint8_t[:, ::1] w, int64_t k, uint8_t[:, ::1] out, int n_threads=1):
+    """out = W's Q8_0 rows (uint8 [N, row_bytes], N a multiple of 8) repacked for matmul with
+    weight type Q8_0_R8: the same bytes, interleaved by groups of 8 rows, the same results."""
+    _repack("repack_q8_0", KT_Q8_0, 8, w, k, out, n_threads)
 
 
 def matmul(int wtype, const uint8_t[:, ::1] w, int64_t k, const float[:, ::1] x,

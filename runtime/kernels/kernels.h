@@ -28,6 +28,8 @@ enum {
     KT_Q8_K = 15,
     /* not a ggml type: Q4_0 rows repacked by kernels_repack_q4_0 (REPACKED_Q4_0 in kernels.c) */
     KT_Q4_0_R16 = 100,
+    /* not a ggml type: Q8_0 rows repacked by kernels_repack_q8_0 (REPACKED_Q8_0 in kernels.c) */
+    KT_Q8_0_R8 = 101,
 };
 
 /* Picks the kernel set: "auto" (best the CPU supports), "avx512vnni" (AVX-512 F/BW/VL/VNNI: zmm
@@ -67,6 +69,16 @@ int kernels_repacks_q4_0(void);
  * for kernels_matmul with KT_Q4_0_R16 and rows of K / 32 * 18 bytes. N must be a multiple of
  * 16. Returns 0, or -1 for an N or K it cannot take. */
 int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst, int n_threads);
+
+/* 1 if the kernel set in use has a tile for repacked Q8_0 rows (KT_Q8_0_R8), so that a model
+ * may repack at load (runtime/repack.py does when asked); 0 if it would only read them by a
+ * slower path. */
+int kernels_repacks_q8_0(void);
+
+/* Repacks N rows of K Q8_0 elements (src_row_bytes apart) into dst (N * K / 32 * 34 bytes),
+ * for kernels_matmul with KT_Q8_0_R8 and rows of K / 32 * 34 bytes. N must be a multiple of
+ * 8. Returns 0, or -1 for an N or K it cannot take. */
+int kernels_repack_q8_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst, int n_threads);
 
 /* Bytes of one weight row of K elements of type wtype, or -1 if the matmul does not take the
  * type or K is not a multiple of its block. */
