@@ -343,7 +343,7 @@ def _add_no_repack(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="repack Q8_0 matrices too, on CPUs with AVX-512: several sequences decoded together "
-        "(--parallel) run faster, one alone slower (docs/runtime.md, 'Repacked matrices')",
+        "(--parallel) run faster, one alone slower (docs/runtime.md, 'Repacked Q8_0')",
     )
 
 

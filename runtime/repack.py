@@ -52,7 +52,7 @@ class Layout:
 
 # Q8_0 only when asked (`repack=True`, the runtime's --repack): on an AMD EPYC Zen 4 core its tile
 # decodes 4 sequences together in 0.63-0.67 of the time, but one sequence in 1.15-1.2 times it
-# (docs/runtime.md, "Repacked matrices").
+# (docs/runtime.md, "Repacked Q8_0").
 LAYOUTS = {
     GGMLType.Q4_0: Layout(16, _kernels.Q4_0_R16, _kernels.repack_q4_0, _kernels.repacks_q4_0, True),
     GGMLType.Q8_0: Layout(8, _kernels.Q8_0_R8, _kernels.repack_q8_0, _kernels.repacks_q8_0, False),
