@@ -1,7 +1,7 @@
 """Where a decode step's time goes: each kernel op, and the steps between them.
 
     python -m benchmarks.decode_split [--types q4_0,q8_0] [--threads 1,2] [--seqs 1,4]
-        [--position 256] [--steps 24]
+        [--position 256] [--steps 24] [--no-repack]
 
 Loads the runtime_speed model file of each type (StarCoder2-3B shape; generated if missing), fills
 a cache with `--position` prompt tokens, then times `--steps` decode steps: one `forward_batch`
@@ -12,7 +12,8 @@ milliseconds per step for each op (`matmul` counts the bias, GELU and residual i
 `kv_store` is the KV cache's fp16 store) and the rest: Python, NumPy and the C loop's own steps
 between the kernels, the timers' own cost (well under a microsecond each, ~300 a step) included.
 Profile with this before optimizing outside the matmuls; `kernel_speed --stream` times the matmuls
-alone. Never asserted: the machine is shared, so compare several runs.
+alone. --no-repack keeps the matrices in the file's layout, as the runtime's --no-repack does
+(runtime/repack.py). Never asserted: the machine is shared, so compare several runs.
 """
 
 from __future__ import annotations
@@ -68,13 +69,16 @@ def timed_kernels(spent: dict[str, float]) -> Iterator[None]:
             m._kernels = original
 
 
-def split(path: str, threads: int, seqs: int, position: int, steps: int) -> tuple[float, dict[str, float]]:
-    """(ms per decode step, ms per step spent in each kernel entry point)."""
+def split(
+    path: str, threads: int, seqs: int, position: int, steps: int, repack: bool | None = None
+) -> tuple[float, dict[str, float]]:
+    """(ms per decode step, ms per step spent in each kernel entry point); `repack` as Model.load
+    takes it."""
     from runtime.engine import Model
     from runtime.generate import prefill
     from runtime.kv_cache import KVCache
 
-    with Model.load(path, n_threads=threads, n_ctx=position + steps + 1) as m:
+    with Model.load(path, n_threads=threads, n_ctx=position + steps + 1, repack=repack) as m:
         m.wait_repacked()
         vocab = m.config.n_vocab
         logits = prefill(m.transformer, m.cache, [(17 * i) % vocab for i in range(position)])
@@ -111,6 +115,13 @@ def main() -> None:
     p.add_argument("--seqs", default="1", help="comma-separated numbers of sequences decoded together")
     p.add_argument("--position", type=int, default=256, help="cache positions filled before the timed steps")
     p.add_argument("--steps", type=int, default=24, help="decode steps timed")
+    p.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        default=None,
+        help="keep the file's layout (runtime --no-repack)",
+    )
     args = p.parse_args()
     if args.position < 1 or args.steps < 1:
         p.error("--position and --steps must be at least 1")
@@ -120,8 +131,9 @@ def main() -> None:
         path = str(ensure_model("3b", VARIANTS[name], False))
         for n in (int(x) for x in args.threads.split(",")):
             for seqs in (int(x) for x in args.seqs.split(",")):
-                step_ms, per_step = split(path, n, seqs, args.position, args.steps)
-                label = f"{name} 3b, {n} thr, {seqs} seq, position {args.position}"
+                step_ms, per_step = split(path, n, seqs, args.position, args.steps, args.repack)
+                layout = " file layout" if args.repack is False else ""
+                label = f"{name} 3b{layout}, {n} thr, {seqs} seq, position {args.position}"
                 print(line(label, step_ms, per_step), flush=True)
 
 

@@ -104,7 +104,7 @@ def stream(
     bandwidth = {n: read_bandwidth(n) for n in threads}
     print("read bandwidth: " + ", ".join(f"{bandwidth[n]:.1f} GB/s ({n} thr)" for n in threads), flush=True)
     for name in types:
-        with Model.load(ensure_model("3b", VARIANTS[name], False), repack=True) as model:
+        with Model.load(ensure_model("3b", VARIANTS[name], False)) as model:
             model.wait_repacked()
             tr = model.transformer
             linears = [lin for b in tr.blocks for field, _ in MATRICES if (lin := getattr(b, field))]

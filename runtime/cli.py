@@ -327,23 +327,14 @@ def _add_serve(commands: Any, fmt: type[argparse.HelpFormatter], debug: argparse
 
 
 def _add_no_repack(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--no-repack",
         dest="repack",
         action="store_false",
         default=None,
-        help="keep Q4_0 matrices in the file's layout; by default, on CPUs with AVX2, they are repacked for "
-        "faster kernels while the model already serves (the same results, ~1.6 GB of memory for a 3B "
-        "model in place of the file's pages)",
-    )
-    group.add_argument(
-        "--repack",
-        dest="repack",
-        action="store_true",
-        default=None,
-        help="repack Q8_0 matrices too, on CPUs with AVX-512: several sequences decoded together "
-        "(--parallel) run faster, one alone slower (docs/runtime.md, 'Repacked Q8_0')",
+        help="keep Q4_0 and Q8_0 matrices in the file's layout; by default they are repacked for faster "
+        "kernels while the model already serves (Q4_0 on CPUs with AVX2, Q8_0 with AVX-512; the same "
+        "results, the matrices' size in memory in place of the file's pages: ~1.6 GB for a 3B Q4_0 model)",
     )
 
 

@@ -67,9 +67,9 @@ class Model:
     ) -> Model:
         """Map `path` and check it fully (metadata, every tensor's shape and type, tokenizer).
         n_ctx defaults to min(training context, 4096); n_threads to the usable CPUs. repack: copy
-        the layers' matrices into the kernels' repacked layouts where the CPU's kernel set has a
-        tile for them (runtime/repack.py): None (default) the Q4_0 ones, True Q8_0 too, False
-        none; the same results either way."""
+        the layers' Q4_0 and Q8_0 matrices into the kernels' repacked layouts where the CPU's
+        kernel set has a tile for them (runtime/repack.py): None (default) or True does, False
+        does not; the same results either way."""
         return cls.open(read_gguf(path, populate=True), n_threads=n_threads, n_ctx=n_ctx, repack=repack)
 
     @classmethod

@@ -116,9 +116,9 @@ class Transformer:
     """Weights plus the forward pass. `forward` appends tokens to a KVCache and returns logits."""
 
     def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int, *, repack: bool | None = None) -> None:
-        """repack: repack the layers' matrices on a thread of their own while the model serves
-        (runtime/repack.py; `repacking`), those of the types the kernel set in use has a tile for:
-        None, Q4_0; True, Q8_0 too; False, none. The same results either way."""
+        """repack: repack the layers' Q4_0 and Q8_0 matrices on a thread of their own while the
+        model serves (runtime/repack.py; `repacking`), those of the types the kernel set in use
+        has a tile for; None (default) or True does, False does not. The same results either way."""
         self.cfg = cfg
         self.n_threads = n_threads
         repack_types = types_to_repack(repack)

@@ -47,15 +47,11 @@ class Layout:
     kernel_type: int  # the matmul's weight type for the repacked rows
     repack: Callable[[np.ndarray, int, np.ndarray, int], None]  # (rows, n_in, out, n_threads)
     has_tile: Callable[[], bool]  # the kernel set in use has a tile for the layout
-    by_default: bool  # repacked unless asked otherwise (where the set has the tile)
 
 
-# Q8_0 only when asked (`repack=True`, the runtime's --repack): on an AMD EPYC Zen 4 core its tile
-# decodes 4 sequences together in 0.63-0.67 of the time, but one sequence in 1.15-1.2 times it
-# (docs/runtime.md, "Repacked Q8_0").
 LAYOUTS = {
-    GGMLType.Q4_0: Layout(16, _kernels.Q4_0_R16, _kernels.repack_q4_0, _kernels.repacks_q4_0, True),
-    GGMLType.Q8_0: Layout(8, _kernels.Q8_0_R8, _kernels.repack_q8_0, _kernels.repacks_q8_0, False),
+    GGMLType.Q4_0: Layout(16, _kernels.Q4_0_R16, _kernels.repack_q4_0, _kernels.repacks_q4_0),
+    GGMLType.Q8_0: Layout(8, _kernels.Q8_0_R8, _kernels.repack_q8_0, _kernels.repacks_q8_0),
 }
 
 
@@ -66,11 +62,11 @@ def repackable(info: TensorInfo) -> bool:
 
 
 def types_to_repack(repack: bool | None) -> frozenset[GGMLType]:
-    """The weight types a model repacks: those the kernel set in use has a tile for, with `repack`
-    None only those repacked by default (Q4_0), with True all of them (Q8_0 too), False none."""
+    """The weight types a model repacks: with `repack` None or True, those the kernel set in use
+    has a tile for (the others would read the layout by a slower path); False, none."""
     if repack is False:
         return frozenset()
-    return frozenset(t for t, lay in LAYOUTS.items() if lay.has_tile() and (repack or lay.by_default))
+    return frozenset(t for t, layout in LAYOUTS.items() if layout.has_tile())
 
 
 def _round_up(n: int, to: int) -> int:

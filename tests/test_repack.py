@@ -183,20 +183,18 @@ def test_a_repacked_model_gives_the_same_logits(
         assert tokens == plain.complete(ids[:20], max_tokens=12, temperature=0).tokens
 
 
-def test_repacking_only_where_the_set_has_a_tile_and_q8_0_when_asked(
-    kernel_set: str, q4_models: dict[str, Path], q8_model: Path
-) -> None:
+def test_repacking_only_where_the_set_has_a_tile(kernel_set: str, q4_models: dict[str, Path], q8_model: Path) -> None:
     assert _kernels.repacks_q4_0() == (kernel_set != "generic")
     assert _kernels.repacks_q8_0() == (kernel_set == "avx512vnni")
     for repack in (None, True):
         with Model.load(q4_models["starcoder2"], n_ctx=64, repack=repack) as model:
             assert (model.transformer.repacking is not None) == (kernel_set != "generic")
-    with Model.load(q8_model, n_ctx=64) as model:
-        assert model.transformer.repacking is None  # Q8_0 is repacked only when asked
-    with Model.load(q8_model, n_ctx=64, repack=True) as model:
-        assert (model.transformer.repacking is not None) == (kernel_set == "avx512vnni")
-        assert model.wait_repacked(60)
-        assert model.transformer.blocks[0].ffn_up.repacked == (kernel_set == "avx512vnni")
+        with Model.load(q8_model, n_ctx=64, repack=repack) as model:
+            assert (model.transformer.repacking is not None) == (kernel_set == "avx512vnni")
+            assert model.wait_repacked(60)
+            assert model.transformer.blocks[0].ffn_up.repacked == (kernel_set == "avx512vnni")
+    with Model.load(q8_model, n_ctx=64, repack=False) as model:
+        assert model.transformer.repacking is None
 
 
 def _resident_pages(f: GGUFFile, name: str) -> np.ndarray:

@@ -1014,6 +1014,9 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #ifndef R8_AHEAD_L2
 #define R8_AHEAD_L2 (4 * PREFETCH_AHEAD_L2)
 #endif
+#ifndef R8_PREFETCH_STEP
+#define R8_PREFETCH_STEP 16
+#endif
 #ifndef R8_RG_DECODE
 #define R8_RG_DECODE 4 /* groups per tile for one activation row: 2 and 1 were no faster */
 #endif
@@ -1038,7 +1041,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
     for (int64_t i = 0; i < a->nb; i++)
         for (int g = 0; g < RG; g++) { /* one group's units at a time: 4 registers, not 4 per group */
             const uint8_t *b = w + g * gs + (size_t)i * R8_BYTES;
-            for (size_t o = 0; o < R8_BYTES; o += 64) {
+            for (size_t o = 0; o < R8_BYTES; o += R8_PREFETCH_STEP) {
                 if (to_l2)
                     __builtin_prefetch(b + o + R8_AHEAD_L2, 0, 2);
                 else
