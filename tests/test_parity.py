@@ -100,7 +100,7 @@ def test_logits_match_llama_cpp(
     path = make_model(tmp_path / f"{case_id}.gguf", preset="tiny", seed=7, **kwargs)
     text = _source_text(4000)
     with Model.load(path, n_ctx=512) as model:
-        assert model.wait_repacked()  # the Q4_0 matrices, repacked as the server serves them
+        assert model.wait_repacked()  # the Q4_0 (and with AVX-512 Q8_0) matrices, repacked as the server serves them
         ids = model.tokenize(text, special=False)[:300]
         llm = llama_oracle(path, n_ctx=512)
         assert llm.tokenize(text.encode(), add_bos=False, special=False)[:300] == ids

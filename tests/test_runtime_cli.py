@@ -178,9 +178,11 @@ def test_generate_zero_tokens(models: dict[str, Path]) -> None:
     assert stats(p)[3] == "0" and stats(p)[2] == stats(p)[4] == "-"
 
 
-def test_generate_with_and_without_repacking(tmp_path: Path) -> None:
-    """--no-repack keeps Q4_0 matrices in the file's layout (runtime/repack.py): the same text."""
-    path = make_model(tmp_path / "q4_0.gguf", wtype="q4_0")
+@pytest.mark.parametrize("wtype", ["q4_0", "q8_0"])
+def test_generate_with_and_without_repacking(tmp_path: Path, wtype: str) -> None:
+    """--no-repack keeps Q4_0 and Q8_0 matrices in the file's layout (runtime/repack.py; Q8_0 is
+    repacked by default on CPUs with AVX-512): the same text."""
+    path = make_model(tmp_path / f"{wtype}.gguf", wtype=wtype)
     texts = [
         cli("generate", "-m", str(path), "-p", PROMPT, "-n", "12", "--temp", "0", *extra).stdout
         for extra in ([], ["--no-repack"])

@@ -199,7 +199,9 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
  * layout's tiles spend most of their instructions gathering rows' halves into registers and
  * multiplying scales (4 sequences: 4 products of scales per row and block, here 1 for 8 rows);
  * on an AMD EPYC Zen 4 core, 4 activation rows from L2 took 46 instead of 70 cycles per block of
- * 8 rows, one row 16 instead of 29. The repacked bytes are as many as the file's. */
+ * 8 rows, one row 16 instead of 29, and a decode step of the 3B model 130 instead of 154 ms for
+ * one sequence and 152 instead of 258 for four (1 thread). The repacked bytes are as many as the
+ * file's. */
 #define R8_ROWS 8
 #define R8_BYTES (R8_ROWS * sizeof(block_q8_0))
 

@@ -1004,10 +1004,15 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 /* ---- Q8_0 repacked (REPACKED_Q8_0 in kernels.c) ------------------------------------------- */
 
 #ifdef KERNELS_AVX512
-/* How far ahead the tile prefetches each group's blocks (WEIGHT_PREFETCH): a group's stream moves 8
- * rows' bytes per block, so 4 times PREFETCH_AHEAD's distance. On an AMD EPYC Zen 4 core the 3B
- * model's Q8_0 matrices for 4 sequences took 139-142 ms against 181 with PREFETCH_AHEAD_L2 (the
- * same bits); one sequence was no faster. */
+/* How the tile prefetches each group's blocks (WEIGHT_PREFETCH): R8_AHEAD(_L2) ahead, 4 times
+ * PREFETCH_AHEAD's distance since a group's stream moves 8 rows' bytes per block, and one prefetch
+ * every R8_PREFETCH_STEP bytes, each cache line 4 times. Measured on an AMD EPYC Zen 4 core (the
+ * 3B model's Q8_0 decode matmuls, kernel_speed --stream, the same bits): 4 sequences took 139-145
+ * ms against 181 with PREFETCH_AHEAD_L2, and one sequence 126-131 ms with 16-byte steps against
+ * 143-154 with 64-byte ones, 142-148 with 32 and 154 with 8 (the file layout's tiles, which
+ * prefetch each row's 34-byte blocks, about twice per line: 130-142). A core of that CPU appears to
+ * drop prefetches it has no room for (WEIGHT_PREFETCH); asking again for the same line a little
+ * later recovers them. Not measured on other CPUs. */
 #ifndef R8_AHEAD
 #define R8_AHEAD (4 * PREFETCH_AHEAD)
 #endif
