@@ -190,7 +190,7 @@ def run_ours(path: str, ids: list[int], gen: int, threads: int, n_ctx: int, long
     t0 = time.perf_counter()
     model = Model.load(path, n_threads=threads, n_ctx=n_ctx)
     loaded = time.perf_counter()
-    repacked = model.wait_repacked()  # Q4_0 matrices repacked on a thread after load (runtime/repack.py)
+    repacked = model.wait_repacked()  # Q4_0 and Q8_0 matrices repacked on a thread after load (runtime/repack.py)
     t1 = time.perf_counter()
     logits = prefill(model.transformer, model.cache, ids)
     t2 = time.perf_counter()
@@ -572,8 +572,8 @@ def section(
     ]
     if repacks:
         lines.append(
-            "- llmctl repacked the layers' Q4_0 matrices on a thread of their own after load (runtime/repack.py; "
-            "the load returns first and the model serves meanwhile), median: "
+            "- llmctl repacked the layers' Q4_0 (and with AVX-512 Q8_0) matrices on a thread of their own after load "
+            "(runtime/repack.py; the load returns first and the model serves meanwhile), median: "
             + ", ".join(repacks)
             + "; each round waits for it before the prompt."
         )
