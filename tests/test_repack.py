@@ -237,20 +237,18 @@ def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading
     """Hold the repacking thread before it repacks its `at`-th matrix: (the first event, set
     once it is held there; the second, which lets it go on)."""
     held, go_on = threading.Event(), threading.Event()
-    original = repack_module.Arena.repack
+    original = repack_module.Arena.reserve
     calls = 0
 
-    def repack(
-        self: repack_module.Arena, layout: repack_module.Layout, rows: np.ndarray, n_in: int, n_threads: int
-    ) -> np.ndarray:
+    def reserve(self: repack_module.Arena, rows: np.ndarray) -> np.ndarray:
         nonlocal calls
         calls += 1
         if calls == at:
             held.set()
             assert go_on.wait(60)
-        return original(self, layout, rows, n_in, n_threads)
+        return original(self, rows)
 
-    monkeypatch.setattr(repack_module.Arena, "repack", repack)
+    monkeypatch.setattr(repack_module.Arena, "reserve", reserve)
     return held, go_on
 
 
