@@ -135,7 +135,7 @@ server:
   threads: null      # CPU threads per instance (null: all the cores the instance may use)
   context: %(server_context)d      # tokens per request the server keeps (at most the model's %(context)d)
   parallel: 2        # requests decoded together
-  repack: true       # repack Q4_0 weights for speed after load (false: serve the file's layout, no extra CPU at start)
+  repack: true       # repack Q4_0/Q8_0 weights for speed after load (false: the file's layout, no extra CPU at start)
 resources:
   cpus: null         # CPU limit (docker driver), e.g. 2 or 1.5
   memory: null       # memory limit (docker driver), e.g. 8g

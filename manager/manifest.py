@@ -167,7 +167,7 @@ class ModelManifest:
     threads: int | None = None
     context: int | None = None
     parallel: int | None = None
-    repack: bool = True  # repack Q4_0 matrices after load (False: --no-repack)
+    repack: bool = True  # repack Q4_0 and Q8_0 matrices after load (False: --no-repack)
     cpus: float | None = None
     memory: str | None = None
     host: str = "127.0.0.1"

@@ -9,6 +9,7 @@ import numpy as np
 
 from runtime.ggml_types import GGMLType
 from runtime.kernels import _kernels
+from runtime.repack import LAYOUTS
 
 MATMUL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K)
 
@@ -31,9 +32,7 @@ class Linear:
     @property
     def kernel_type(self) -> int:
         """The matmul's weight type: the ggml type, or the repacked layout's."""
-        if not self.repacked:
-            return int(self.ggml_type)
-        return _kernels.Q4_0_R16 if self.ggml_type == GGMLType.Q4_0 else _kernels.Q8_0_R8
+        return LAYOUTS[self.ggml_type].kernel_type if self.repacked else int(self.ggml_type)
 
     def __call__(
         self, x: np.ndarray, n_threads: int, *, gelu: bool = False, add: np.ndarray | None = None

@@ -25,13 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from runtime.ggml_types import GGMLType
 from runtime.gguf import GGUFFile, TensorInfo
 from runtime.kernels import _kernels
-from runtime.ops import Linear
+
+if TYPE_CHECKING:  # runtime.ops reads LAYOUTS
+    from runtime.ops import Linear
 
 log = logging.getLogger("llmctl.runtime")
 

@@ -66,7 +66,7 @@ class InstanceSpec:
     threads: int | None = None
     ctx: int | None = None
     parallel: int | None = None
-    repack: bool = True  # False: --no-repack (Q4_0 matrices served in the file's layout)
+    repack: bool = True  # False: --no-repack (Q4_0 and Q8_0 matrices served in the file's layout)
     cpus: float | None = None  # docker: CPU quota; process: ignored
     memory: str | None = None  # docker: memory limit such as "4g"; process: ignored
     replicas: int | None = None  # swarm, kubernetes: pods or tasks (None: keep the count, 1 when new); others: 1

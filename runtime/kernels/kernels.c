@@ -101,7 +101,7 @@ typedef struct {
     gemm_fn gemm_q4_0_r16;         /* the same outputs from repacked rows (REPACKED_Q4_0) */
     int repacks_q4_0;              /* the set has a tile for repacked rows: load should repack */
     gemm_fn gemm_q8_0_r8;          /* gemm_q8_0's outputs from repacked rows (REPACKED_Q8_0) */
-    int repacks_q8_0;              /* the set has a tile for them: load may repack */
+    int repacks_q8_0;              /* the set has a tile for them: load should repack */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
     unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */

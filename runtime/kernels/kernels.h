@@ -70,9 +70,8 @@ int kernels_repacks_q4_0(void);
  * 16. Returns 0, or -1 for an N or K it cannot take. */
 int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst, int n_threads);
 
-/* 1 if the kernel set in use has a tile for repacked Q8_0 rows (KT_Q8_0_R8), so that a model
- * may repack at load (runtime/repack.py does when asked); 0 if it would only read them by a
- * slower path. */
+/* 1 if the kernel set in use has a tile for repacked Q8_0 rows (KT_Q8_0_R8), which a model
+ * should then repack at load; 0 if it would only read them by a slower path. */
 int kernels_repacks_q8_0(void);
 
 /* Repacks N rows of K Q8_0 elements (src_row_bytes apart) into dst (N * K / 32 * 34 bytes),

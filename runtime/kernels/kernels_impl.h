@@ -1023,7 +1023,7 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #define R8_PREFETCH_STEP 16
 #endif
 #ifndef R8_RG_DECODE
-#define R8_RG_DECODE 4 /* groups per tile for one activation row: 2 and 1 were no faster */
+#define R8_RG_DECODE 4 /* groups per tile for one activation row: 2 and 1 were no faster (64-byte steps) */
 #endif
 /* y[c * ldy + g * ys + r] = dot_q8_0(row r of group g, activation row m0 + c) for g < RG, c < RA,
  * RG * RA <= 4, groups gs bytes apart from w; the activation blocks in PAIR_ORDER. Per block, each
@@ -1052,7 +1052,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
                 else
                     __builtin_prefetch(b + o + R8_AHEAD, 0, 3);
             }
-            const __m512 dx = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b))));
+            const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+            const __m512 dx = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d8));
             __m512i wq[4];
             for (int u = 0; u < 4; u++)
                 wq[u] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + 2 * R8_ROWS + 64 * u)),
