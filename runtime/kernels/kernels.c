@@ -103,6 +103,7 @@ typedef struct {
     gemm_fn gemm_q8_0_r8;          /* gemm_q8_0's outputs from repacked rows (REPACKED_Q8_0) */
     int repacks_q8_0;              /* the set has a tile for them: load should repack */
     gemm_fn gemm_q6_K;             /* many activation rows at once, each output as dot_q6_K */
+    int one_pass_rows;             /* every gemm above takes this many activation rows in one pass */
     unsigned act_corr;             /* bit 1 << wtype: that type's gemm reads q8_act.corr */
     dot_fn dot_f16_vec, dot_f16_blas, dot_f32_vec, dot_f32_blas;  /* see kernels_impl.h */
     double (*softmax_exp)(int64_t n, float *s, float max);
@@ -521,15 +522,18 @@ static int threads_for(int n_threads, int64_t work) {
     return n_threads;
 }
 
-/* Weight rows per unit of work: with several activation rows, about 256 KiB of weights, which
- * stay in L2 while every tile of activation rows passes over them (each weight byte comes from
- * memory once per call); with one (decode, bound by memory) up to 4 MiB, since every unit starts
- * its stream of reads cold (a 3B model decoded 3-7% faster with 2 threads than with 256 KiB,
- * near this machine's run-to-run noise).
+/* Weight rows per unit of work. When the set's gemms take all M activation rows in one pass over
+ * the weights (decode, batched decode), up to 4 MiB, since every unit starts its streams of reads
+ * cold: a 3B model decoded 3-7% faster with 2 threads than with 256 KiB (one sequence, near this
+ * machine's run-to-run noise), and on an Intel Xeon (AMX) core its Q8_0 matmuls for 4 sequences
+ * took 215-236 instead of 246-266 ms with 1 thread and 119-127 instead of 130-146 with 2 (the file
+ * layout; repacked Q4_0 124-131 and 66-72 instead of 126-131 and 74-75). With more rows, about 256
+ * KiB of weights, which stay in L2 while every tile of activation rows passes over them (each
+ * weight byte comes from memory once per call).
  * At least four units per thread so that a thread slowed down by another process does not hold
  * up the call; a multiple of `group` (4, or 16 for repacked Q4_0) so that tiles stay whole. */
 static int64_t rows_per_chunk(int64_t N, size_t row_bytes, int nt, int64_t M, int64_t group) {
-    int64_t rows = (int64_t)(((M == 1 ? 4096u : 256u) << 10) / (row_bytes ? row_bytes : 1));
+    int64_t rows = (int64_t)(((M <= K->one_pass_rows ? 4096u : 256u) << 10) / (row_bytes ? row_bytes : 1));
     const int64_t balanced = (N + 4 * nt - 1) / (4 * nt);
     if (rows > balanced) rows = balanced;
     rows = (rows + group - 1) / group * group;

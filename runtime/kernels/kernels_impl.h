@@ -1004,17 +1004,21 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 /* ---- Q8_0 repacked (REPACKED_Q8_0 in kernels.c) ------------------------------------------- */
 
 #ifdef KERNELS_AVX512
-/* How the tile prefetches each group's blocks (WEIGHT_PREFETCH): R8_AHEAD(_L2) ahead, 4 times
- * PREFETCH_AHEAD's distance since a group's stream moves 8 rows' bytes per block, and one prefetch
- * every R8_PREFETCH_STEP bytes, each cache line 4 times. Measured on an AMD EPYC Zen 4 core (the
- * 3B model's Q8_0 decode matmuls, kernel_speed --stream, the same bits): 4 sequences took 139-145
- * ms against 181 with PREFETCH_AHEAD_L2, and one sequence 126-131 ms with 16-byte steps against
- * 143-154 with 64-byte ones, 142-148 with 32 and 154 with 8 (the file layout's tiles, which
- * prefetch each row's 34-byte blocks, about twice per line: 130-142). A core of that CPU appears to
- * drop prefetches it has no room for (WEIGHT_PREFETCH); asking again for the same line a little
- * later recovers them. Not measured on other CPUs. */
+/* How the tile prefetches each group's blocks (WEIGHT_PREFETCH): one prefetch every
+ * R8_PREFETCH_STEP bytes, each cache line 4 times; into L2 (Zen 4) R8_AHEAD_L2 ahead, 4 times
+ * PREFETCH_AHEAD_L2 since a group's stream moves 8 rows' bytes per block, into L1 PREFETCH_AHEAD.
+ * Measured on an AMD EPYC Zen 4 core (the 3B model's Q8_0 decode matmuls, kernel_speed --stream,
+ * the same bits): 4 sequences took 139-145 ms against 181 with PREFETCH_AHEAD_L2, and one
+ * sequence 126-131 ms with 16-byte steps against 143-154 with 64-byte ones, 142-148 with 32 and
+ * 154 with 8 (the file layout's tiles, which prefetch each row's 34-byte blocks, about twice per
+ * line: 130-142). A core of that CPU appears to drop prefetches it has no room for
+ * (WEIGHT_PREFETCH); asking again for the same line a little later recovers them. On an Intel
+ * Xeon (AMX, family 6 model 167), which prefetches into L1, a standalone read of the layout as 2
+ * streams took 20.6 GB/s with 16-byte steps against 18.3 with 64-byte ones, and the decode
+ * matmuls with 2 KiB ahead (and 2 groups, R8_RG_DECODE) were 4-6% faster than with 8 KiB and 4
+ * groups, as fast as the file layout or up to 2% faster. */
 #ifndef R8_AHEAD
-#define R8_AHEAD (4 * PREFETCH_AHEAD)
+#define R8_AHEAD PREFETCH_AHEAD
 #endif
 #ifndef R8_AHEAD_L2
 #define R8_AHEAD_L2 (4 * PREFETCH_AHEAD_L2)
@@ -1022,8 +1026,15 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #ifndef R8_PREFETCH_STEP
 #define R8_PREFETCH_STEP 16
 #endif
+/* Groups per tile for one activation row, by where the weights are prefetched: into L2 (Zen 4),
+ * 4 (2 and 1 were no faster there, with 64-byte steps); into L1, 2: an Intel Xeon core reads 1 or
+ * 2 streams faster than 4 (kernels_read_sum: 20.8 and 23.6 GB/s against 18.6), and its decode
+ * matmuls took 101-108 ms with 2 threads against 107-114 with 4 groups. */
+#ifndef R8_RG_DECODE_L2
+#define R8_RG_DECODE_L2 4
+#endif
 #ifndef R8_RG_DECODE
-#define R8_RG_DECODE 4 /* groups per tile for one activation row: 2 and 1 were no faster (64-byte steps) */
+#define R8_RG_DECODE 2
 #endif
 /* y[c * ldy + g * ys + r] = dot_q8_0(row r of group g, activation row m0 + c) for g < RG, c < RA,
  * RG * RA <= 4, groups gs bytes apart from w; the activation blocks in PAIR_ORDER. Per block, each
@@ -1108,7 +1119,12 @@ static void SUFFIX(gemm_q8_0_r8)(const uint8_t *w, size_t w_stride, int64_t n_ro
     switch (M - m) {
     case 3: SUFFIX(q8_r8_rows)(1, 3, w, gbytes, ng, a, m, y, ldy); break;
     case 2: SUFFIX(q8_r8_rows)(2, 2, w, gbytes, ng, a, m, y, ldy); break;
-    case 1: SUFFIX(q8_r8_rows)(R8_RG_DECODE, 1, w, gbytes, ng, a, m, y, ldy); break;
+    case 1:
+        if (weights_to_l2)
+            SUFFIX(q8_r8_rows)(R8_RG_DECODE_L2, 1, w, gbytes, ng, a, m, y, ldy);
+        else
+            SUFFIX(q8_r8_rows)(R8_RG_DECODE, 1, w, gbytes, ng, a, m, y, ldy);
+        break;
     default: break;
     }
 }
@@ -1602,6 +1618,13 @@ static const kernel_set SUFFIX(kernel_set) = {
     .repacks_q8_0 = 1,
 #endif
     .gemm_q6_K = SUFFIX(gemm_q6_K),
+#ifdef KERNELS_VNNI
+    .one_pass_rows = 4,
+#elif defined(KERNELS_AVX2)
+    .one_pass_rows = 2, /* gemm_q's 4 x 2 tile */
+#else
+    .one_pass_rows = 1, /* gemm_by_dots */
+#endif
 #ifdef KERNELS_VNNI
     .act_corr = 1u << KT_Q8_0 | 1u << KT_Q4_0,
 #elif defined(KERNELS_AVX2)
