@@ -5,6 +5,7 @@ closing and failing."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -78,23 +79,29 @@ Q8_REPACK_SHAPES = [(8, 32), (24, 96), (40, 256), (56, 160), (104, 1024), (48, 4
 @pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0])
 def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str, wtype: GGMLType) -> None:
     """Every tile shape of the SIMD sets (Q4_0: 1 to 17 activation rows, groups side by side, zmm
-    and ymm, with and without VNNI; Q8_0: 4 rows by one group, 3 by one, 2 by two, 1 by four) and
-    the other sets' reading of the layout give the file layout's bits (Q4_0's block order,
-    Q8_0's vec_dot order), on every thread count."""
+    and ymm, with and without VNNI; Q8_0: 4 rows by one group, 3 by one, 2 by two, 1 by four when
+    prefetching into L2 and by two into L1) and the other sets' reading of the layout give the
+    file layout's bits (Q4_0's block order, Q8_0's vec_dot order), on every thread count and
+    prefetch level."""
     rng = np.random.default_rng(3)
     layout = repack_module.LAYOUTS[wtype]
     shapes, most_rows = (REPACK_SHAPES, 17) if wtype == GGMLType.Q4_0 else (Q8_REPACK_SHAPES, 10)
-    for n, k in shapes:
-        rows = _random_q_rows(rng, wtype, n, k)
-        packed = _repacked(rows, k, wtype=wtype)
-        for m in range(1, most_rows + 1):
-            x = _activations(rng, m, k)
-            ref = np.empty((m, n), dtype=np.float32)
-            _kernels.matmul(int(wtype), rows, k, x, ref, 1)
-            for threads in (1, 2, 3):
-                out = np.empty((m, n), dtype=np.float32)
-                _kernels.matmul(layout.kernel_type, packed, k, x, out, threads)
-                assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (kernel_set, n, k, m, threads)
+    try:
+        for n, k in shapes:
+            rows = _random_q_rows(rng, wtype, n, k)
+            packed = _repacked(rows, k, wtype=wtype)
+            for m in range(1, most_rows + 1):
+                x = _activations(rng, m, k)
+                ref = np.empty((m, n), dtype=np.float32)
+                _kernels.matmul(int(wtype), rows, k, x, ref, 1)
+                for level, threads in itertools.product(("l1", "l2"), (1, 2, 3)):
+                    _kernels.prefetch(level)
+                    out = np.empty((m, n), dtype=np.float32)
+                    _kernels.matmul(layout.kernel_type, packed, k, x, out, threads)
+                    where = (kernel_set, n, k, m, level, threads)
+                    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), where
+    finally:
+        _kernels.prefetch("auto")
 
 
 @pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0])

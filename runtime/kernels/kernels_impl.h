@@ -1029,7 +1029,8 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 /* Groups per tile for one activation row, by where the weights are prefetched: into L2 (Zen 4),
  * 4 (2 and 1 were no faster there, with 64-byte steps); into L1, 2: an Intel Xeon core reads 1 or
  * 2 streams faster than 4 (kernels_read_sum: 20.8 and 23.6 GB/s against 18.6), and its decode
- * matmuls took 101-108 ms with 2 threads against 107-114 with 4 groups. */
+ * matmuls took 104.7-107.7 ms with 2 threads against 107.8-113.9 with 4 groups (three alternated
+ * pairs of processes; with 1 thread within the noise). */
 #ifndef R8_RG_DECODE_L2
 #define R8_RG_DECODE_L2 4
 #endif
