@@ -172,6 +172,20 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
             tile(__VA_ARGS__, 0);            \
     } while (0)
 
+/* Activation rows m0 .. m0+RA-1 against n_groups groups of `rows` repacked rows, gbytes each, by
+ * `tile` (q4_r16_tile, q8_r8_tile): tiles of RG groups, as many parts of the rows apart
+ * (GROUPED_ROWS), then single groups for what is left. */
+#define GROUPED_TILES(tile, rows, RG, RA, w, gbytes, n_groups, a, m0, y, ldy)                                    \
+    do {                                                                                                       \
+        const int64_t part_ = (n_groups) / (RG);                                                               \
+        for (int64_t j_ = 0; j_ < part_; j_++)                                                                 \
+            AT_PREFETCH_LEVEL(tile, RG, RA, (w) + j_ * (gbytes), part_ * (gbytes), a, m0,                      \
+                              (y) + (m0) * (ldy) + (rows) * j_, ldy, (rows) * part_);                          \
+        for (int64_t g_ = (RG) * part_; g_ < (n_groups); g_++)                                                 \
+            AT_PREFETCH_LEVEL(tile, 1, RA, (w) + g_ * (gbytes), gbytes, a, m0, (y) + (m0) * (ldy) + (rows) * g_, \
+                              ldy, rows);                                                                      \
+    } while (0)
+
 /* REPACKED_Q4_0. Q4_0 matrices of a multiple of 16 rows, repacked once (kernels_repack_q4_0, on a
  * thread of its own while the model serves: runtime/repack.py) for the SIMD sets' tiles
  * (q4_r16_tile in kernels_impl.h, in zmm and in ymm registers), the way llama.cpp repacks Q4_0 by default
@@ -623,23 +637,42 @@ static int matmul_gemm(int wtype, const type_traits *t, const uint8_t *w, size_t
 
 int kernels_repacks_q4_0(void) { return K->repacks_q4_0; }
 
-int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K_, uint8_t *dst,
-                        int n_threads) {
-    if (N % R16_ROWS != 0 || K_ % QK4_0 != 0 || src_row_bytes < (size_t)(K_ / QK4_0) * sizeof(block_q4_0)) return -1;
-    const int64_t nb = K_ / QK4_0, n_groups = N / R16_ROWS;
-    const int nt = threads_for(n_threads, n_groups);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < n_groups; g++) {
-        uint8_t *group = dst + (size_t)(g * nb) * R16_BYTES;
-        for (int64_t i = 0; i < nb; i++) {
-            uint8_t *out = group + (size_t)i * R16_BYTES;
-            for (int r = 0; r < R16_ROWS; r++) {
-                const block_q4_0 *b = (const block_q4_0 *)(src + (size_t)(g * R16_ROWS + r) * src_row_bytes) + i;
-                memcpy(out + 2 * r, &b->d, 2);
-                for (int u = 0; u < 4; u++) memcpy(out + 2 * R16_ROWS + 64 * u + 4 * r, b->qs + 4 * u, 4);
-            }
+/* REPACKED_Q4_0 and REPACKED_Q8_0: group g of src's rows (`rows` rows, nb blocks of block_bytes
+ * each: an fp16 scale, then the quant bytes as 32-bit words) written interleaved: per block, the
+ * rows' scales, then four 64-byte units, unit u holding each row's words u, 4 + u, ... side by
+ * side (Q4_0: word u alone; Q8_0: words u and 4 + u). Inlined into each type's loop with its
+ * constants: with the sizes as variables (one shared OpenMP loop) a 12288 x 3072 matrix copied at
+ * 3.5-3.9 GB/s, against 5-8 GB/s with them constant. */
+static inline __attribute__((always_inline)) void repack_group(const uint8_t *src, size_t src_row_bytes, int64_t g,
+                                                               int64_t nb, uint8_t *dst, int rows,
+                                                               size_t block_bytes) {
+    const int words = (int)(block_bytes - 2) / 16; /* of a row's words per unit */
+    const size_t group_bytes = (size_t)rows * block_bytes;
+    uint8_t *group = dst + (size_t)(g * nb) * group_bytes;
+    for (int64_t i = 0; i < nb; i++) {
+        uint8_t *out = group + (size_t)i * group_bytes;
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *b = src + (size_t)(g * rows + r) * src_row_bytes + (size_t)i * block_bytes;
+            memcpy(out + 2 * r, b, 2);
+            for (int u = 0; u < 4; u++)
+                for (int j = 0; j < words; j++)
+                    memcpy(out + 2 * rows + 64 * u + 4 * (words * r + j), b + 2 + 4 * (u + 4 * j), 4);
         }
     }
+}
+
+/* Whether N rows of src_row_bytes hold whole groups of `rows` rows of K_ elements. */
+static int repack_fits(size_t src_row_bytes, int64_t N, int64_t K_, int rows, int qk, size_t block_bytes) {
+    return N % rows == 0 && K_ % qk == 0 && src_row_bytes >= (size_t)(K_ / qk) * block_bytes;
+}
+
+int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K_, uint8_t *dst,
+                        int n_threads) {
+    if (!repack_fits(src_row_bytes, N, K_, R16_ROWS, QK4_0, sizeof(block_q4_0))) return -1;
+    const int64_t n_groups = N / R16_ROWS;
+#pragma omp parallel for num_threads(threads_for(n_threads, n_groups)) schedule(static)
+    for (int64_t g = 0; g < n_groups; g++)
+        repack_group(src, src_row_bytes, g, K_ / QK4_0, dst, R16_ROWS, sizeof(block_q4_0));
     return 0;
 }
 
@@ -647,24 +680,11 @@ int kernels_repacks_q8_0(void) { return K->repacks_q8_0; }
 
 int kernels_repack_q8_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K_, uint8_t *dst,
                         int n_threads) {
-    if (N % R8_ROWS != 0 || K_ % QK8_0 != 0 || src_row_bytes < (size_t)(K_ / QK8_0) * sizeof(block_q8_0)) return -1;
-    const int64_t nb = K_ / QK8_0, n_groups = N / R8_ROWS;
-    const int nt = threads_for(n_threads, n_groups);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < n_groups; g++) {
-        uint8_t *group = dst + (size_t)(g * nb) * R8_BYTES;
-        for (int64_t i = 0; i < nb; i++) {
-            uint8_t *out = group + (size_t)i * R8_BYTES;
-            for (int r = 0; r < R8_ROWS; r++) {
-                const block_q8_0 *b = (const block_q8_0 *)(src + (size_t)(g * R8_ROWS + r) * src_row_bytes) + i;
-                memcpy(out + 2 * r, &b->d, 2);
-                for (int u = 0; u < 4; u++) {
-                    memcpy(out + 2 * R8_ROWS + 64 * u + 8 * r, b->qs + 4 * u, 4);
-                    memcpy(out + 2 * R8_ROWS + 64 * u + 8 * r + 4, b->qs + 16 + 4 * u, 4);
-                }
-            }
-        }
-    }
+    if (!repack_fits(src_row_bytes, N, K_, R8_ROWS, QK8_0, sizeof(block_q8_0))) return -1;
+    const int64_t n_groups = N / R8_ROWS;
+#pragma omp parallel for num_threads(threads_for(n_threads, n_groups)) schedule(static)
+    for (int64_t g = 0; g < n_groups; g++)
+        repack_group(src, src_row_bytes, g, K_ / QK8_0, dst, R8_ROWS, sizeof(block_q8_0));
     return 0;
 }
 

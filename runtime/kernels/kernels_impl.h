@@ -938,18 +938,11 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
 _Static_assert(R16_RA <= 8 && R16_RA <= R16_RA_MAX && R16_RG_BATCH <= R16_RG_MAX && R16_RG_DECODE <= R16_RG_MAX,
                "R16 tile shapes out of range");
 
-/* Activation rows m0 .. m0+RA-1 against n_groups groups: tiles of RG groups, which are as many
- * parts of the rows apart (GROUPED_ROWS), then single groups for what is left. */
+/* Activation rows m0 .. m0+RA-1 against n_groups groups (GROUPED_TILES). */
 static inline __attribute__((always_inline)) void SUFFIX(q4_r16_rows)(int RG, int RA, const uint8_t *w, size_t gbytes,
                                                                       int64_t n_groups, const q8_act *a, int64_t m0,
                                                                       float *y, int64_t ldy) {
-    const int64_t part = n_groups / RG;
-    for (int64_t j = 0; j < part; j++)
-        AT_PREFETCH_LEVEL(SUFFIX(q4_r16_tile), RG, RA, w + j * gbytes, part * gbytes, a, m0,
-                          y + m0 * ldy + R16_ROWS * j, ldy, R16_ROWS * part);
-    for (int64_t g = RG * part; g < n_groups; g++)
-        AT_PREFETCH_LEVEL(SUFFIX(q4_r16_tile), 1, RA, w + g * gbytes, gbytes, a, m0, y + m0 * ldy + R16_ROWS * g, ldy,
-                          R16_ROWS);
+    GROUPED_TILES(SUFFIX(q4_r16_tile), R16_ROWS, RG, RA, w, gbytes, n_groups, a, m0, y, ldy);
 }
 
 /* Repacked Q4_0 rows (a multiple of 16, w_stride bytes per row as in the file). */
@@ -1094,23 +1087,16 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
         }
 }
 
-/* Activation rows m0 .. m0+RA-1 against n_groups groups: tiles of RG groups, as many parts of the
- * rows apart (GROUPED_ROWS), then single groups for what is left. */
+/* Activation rows m0 .. m0+RA-1 against n_groups groups (GROUPED_TILES). */
 static inline __attribute__((always_inline)) void SUFFIX(q8_r8_rows)(int RG, int RA, const uint8_t *w, size_t gbytes,
                                                                      int64_t n_groups, const q8_act *a, int64_t m0,
                                                                      float *y, int64_t ldy) {
-    const int64_t part = n_groups / RG;
-    for (int64_t j = 0; j < part; j++)
-        AT_PREFETCH_LEVEL(SUFFIX(q8_r8_tile), RG, RA, w + j * gbytes, part * gbytes, a, m0,
-                          y + m0 * ldy + R8_ROWS * j, ldy, R8_ROWS * part);
-    for (int64_t g = RG * part; g < n_groups; g++)
-        AT_PREFETCH_LEVEL(SUFFIX(q8_r8_tile), 1, RA, w + g * gbytes, gbytes, a, m0, y + m0 * ldy + R8_ROWS * g, ldy,
-                          R8_ROWS);
+    GROUPED_TILES(SUFFIX(q8_r8_tile), R8_ROWS, RG, RA, w, gbytes, n_groups, a, m0, y, ldy);
 }
 
 /* Repacked Q8_0 rows (a multiple of 8, w_stride bytes per row as in the file): tiles of 4
- * activation rows by one group (16 accumulators), fewer rows by more groups, so that a tile
- * always reads 16 accumulators' worth and decode keeps 4 streams of reads. */
+ * activation rows by one group (16 accumulators), 2 rows by 2 groups, and one row (decode) by
+ * R8_RG_DECODE_L2 or R8_RG_DECODE groups, one stream of reads each. */
 static void SUFFIX(gemm_q8_0_r8)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                                  float *y, int64_t ldy) {
     const size_t gbytes = R8_ROWS * w_stride;
