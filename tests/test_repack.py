@@ -26,27 +26,19 @@ Q4_0 = int(GGMLType.Q4_0)
 Q8_0 = int(GGMLType.Q8_0)
 
 
-def _layout(rows: np.ndarray) -> np.ndarray:
-    """The repacked layout as REPACKED_Q4_0 describes it: per group of 16 rows and block, the 16
-    fp16 scales, then four units of each row's 4 quant bytes 4u .. 4u+3 (row r at 4r)."""
+def _layout(rows: np.ndarray, wtype: GGMLType = GGMLType.Q4_0) -> np.ndarray:
+    """The repacked layout as REPACKED_Q4_0 and REPACKED_Q8_0 describe it: per group of 16 (Q4_0)
+    or 8 (Q8_0) rows and block, the rows' fp16 scales, then four units of each row's 32-bit words
+    u, 4 + u, ... side by side: Q4_0 quant bytes 4u .. 4u+3 (row r at 4r), Q8_0 lanes u and 4 + u
+    (bytes 4u .. 4u+3 and 16+4u .. 16+4u+3, row r at 8r)."""
     n, row_bytes = rows.shape
-    nb = row_bytes // 18
-    blocks = rows.reshape(n // 16, 16, nb, 18)  # group, row, block, bytes
-    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n // 16, nb, 32)
-    units = blocks[..., 2:].reshape(n // 16, 16, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n // 16, nb, 256)
-    return np.concatenate([scales, units], axis=2).reshape(n, row_bytes)
-
-
-def _q8_layout(rows: np.ndarray) -> np.ndarray:
-    """The repacked layout as REPACKED_Q8_0 describes it: per group of 8 rows and block, the 8 fp16
-    scales, then four units of each row's lanes u and 4 + u (bytes 4u .. 4u+3, 16+4u .. 16+4u+3)
-    side by side (row r at 8r)."""
-    n, row_bytes = rows.shape
-    nb = row_bytes // 34
-    blocks = rows.reshape(n // 8, 8, nb, 34)  # group, row, block, bytes
-    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n // 8, nb, 16)
-    lanes = blocks[..., 2:].reshape(n // 8, 8, nb, 2, 4, 4)  # group, row, block, half, unit, byte
-    units = lanes.transpose(0, 2, 4, 1, 3, 5).reshape(n // 8, nb, 256)
+    group, block_bytes = (16, 18) if wtype == GGMLType.Q4_0 else (8, 34)
+    words = (block_bytes - 2) // 16  # of a row's words per unit
+    ng, nb = n // group, row_bytes // block_bytes
+    blocks = rows.reshape(ng, group, nb, block_bytes)  # group, row, block, bytes
+    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(ng, nb, 2 * group)
+    quants = blocks[..., 2:].reshape(ng, group, nb, words, 4, 4)  # group, row, block, word / 4, unit, byte
+    units = quants.transpose(0, 2, 4, 1, 3, 5).reshape(ng, nb, 256)
     return np.concatenate([scales, units], axis=2).reshape(n, row_bytes)
 
 
@@ -63,7 +55,7 @@ def test_repack_writes_the_documented_layout(n: int, k: int) -> None:
         assert np.array_equal(_repacked(rows, k, threads), _layout(rows))
     q8_rows = _random_q_rows(np.random.default_rng(n), GGMLType.Q8_0, n, k)
     for threads in (1, 3):
-        assert np.array_equal(_repacked(q8_rows, k, threads, GGMLType.Q8_0), _q8_layout(q8_rows))
+        assert np.array_equal(_repacked(q8_rows, k, threads, GGMLType.Q8_0), _layout(q8_rows, GGMLType.Q8_0))
 
 
 # (weight rows, row length): one group and many, rows as long as a down projection's, and enough
@@ -120,28 +112,22 @@ def test_repacked_matmul_applies_the_epilogue(kernel_set: str, wtype: GGMLType) 
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
-def test_repacking_refuses_rows_that_are_not_whole_groups() -> None:
-    rows = _random_q_rows(np.random.default_rng(5), GGMLType.Q4_0, 24, 64)
-    with pytest.raises(ValueError, match="not a multiple of 16"):
-        _kernels.repack_q4_0(rows, 64, np.empty_like(rows))
-    with pytest.raises(ValueError, match="shapes"):
-        _kernels.repack_q4_0(rows[:16], 96, np.empty_like(rows[:16]))
-    out = np.empty((1, 24), dtype=np.float32)
+@pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0])
+def test_repacking_refuses_rows_that_are_not_whole_groups(wtype: GGMLType) -> None:
+    layout = repack_module.LAYOUTS[wtype]
+    group = layout.group_rows
+    n = group + group // 2
+    rows = _random_q_rows(np.random.default_rng(5), wtype, n, 64)
+    name = f"repack_{wtype.name.lower()}"
+    with pytest.raises(ValueError, match=f"{name}: {n} rows are not a multiple of {group}"):
+        layout.repack(rows, 64, np.empty_like(rows), 1)
+    with pytest.raises(ValueError, match=f"{name} shapes"):
+        layout.repack(rows[:group], 96, np.empty_like(rows[:group]), 1)
+    out = np.empty((1, n), dtype=np.float32)
     with pytest.raises(ValueError, match="unsupported weight type"):
-        _kernels.matmul(_kernels.Q4_0_R16, rows, 64, np.ones((1, 64), np.float32), out)
-    with pytest.raises(ValueError, match="rows of 36 bytes for 96 elements"):  # would read past the rows
-        _kernels.matmul(_kernels.Q4_0_R16, rows[:16], 96, np.ones((1, 96), np.float32), out[:, :16])
-
-
-def test_repacking_q8_0_refuses_rows_that_are_not_whole_groups() -> None:
-    rows = _random_q_rows(np.random.default_rng(6), GGMLType.Q8_0, 12, 64)
-    with pytest.raises(ValueError, match="repack_q8_0: 12 rows are not a multiple of 8"):
-        _kernels.repack_q8_0(rows, 64, np.empty_like(rows))
-    with pytest.raises(ValueError, match="repack_q8_0 shapes"):
-        _kernels.repack_q8_0(rows[:8], 96, np.empty_like(rows[:8]))
-    out = np.empty((1, 12), dtype=np.float32)
-    with pytest.raises(ValueError, match="unsupported weight type"):
-        _kernels.matmul(_kernels.Q8_0_R8, rows, 64, np.ones((1, 64), np.float32), out)
+        _kernels.matmul(layout.kernel_type, rows, 64, np.ones((1, 64), np.float32), out)
+    with pytest.raises(ValueError, match=f"rows of {rows.shape[1]} bytes for 96 elements"):  # would read past the rows
+        _kernels.matmul(layout.kernel_type, rows[:group], 96, np.ones((1, 96), np.float32), out[:, :group])
 
 
 @pytest.fixture(scope="module")
