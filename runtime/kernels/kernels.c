@@ -159,6 +159,26 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
         __builtin_prefetch((const char *)p + PREFETCH_AHEAD, 0, 3); /* _MM_HINT_T0 */
 }
 
+/* GROUP_AHEAD. How far ahead the repacked layouts' tiles prefetch each group (one stream of
+ * reads) into L1: 8 KiB in flight over a tile's groups, and 16 KiB for a lone group. A group's
+ * stream moves 8 or 16 rows' bytes per block, so one stream 2 KiB ahead (PREFETCH_AHEAD) keeps
+ * only ~2 KiB in flight, too little to cover the memory's latency at a core's bandwidth. On an
+ * AMD EPYC Zen 5 core (kernel_speed --stream, the same bits, alternated processes) 4 sequences'
+ * repacked Q8_0 matmuls, one group per tile, took 89-91 ms against 155-165 with 2 KiB, 92-100 with
+ * 8 KiB and 89 with 32 KiB (the file layout's tile, 4 streams of 2 KiB: 97-103); one sequence's, 2
+ * groups, 82-85 ms against 86-91 with 2 KiB and 87-93 with 8 KiB; 4 sequences' repacked Q4_0, 2
+ * groups, 51-52 ms against 59.5 with 2 KiB and 51 with 8 KiB. Into L2 (Zen 4) the tiles keep
+ * their own distances. */
+#define GROUP_AHEAD(groups) ((groups) == 1 ? 16384 : 8192 / (groups))
+
+/* prefetch_weights for a tile of `groups` repacked groups (GROUP_AHEAD). */
+static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *p, int groups, int to_l2) {
+    if (to_l2)
+        __builtin_prefetch(p + PREFETCH_AHEAD_L2, 0, 2);
+    else
+        __builtin_prefetch(p + GROUP_AHEAD(groups), 0, 3);
+}
+
 /* tile(args..., to_l2) with weights_to_l2 passed as the constant 0 or 1: the (inlined) tile is
  * compiled once per level, so its block loop tests nothing but its end. With the level in a
  * variable the loops tested it at every block (GCC unswitched them only in part), and the global

@@ -812,7 +812,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
         __m512 dx[R16_RG_MAX];
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_weights(b + o, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, to_l2);
             dx[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
             for (int u = 0; u < 4; u++) {
                 const __m512i z = _mm512_loadu_si512((const void *)(b + 2 * R16_ROWS + 64 * u));
@@ -880,7 +880,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
     for (int64_t i = 0; i < a->nb; i++) {
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_weights(b + o, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, to_l2);
             for (int h = 0; h < 2; h++) {
                 const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
                 __m256i wl[4], wh[4];
@@ -999,7 +999,7 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #ifdef KERNELS_AVX512
 /* How the tile prefetches each group's blocks (WEIGHT_PREFETCH): one prefetch every
  * R8_PREFETCH_STEP bytes, each cache line 4 times; into L2 (Zen 4) R8_AHEAD_L2 ahead, 4 times
- * PREFETCH_AHEAD_L2 since a group's stream moves 8 rows' bytes per block, into L1 PREFETCH_AHEAD.
+ * PREFETCH_AHEAD_L2 since a group's stream moves 8 rows' bytes per block, into L1 GROUP_AHEAD.
  * Measured on an AMD EPYC Zen 4 core (the 3B model's Q8_0 decode matmuls, kernel_speed --stream,
  * the same bits): 4 sequences took 139-145 ms against 181 with PREFETCH_AHEAD_L2, and one
  * sequence 126-131 ms with 16-byte steps against 143-154 with 64-byte ones, 142-148 with 32 and
@@ -1009,10 +1009,8 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
  * Xeon (AMX, family 6 model 167), which prefetches into L1, a standalone read of the layout as 2
  * streams took 20.6 GB/s with 16-byte steps against 18.3 with 64-byte ones, and the decode
  * matmuls with 2 KiB ahead (and 2 groups, R8_RG_DECODE) were 4-6% faster than with 8 KiB and 4
- * groups, as fast as the file layout or up to 2% faster. */
-#ifndef R8_AHEAD
-#define R8_AHEAD PREFETCH_AHEAD
-#endif
+ * groups, as fast as the file layout or up to 2% faster (GROUP_AHEAD, from Zen 5, now puts 2
+ * groups 4 KiB ahead; not yet measured on that Xeon). */
 #ifndef R8_AHEAD_L2
 #define R8_AHEAD_L2 (4 * PREFETCH_AHEAD_L2)
 #endif
@@ -1055,7 +1053,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
                 if (to_l2)
                     __builtin_prefetch(b + o + R8_AHEAD_L2, 0, 2);
                 else
-                    __builtin_prefetch(b + o + R8_AHEAD, 0, 3);
+                    __builtin_prefetch(b + o + GROUP_AHEAD(RG), 0, 3);
             }
             const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
             const __m512 dx = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d8));
