@@ -844,18 +844,24 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
  * 4 rows): 2 groups, the 3B model's Q4_0 matrices for 4 sequences in 80 ms with 1 thread against
  * 88 with 1 group and 99 with 4 (51 against 53 and 56 with 2 threads). Decode (1 or 2 rows): 4
  * groups, as far apart as the rows allow (GROUPED_ROWS): 64-66 ms against 66-71 with 2 and 72-79
- * with 1 (8: the same as 4). */
+ * with 1 (8: the same as 4); Zen 4 prefetches into L2. Where the weights go to L1 (GROUP_AHEAD),
+ * 2 groups: on an AMD EPYC Zen 5 core one sequence's matmuls took 45.1-45.8 ms against 48.7-49.7
+ * with 4 groups and 48.3-49.3 with 1 (three alternated processes, 1 thread). */
 #ifndef R16_RA512
 #define R16_RA512 8
 #endif
 #ifndef R16_RG_BATCH512
 #define R16_RG_BATCH512 2
 #endif
+#ifndef R16_RG_DECODE_L2_512
+#define R16_RG_DECODE_L2_512 4
+#endif
 #ifndef R16_RG_DECODE512
-#define R16_RG_DECODE512 4
+#define R16_RG_DECODE512 2
 #endif
 #define R16_RA R16_RA512
 #define R16_RG_BATCH R16_RG_BATCH512
+#define R16_RG_DECODE_L2 R16_RG_DECODE_L2_512
 #define R16_RG_DECODE R16_RG_DECODE512
 #else
 /* q4_r16_tile in ymm registers: each group as two halves of 8 rows (a unit's low and high 32
@@ -932,10 +938,12 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
 #endif
 #define R16_RA R16_RA256
 #define R16_RG_BATCH R16_RG_BATCH256
+#define R16_RG_DECODE_L2 R16_RG_DECODE256
 #define R16_RG_DECODE R16_RG_DECODE256
 #endif
 /* gemm_q4_0_r16's tiles take up to 7 leftover rows, and every tile fits its arrays */
-_Static_assert(R16_RA <= 8 && R16_RA <= R16_RA_MAX && R16_RG_BATCH <= R16_RG_MAX && R16_RG_DECODE <= R16_RG_MAX,
+_Static_assert(R16_RA <= 8 && R16_RA <= R16_RA_MAX && R16_RG_BATCH <= R16_RG_MAX && R16_RG_DECODE <= R16_RG_MAX &&
+                   R16_RG_DECODE_L2 <= R16_RG_MAX,
                "R16 tile shapes out of range");
 
 /* Activation rows m0 .. m0+RA-1 against n_groups groups (GROUPED_TILES). */
@@ -943,6 +951,16 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_rows)(int RG, in
                                                                       int64_t n_groups, const q8_act *a, int64_t m0,
                                                                       float *y, int64_t ldy) {
     GROUPED_TILES(SUFFIX(q4_r16_tile), R16_ROWS, RG, RA, w, gbytes, n_groups, a, m0, y, ldy);
+}
+
+/* One or two activation rows (RA) by the decode tile of the prefetch level. */
+static inline __attribute__((always_inline)) void SUFFIX(q4_r16_decode)(int RA, const uint8_t *w, size_t gbytes,
+                                                                        int64_t n_groups, const q8_act *a, int64_t m0,
+                                                                        float *y, int64_t ldy) {
+    if (weights_to_l2)
+        SUFFIX(q4_r16_rows)(R16_RG_DECODE_L2, RA, w, gbytes, n_groups, a, m0, y, ldy);
+    else
+        SUFFIX(q4_r16_rows)(R16_RG_DECODE, RA, w, gbytes, n_groups, a, m0, y, ldy);
 }
 
 /* Repacked Q4_0 rows (a multiple of 16, w_stride bytes per row as in the file). */
@@ -958,13 +976,14 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
     case 5: SUFFIX(q4_r16_rows)(1, 5, w, gbytes, ng, a, m, y, ldy); break;
     case 4: SUFFIX(q4_r16_rows)(R16_RG_BATCH, 4, w, gbytes, ng, a, m, y, ldy); break;
     case 3: SUFFIX(q4_r16_rows)(R16_RG_BATCH, 3, w, gbytes, ng, a, m, y, ldy); break;
-    case 2: SUFFIX(q4_r16_rows)(R16_RG_DECODE, 2, w, gbytes, ng, a, m, y, ldy); break;
-    case 1: SUFFIX(q4_r16_rows)(R16_RG_DECODE, 1, w, gbytes, ng, a, m, y, ldy); break;
+    case 2: SUFFIX(q4_r16_decode)(2, w, gbytes, ng, a, m, y, ldy); break;
+    case 1: SUFFIX(q4_r16_decode)(1, w, gbytes, ng, a, m, y, ldy); break;
     default: break;
     }
 }
 #undef R16_RA
 #undef R16_RG_BATCH
+#undef R16_RG_DECODE_L2
 #undef R16_RG_DECODE
 #else
 /* The sets without a tile for the layout: dot_q4_0_blocks read from it, one output at a time. */
