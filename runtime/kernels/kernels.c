@@ -171,10 +171,12 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
  * their own distances. */
 #define GROUP_AHEAD(groups) ((groups) == 1 ? 16384 : 8192 / (groups))
 
-/* prefetch_weights for a tile of `groups` repacked groups (GROUP_AHEAD). */
-static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *p, int groups, int to_l2) {
+/* prefetch_weights for a tile of `groups` repacked groups: into L2 l2_ahead bytes ahead (each
+ * layout's own distance), into L1 GROUP_AHEAD. */
+static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *p, int groups, size_t l2_ahead,
+                                                                 int to_l2) {
     if (to_l2)
-        __builtin_prefetch(p + PREFETCH_AHEAD_L2, 0, 2);
+        __builtin_prefetch(p + l2_ahead, 0, 2);
     else
         __builtin_prefetch(p + GROUP_AHEAD(groups), 0, 3);
 }

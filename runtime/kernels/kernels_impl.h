@@ -812,7 +812,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
         __m512 dx[R16_RG_MAX];
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, PREFETCH_AHEAD_L2, to_l2);
             dx[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
             for (int u = 0; u < 4; u++) {
                 const __m512i z = _mm512_loadu_si512((const void *)(b + 2 * R16_ROWS + 64 * u));
@@ -886,7 +886,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
     for (int64_t i = 0; i < a->nb; i++) {
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64) prefetch_group(b + o, RG, PREFETCH_AHEAD_L2, to_l2);
             for (int h = 0; h < 2; h++) {
                 const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
                 __m256i wl[4], wh[4];
@@ -1068,12 +1068,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
     for (int64_t i = 0; i < a->nb; i++)
         for (int g = 0; g < RG; g++) { /* one group's units at a time: 4 registers, not 4 per group */
             const uint8_t *b = w + g * gs + (size_t)i * R8_BYTES;
-            for (size_t o = 0; o < R8_BYTES; o += R8_PREFETCH_STEP) {
-                if (to_l2)
-                    __builtin_prefetch(b + o + R8_AHEAD_L2, 0, 2);
-                else
-                    __builtin_prefetch(b + o + GROUP_AHEAD(RG), 0, 3);
-            }
+            for (size_t o = 0; o < R8_BYTES; o += R8_PREFETCH_STEP) prefetch_group(b + o, RG, R8_AHEAD_L2, to_l2);
             const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
             const __m512 dx = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d8));
             __m512i wq[4];
