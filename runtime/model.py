@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
-from runtime.repack import BackgroundRepack, repackable, types_to_repack
+from runtime.repack import BackgroundRepack, ForwardLock, repackable, types_to_repack
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class Transformer:
         # float64 [len(_kernels.LAYER_OPS)]: if set, every forward adds each layer op's seconds to it
         self.op_seconds: np.ndarray | None = None
         self._rope_cache: tuple[np.ndarray, np.ndarray] | None = None
-        self._forward_lock = threading.Lock()  # held by each forward pass and each repacked matrix's takeover
+        self._forward_lock = ForwardLock()  # held by each forward pass and each repacked matrix's takeover
         self._matrix_at: dict[str, tuple[int, str, str]] = {}  # tensor name: (layer, Block field, LayerStack name)
         jobs = []
         for il, layer in enumerate(self.blocks):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +313,62 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
             assert repacking.error == "MemoryError: cannot map 1 GiB"
             assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
     assert "repacking matrices stopped after 0 of" in caplog.text
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait (up to 60 s) until another thread has brought `condition` about."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "the other thread never got there"
+        time.sleep(0.001)
+
+
+def test_a_waiting_forward_pass_goes_before_the_next_matrix() -> None:
+    """The repacking lets the lock go and asks for it again at once while a pass waits: the pass
+    goes first (with a plain lock the repacking thread, still running, took it again)."""
+    lock, order, holding, go_on = repack_module.ForwardLock(), [], threading.Event(), threading.Event()
+
+    def repacking() -> None:
+        with lock.between_passes():
+            holding.set()
+            assert go_on.wait(60)
+        with lock.between_passes():
+            order.append("matrix")
+
+    def forward_pass() -> None:
+        with lock:
+            order.append("pass")
+
+    threads = [threading.Thread(target=repacking), threading.Thread(target=forward_pass)]
+    threads[0].start()
+    assert holding.wait(60)
+    threads[1].start()
+    _until(lambda: lock._passes_waiting == 1)
+    go_on.set()
+    for t in threads:
+        t.join(60)
+    assert order == ["pass", "matrix"]
+
+
+def test_a_waiting_repacking_goes_before_the_next_forward_pass() -> None:
+    """Passes back to back do not shut the repacking out: when a pass ends with the repacking
+    waiting, the next matrix goes before the next pass."""
+    lock, order = repack_module.ForwardLock(), []
+
+    def repacking() -> None:
+        with lock.between_passes():
+            order.append("matrix")
+
+    def forward_pass() -> None:
+        with lock:
+            order.append("pass")
+
+    with lock:
+        threads = [threading.Thread(target=repacking), threading.Thread(target=forward_pass)]
+        threads[0].start()
+        _until(lambda: lock._background_waiting)
+        threads[1].start()
+        _until(lambda: lock._passes_waiting == 1)
+    for t in threads:
+        t.join(60)
+    assert order == ["matrix", "pass"]
