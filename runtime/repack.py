@@ -151,11 +151,11 @@ class ForwardLock:
 class BackgroundRepack:
     """Repacks the matrices `jobs` (tensors of `f`, as the model reads them now) one after another
     on a daemon thread. Each copy takes over through `install(job, copy)`, called with `lock` held
-    (every forward pass holds it too, so none runs with half its matrices swapped; a waiting pass
-    goes first), after which
-    the file's pages of the matrix leave the process (no pass reads them any more). A failure (out
-    of memory...) is logged in `error` and stops the repacking; the matrices not yet repacked keep
-    serving from the file, with the same results. `installed` counts the copies that took over."""
+    (every forward pass holds it too, so none runs with half its matrices swapped; the two take it
+    in turns), after which the file's pages of the matrix leave the process (no pass reads them
+    any more). A failure (out of memory...) is logged in `error` and stops the repacking; the
+    matrices not yet repacked keep serving from the file, with the same results. `installed`
+    counts the copies that took over."""
 
     def __init__(
         self,
