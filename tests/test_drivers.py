@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from manager.drivers.process import ProcessDriver
 from manager.drivers.procfs import alive, start_time, write_json_atomic
 from runtime.testing.make_model import make_model
 from tests.netutil import free_port
+from tests.polling import until
 
 CACHE = Path.home() / ".cache" / "llmctl"
 WRONG_DIGEST = "sha256:" + "0" * 64
@@ -41,15 +42,6 @@ COMPLETION = {"prompt": "def add(a, b):\n    return ", "max_tokens": 4, "tempera
 
 def _digest(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +162,7 @@ def test_a_crashed_server_is_restarted(process_driver: ProcessDriver, weights: P
         child = _state(process_driver, instance).get("child")
         return child is not None and child["pid"] != first["pid"]
 
-    assert _until(restarted, 30), process_driver.logs(instance)
+    assert until(restarted, 30, every=0.1), process_driver.logs(instance)
     assert process_driver.wait_healthy(instance, 60), process_driver.logs(instance)
     state = _state(process_driver, instance)
     assert state["restarts"] == 1 and state["last_exit_code"] == 137
@@ -186,9 +178,9 @@ def test_a_killed_supervisor_takes_its_server_along(process_driver: ProcessDrive
     assert process_driver.wait_healthy(instance, 60), process_driver.logs(instance)
     state = _state(process_driver, instance)
     os.kill(state["supervisor"]["pid"], signal.SIGKILL)
-    assert _until(lambda: process_driver.list()[0].state == "exited", 10)
+    assert until(lambda: process_driver.list()[0].state == "exited", 10, every=0.1)
     child = state["child"]
-    assert _until(lambda: not alive(child["pid"], child["start_time"]), 15)  # PR_SET_PDEATHSIG
+    assert until(lambda: not alive(child["pid"], child["start_time"]), 15, every=0.1)  # PR_SET_PDEATHSIG
 
 
 def test_weights_that_do_not_match_the_digest_are_refused_and_not_restarted(
@@ -468,7 +460,7 @@ def test_docker_mounted_weights_that_do_not_match_are_refused_without_endless_re
     def settled() -> bool:
         return bool(docker_client.api.inspect_container(instance.id)["State"]["Status"] == "exited")
 
-    assert _until(settled, 90)  # on-failure:3, not a restart loop
+    assert until(settled, 90, every=0.1)  # on-failure:3, not a restart loop
     attrs = docker_client.api.inspect_container(instance.id)
     assert attrs["State"]["ExitCode"] == 1 and attrs["RestartCount"] == 3
     assert [i.state for i in docker_driver.list(release="test-tampered")] == ["exited"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.model import MATRICES
 from runtime.testing.make_model import make_model
+from tests.polling import until
 from tests.test_kernels import _activations, _random_q_rows
 
 Q4_0 = int(GGMLType.Q4_0)
@@ -315,14 +314,6 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
     assert "repacking matrices stopped after 0 of" in caplog.text
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    """Wait (up to 60 s) until another thread has brought `condition` about."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "the other thread never got there"
-        time.sleep(0.001)
-
-
 def test_a_waiting_forward_pass_goes_before_the_next_matrix() -> None:
     """The repacking lets the lock go and asks for it again at once while a pass waits: the pass
     goes first (with a plain lock the repacking thread, still running, took it again)."""
@@ -343,7 +334,7 @@ def test_a_waiting_forward_pass_goes_before_the_next_matrix() -> None:
     threads[0].start()
     assert holding.wait(60)
     threads[1].start()
-    _until(lambda: lock._passes_waiting == 1)
+    assert until(lambda: lock._passes_waiting == 1, 60, every=0.001)
     go_on.set()
     for t in threads:
         t.join(60)
@@ -366,9 +357,9 @@ def test_a_waiting_repacking_goes_before_the_next_forward_pass() -> None:
     with lock:
         threads = [threading.Thread(target=repacking), threading.Thread(target=forward_pass)]
         threads[0].start()
-        _until(lambda: lock._background_waiting)
+        assert until(lambda: lock._background_waiting, 60, every=0.001)
         threads[1].start()
-        _until(lambda: lock._passes_waiting == 1)
+        assert until(lambda: lock._passes_waiting == 1, 60, every=0.001)
     for t in threads:
         t.join(60)
     assert order == ["matrix", "pass"]

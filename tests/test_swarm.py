@@ -17,7 +17,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from manager import actions
 from manager.drivers import DriverError, DriverUnavailableError, InstanceSpec, get_driver
 from manager.drivers.swarm import PUBLISH_ENV, SwarmDriver, service_name
 from manager.releases import ReleaseStore
+from tests.polling import until
 from tests.releasehome import demo_sets, demo_weights, fails, home_copy, ok, prepared_home
 
 PASSWORD = "swarm tests"
@@ -36,15 +37,6 @@ MESH = Path("/proc/sys/net/ipv4/vs").is_dir()  # IPVS: the routing mesh works on
 COMPLETION = {"prompt": "def add(a, b):\n    return ", "max_tokens": 4, "temperature": 0}
 
 pytestmark = pytest.mark.slow
-
-
-def _until(condition: Callable[[], bool], timeout: float, every: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
 
 
 def _swarm_info(client: Any) -> dict[str, Any]:
@@ -245,7 +237,7 @@ def _converged(driver: SwarmDriver, instance: Any, timeout: float) -> bool:
         assert rollout is not None and rollout.current == instance.revision, rollout
         return rollout.converged and rollout.state in (None, "completed", "rollback_completed")
 
-    return _until(done, timeout, every=0.5)
+    return until(done, timeout, every=0.5)
 
 
 # --- the tests --------------------------------------------------------------------------------------
@@ -265,7 +257,7 @@ def test_two_replicas_upgrade_and_roll_back_under_load_without_a_failed_request(
     assert service["Spec"]["UpdateConfig"]["Order"] == "start-first"
     assert service["Spec"]["UpdateConfig"]["FailureAction"] == "rollback"
     with Load(engine, first.id, first.endpoint) as load:
-        _until(lambda: load.total >= 10, 30)
+        until(lambda: load.total >= 10, 30, every=0.25)
         began = time.monotonic()
         second = driver.start(replace(_spec("sw-load", 2, demo, driver, "server.parallel=3"), replicas=None))
         assert second.id == first.id and second.endpoint == first.endpoint  # the same service, the same port
@@ -275,7 +267,7 @@ def test_two_replicas_upgrade_and_roll_back_under_load_without_a_failed_request(
 
         back = driver.rollback("sw-load", timeout=180)  # `docker service rollback`: the previous spec
         assert back.revision == 1
-        _until(lambda: load.total >= sum(during_upgrade.values()) + 10, 30)
+        until(lambda: load.total >= sum(during_upgrade.values()) + 10, 30, every=0.25)
     assert load.failures == [], f"{len(load.failures)} of {load.total} requests failed: {load.failures[:5]}"
     assert load.total >= 30
     if not MESH:  # the stand-in knows which revision answered: both did, and rev 2 served before the rollback
