@@ -34,6 +34,7 @@ from runtime import Model
 from runtime.errors import ModelError
 from runtime.testing.make_model import make_model
 from tests.netutil import free_port
+from tests.polling import until
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 8192
@@ -149,12 +150,8 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    if not until(cond, timeout, every=0.05):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def busy_slots(url: str, headers: dict[str, str] | None = None) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import yaml
 from manager import stack
 from manager.drivers.procfs import read_json
 from manager.releases import ReleaseStore
+from tests.polling import until
 from tests.releasehome import demo_sets, demo_weights, fails, home_copy, llmctl, prepared_home
 
 PASSWORD = "stack tests"
@@ -214,13 +214,8 @@ def _kill_supervisor(home: Path, name: str, revision: int) -> None:
     state = read_json(home / "data" / "instances" / f"{name}-{revision}.json")
     assert state is not None
     os.killpg(state["supervisor"]["pid"], signal.SIGKILL)  # the supervisor and the server
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = [d for d in stack.drift([name]) if d.kind == "exited"]
-        if found:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{name} revision {revision} never showed as exited")
+    if not until(lambda: any(d.kind == "exited" for d in stack.drift([name])), 30, every=0.1):
+        pytest.fail(f"{name} revision {revision} never showed as exited")
 
 
 def test_drift_detects_an_exited_instance_and_apply_repairs_it(
