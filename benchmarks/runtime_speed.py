@@ -139,10 +139,10 @@ READ_STREAMS = (1, 2, 4, 8)  # streams per thread the bandwidth probe tries
 def read_bandwidth(threads: int, rounds: int = 3) -> float:
     """Memory read bandwidth in GB/s with `threads` threads: the best of `rounds` passes over
     1 GiB (far more than the caches), read by the runtime's own kernels, each thread reading its
-    part as 1, 2, 4 or 8 streams side by side, prefetched into L1 and into L2. Which way reaches
-    the bandwidth differs between CPUs (an Intel Xeon needed 4 streams, an AMD EPYC Zen 4 reads
-    2.5x faster with one than with 4 when prefetching into L1), so the best of all is the bound
-    decode is held to."""
+    part as 1, 2, 4 or 8 streams side by side, prefetched into L1, into L2, or not at all. Which
+    way reaches the bandwidth differs between CPUs (an Intel Xeon needed 4 prefetched streams, an
+    AMD EPYC Zen 4 reads 2.5x faster with one than with 4 when prefetching into L1, and faster
+    still with no prefetches), so the best of all is the bound decode is held to."""
     import numpy as np
 
     from runtime.kernels import _kernels
@@ -151,11 +151,11 @@ def read_bandwidth(threads: int, rounds: int = 3) -> float:
     best = 0.0
     try:
         for _ in range(rounds):
-            for level in ("l1", "l2"):
-                _kernels.prefetch(level)
+            for level in ("l1", "l2", None):
+                _kernels.prefetch(level or "auto")
                 for streams in READ_STREAMS:
                     start = time.perf_counter()
-                    _kernels.read_sum(buf, threads, streams)
+                    _kernels.read_sum(buf, threads, streams, level is not None)
                     best = max(best, buf.size / (time.perf_counter() - start) / 1e9)
     finally:
         _kernels.prefetch("auto")
@@ -551,8 +551,8 @@ def section(
         f"- Command: `{command}`",
         f"- Date: {now}",
         f"- Machine: {machine_line(llama_ver)}",
-        "- Memory read bandwidth (1 GiB read as 1, 2, 4 and 8 streams per thread, prefetched into L1 and "
-        f"into L2, 3 passes each, before each round; the best of all): {bw}",
+        "- Memory read bandwidth (1 GiB read as 1, 2, 4 and 8 streams per thread, prefetched into L1, "
+        f"into L2 or not at all, 3 passes each, before each round; the best of all): {bw}",
         f"- Files (random weights): {files}",
         f"- Prompt {args.prompt} tokens, then {args.gen} tokens decoded greedily one at a time"
         + (f", then a {args.long_prompt}-token prompt on an emptied cache" if args.long_prompt else "")

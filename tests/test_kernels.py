@@ -227,9 +227,10 @@ def _cpu_vendor_family_model() -> tuple[str, int, int]:
 @pytest.mark.parametrize("n", [260, 256], ids=["vec_dot-order", "block-order"])
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q6_K], ids=["q8_0", "q4_0", "q6_k"])
 def test_prefetch_level_changes_no_bits(kernel_set: str, t: GGMLType, n: int) -> None:
-    """Prefetching weights into L1 or L2 (WEIGHT_PREFETCH, picked from the CPU) gives decode,
-    batched decode and prompt tiles the single-row dot products' bits either way, in both of
-    Q4_0's orders (BLOCK_ORDER: 256 rows take the block order, 260 vec_dot's)."""
+    """Prefetching weights into L1 or L2 (WEIGHT_PREFETCH, picked from the CPU; one activation
+    row not at all at L2, HARDWARE_DECODE) gives decode, batched decode and prompt tiles the
+    single-row dot products' bits either way, in both of Q4_0's orders (BLOCK_ORDER: 256 rows take
+    the block order, 260 vec_dot's)."""
     rng = np.random.default_rng(5)
     k = 544 * (BLOCK_SIZE[t][0] // 32)
     raw = _random_q_rows(rng, t, n, k)
@@ -257,10 +258,11 @@ def test_prefetch_level_is_picked_from_the_cpu() -> None:
     assert _kernels.prefetch() == ("l2" if zen4 else "l1")
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])
-def test_read_sum(streams: int) -> None:
+def test_read_sum(streams: int, prefetch: bool) -> None:
     buf = np.arange(1 << 16, dtype=np.uint64)
-    assert _kernels.read_sum(buf.view(np.uint8), 2, streams) == int(buf.sum())
+    assert _kernels.read_sum(buf.view(np.uint8), 2, streams, prefetch) == int(buf.sum())
 
 
 def test_read_sum_refuses_a_stream_count_out_of_range() -> None:

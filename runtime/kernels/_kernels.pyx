@@ -38,7 +38,7 @@ cdef extern from "kernels.h" nogil:
     void kernels_quantize_q8_K(const float *x, uint8_t *y, int64_t k)
     void kernels_f32_to_f16(const float *x, uint16_t *y, int64_t n)
     float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k, int64_t n_out)
-    uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams)
+    uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams, int prefetch)
     int64_t kernels_row_bytes(int wtype, int64_t K)
     int kernels_repacks_q4_0()
     int kernels_repack_q4_0(const uint8_t *src, size_t src_row_bytes, int64_t N, int64_t K, uint8_t *dst,
@@ -207,10 +207,11 @@ def vec_dot(int wtype, const uint8_t[::1] w_row, const float[::1] x, int64_t n_o
     return r
 
 
-def read_sum(const uint8_t[::1] buf, int n_threads=1, int streams=4):
+def read_sum(const uint8_t[::1] buf, int n_threads=1, int streams=4, bint prefetch=True):
     """Sum of buf's 64-bit words, read with n_threads threads, each reading `streams` parts side
-    by side: time it for the memory read bandwidth (benchmarks/runtime_speed.py). len(buf) must be
-    a multiple of 64; all of it is read when it is a multiple of 64 * streams * n_threads."""
+    by side, prefetched as the matmuls prefetch (`prefetch`) or by the hardware alone: time it for
+    the memory read bandwidth (benchmarks/runtime_speed.py). len(buf) must be a multiple of 64;
+    all of it is read when it is a multiple of 64 * streams * n_threads."""
     if buf.shape[0] % 64:
         raise ValueError("read_sum: length must be a multiple of 64")
     if not 1 <= streams <= 64:
@@ -219,7 +220,7 @@ def read_sum(const uint8_t[::1] buf, int n_threads=1, int streams=4):
         return 0
     cdef uint64_t r
     with nogil:
-        r = kernels_read_sum(&buf[0], buf.shape[0], n_threads, streams)
+        r = kernels_read_sum(&buf[0], buf.shape[0], n_threads, streams, prefetch)
     return r
 
 

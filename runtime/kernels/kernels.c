@@ -135,7 +135,8 @@ typedef struct {
  * a core of that CPU keeps few L1 misses in flight, and prefetches into L1 hold them. The CPUs
  * measured with L1 prefetches keep them: Intel Xeon, Zen 5, and Zen 3 (family 25, model 1),
  * where L1 was as fast or faster in every case (Q8_0 1 thread 161 against 171 ms, Q4_0 124
- * against 130; best of 7 alternated passes). kernels_prefetch sets it. */
+ * against 130; best of 7 alternated passes). At L2, one activation row's tiles issue none
+ * (HARDWARE_DECODE). kernels_prefetch sets it. */
 static int weights_to_l2 = 0;
 
 /* How far ahead of its use a weight stream is prefetched (see GROUPED_ROWS in kernels_impl.h):
@@ -150,13 +151,33 @@ static int weights_to_l2 = 0;
 #define PREFETCH_AHEAD_L2 4096
 #endif
 
+/* HARDWARE_DECODE. Where the weights go to L2 (Zen 4), a tile of one activation row issues no
+ * prefetches and leaves its streams to the core's hardware prefetchers. Reading the repacked Q4_0
+ * tile's pattern (4 streams of 288-byte blocks, no arithmetic) took 27-31 GB/s on one AMD EPYC
+ * Zen 4 core with no prefetch instructions and 24 with one PREFETCHT1 per cache line (a
+ * prefetch that core is known to drop now and then); four per line, which the tiles issued to
+ * make up for the drops, read as fast, but their instructions then bound the tile: one row of
+ * repacked Q4_0 ran at 50 instead of 96 GMAC/s from the caches. The 3B model's decode matmuls
+ * (one sequence, 8 alternated pairs of processes, the same bits), medians with 1 thread: Q4_0
+ * 56.7-57.3 ms against 64.5-64.9, Q8_0 102.6-114.3 against 105.1-120.2, the Q6_K head 4.68
+ * against 5.0; with 2: Q4_0 34.5-49.3 against 41.8-51.9, Q8_0 57.7-88.2 against 68.5-93.1. Tiles
+ * of more rows keep prefetching: without it four sequences took 106-108 ms against 83 (Q4_0) and
+ * 315-331 against 138 (Q8_0) with 1 thread, their arithmetic leaving the hardware's streams
+ * behind. CPUs that prefetch into L1 are unchanged (not measured without prefetches). */
+#define PREFETCHES(RA, to_l2) (!(to_l2) || (RA) > 1)
+
 /* Prefetches the weights the distance above ahead of p, the weights now in use. to_l2:
  * weights_to_l2 as a constant, which AT_PREFETCH_LEVEL passes to every tile. */
-static inline __attribute__((always_inline)) void prefetch_weights(const void *p, int to_l2) {
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *p, int to_l2) {
     if (to_l2)
         __builtin_prefetch((const char *)p + PREFETCH_AHEAD_L2, 0, 2); /* _MM_HINT_T1 */
     else
         __builtin_prefetch((const char *)p + PREFETCH_AHEAD, 0, 3); /* _MM_HINT_T0 */
+}
+
+/* prefetch_ahead for a tile of RA activation rows, where it prefetches (HARDWARE_DECODE). */
+static inline __attribute__((always_inline)) void prefetch_weights(const void *p, int RA, int to_l2) {
+    if (PREFETCHES(RA, to_l2)) prefetch_ahead(p, to_l2);
 }
 
 /* GROUP_AHEAD. How far ahead the repacked layouts' tiles prefetch each group (one stream of
@@ -173,8 +194,9 @@ static inline __attribute__((always_inline)) void prefetch_weights(const void *p
 
 /* prefetch_weights for a tile of `groups` repacked groups: into L2 l2_ahead bytes ahead (each
  * layout's own distance), into L1 GROUP_AHEAD. */
-static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *p, int groups, size_t l2_ahead,
+static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *p, int RA, int groups, size_t l2_ahead,
                                                                  int to_l2) {
+    if (!PREFETCHES(RA, to_l2)) return;
     if (to_l2)
         __builtin_prefetch(p + l2_ahead, 0, 2);
     else
@@ -1527,29 +1549,34 @@ float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k
 }
 
 /* One thread's part of kernels_read_sum: `part` lines of each of ns streams from base, with the
- * prefetch level a constant (AT_PREFETCH_LEVEL), as the matmul tiles have it. */
+ * prefetch level a constant (AT_PREFETCH_LEVEL), as the matmul tiles have it; with `prefetch` 0,
+ * no prefetches (HARDWARE_DECODE). */
 static inline __attribute__((always_inline)) void read_part(const uint8_t *base, size_t part, size_t ns, uint64_t *sum,
-                                                            int to_l2) {
+                                                            int prefetch, int to_l2) {
     enum { PREFETCH = 2048 };
-    uint64_t s = 0;
+    /* eight sums, one per word of a line: summed into one, each line's words went through the
+     * stack in GCC's code and held a Zen 4 core to 24 GB/s, below what it reads (30) */
+    uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (size_t i = 0; i < part; i++) {
         for (size_t k = 0; k < ns; k++) {
             const uint8_t *q = base + (k * part + i) * 64;
-            prefetch_weights(q + PREFETCH, to_l2);
-            uint64_t w[8];
-            memcpy(w, q, sizeof(w));
-            s += ((w[0] + w[1]) + (w[2] + w[3])) + ((w[4] + w[5]) + (w[6] + w[7]));
+            if (prefetch) prefetch_ahead(q + PREFETCH, to_l2);
+            for (int j = 0; j < 8; j++) {
+                uint64_t w;
+                memcpy(&w, q + 8 * j, sizeof(w));
+                acc[j] += w;
+            }
         }
     }
-    *sum += s;
+    *sum += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams) {
+uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams, int prefetch) {
     /* Each thread reads its contiguous part as `streams` streams with prefetches 2 KiB ahead
-     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), 8 sums at a time:
-     * several streams reach the machine's read bandwidth where a single plain stream does not
-     * (it is bound by the misses one core keeps in flight); how many is best differs between
-     * CPUs, so the benchmark tries several. */
+     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), or with none: several prefetched streams reach the machine's read bandwidth where a single plain
+     * stream does not on some CPUs (bound by the misses one core keeps in flight), and on a Zen 4
+     * one stream without prefetches reads fastest; what is best differs between CPUs, so the
+     * benchmark tries each. */
     const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
     uint64_t sum = 0;
@@ -1562,7 +1589,10 @@ uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams
         const size_t t = 0;
 #endif
         const size_t part = lines / (size_t)nt / ns;  /* lines per stream */
-        AT_PREFETCH_LEVEL(read_part, p + t * part * ns * 64, part, ns, &sum);
+        if (prefetch)
+            AT_PREFETCH_LEVEL(read_part, p + t * part * ns * 64, part, ns, &sum, 1);
+        else
+            read_part(p + t * part * ns * 64, part, ns, &sum, 0, 0);
     }
     return sum;  /* of the first nt * streams * part lines: the tail is not read */
 }

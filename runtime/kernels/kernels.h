@@ -123,8 +123,9 @@ float kernels_vec_dot(int wtype, const uint8_t *w_row, const float *x, int64_t k
 
 /* Reads the n bytes at p with n_threads threads, as fast as the memory allows, and returns their
  * sum as 64-bit words (all n bytes when n is a multiple of 64 * streams * n_threads; otherwise a
- * short tail is left out), each thread reading its part as `streams` streams side by side: the
+ * short tail is left out), each thread reading its part as `streams` streams side by side,
+ * prefetched at kernels_prefetch's level (prefetch 1) or left to the hardware (0): the
  * benchmark times it to measure the memory read bandwidth. */
-uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams);
+uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams, int prefetch);
 
 #endif

@@ -314,7 +314,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile_block)(int wtype
     }
     for (int r = 0; r < RW; r++) {
         const uint8_t *blk = w + r * gs + (size_t)i * bb;
-        prefetch_weights((const char *)blk, to_l2);
+        prefetch_weights((const char *)blk, RA, to_l2);
         const __m256i wq = SUFFIX(load_wblock)(wtype, blk);
         const __m256i w_abs = _mm256_sign_epi8(wq, wq);
         const __m256 dx = _mm256_broadcast_ss(&fp16_table[*(const uint16_t *)blk]); /* RW < 4 */
@@ -407,8 +407,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q_tile512)(int wtype, i
         for (int p = 0; p < RP; p++) {
             const uint8_t *b0 = w + 2 * p * gs + (size_t)i * bb;
             const uint8_t *b1 = b0 + gs;
-            prefetch_weights((const char *)b0, to_l2);
-            prefetch_weights((const char *)b1, to_l2);
+            prefetch_weights((const char *)b0, RA, to_l2);
+            prefetch_weights((const char *)b1, RA, to_l2);
             dx[p] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(fp16_table[*(const uint16_t *)b0]), 0xFF00,
                                                _mm_load_ss(&fp16_table[*(const uint16_t *)b1]));
             wq[p] = SUFFIX(load_wpair)(wtype, b0, b1);
@@ -489,7 +489,7 @@ static inline __attribute__((always_inline)) void SUFFIX(quad_tile512)(int wtype
             const uint8_t *b[4]; /* block i of the four rows: the fp16 scale, then the quants */
             for (int r = 0; r < 4; r++) {
                 b[r] = w + (4 * q + r) * gs + (size_t)i * bb;
-                prefetch_weights((const char *)b[r], to_l2);
+                prefetch_weights((const char *)b[r], RA, to_l2);
             }
             if (wtype == KT_Q4_0) {
                 const block_q4_0 *const *b4 = (const block_q4_0 *const *)b;
@@ -699,7 +699,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_blocks_tile)(int RQ,
         const uint8_t *b[8];
         for (int r = 0; r < 4 * RQ; r++) {
             b[r] = w + r * gs + (size_t)i * sizeof(block_q4_0);
-            prefetch_weights((const char *)b[r], to_l2);
+            prefetch_weights((const char *)b[r], RA, to_l2);
         }
         __m256i wl[4], wh[4];
         for (int p = 0; p < 2 * RQ; p++) {
@@ -784,16 +784,6 @@ static inline __attribute__((always_inline)) int32_t SUFFIX(unit4)(const int8_t 
     memcpy(&v, qs + 4 * u, sizeof(v));
     return v;
 }
-/* How often the tiles prefetch each group's block (WEIGHT_PREFETCH): every 64 bytes, and every
- * 16 for one activation row prefetched into L2 (Zen 4), each cache line then asked for 4 times,
- * as the repacked Q8_0 tile asks (R8_PREFETCH_STEP: a core of that CPU appears to drop the L2
- * prefetches it has no room for). On an AMD EPYC Zen 4 core the 3B model's Q4_0 decode matmuls
- * (kernel_speed --stream, the two steps alternated in 4 processes, the same bits) took 63.2-66.3
- * ms against 73.7-75.1 with 1 thread, 50.9-53.4 against 51.7-54.5 with 2. Not for more rows:
- * two sequences took 86-110 ms against 74-82 with 1 thread, four 125-140 against 85-97 (the
- * tile, bound by its arithmetic there, issues 4 times the prefetches). Where the weights go to
- * L1 the step is not yet measured, so it stays 64. */
-#define R16_PREFETCH_STEP(RA, to_l2) ((to_l2) && (RA) == 1 ? 16 : 64)
 #ifndef R16_RG_MAX
 #define R16_RG_MAX 4 /* most groups per tile */
 #endif
@@ -822,8 +812,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
         __m512 dx[R16_RG_MAX];
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += R16_PREFETCH_STEP(RA, to_l2))
-                prefetch_group(b + o, RG, PREFETCH_AHEAD_L2, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64)
+                prefetch_group(b + o, RA, RG, PREFETCH_AHEAD_L2, to_l2);
             dx[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
             for (int u = 0; u < 4; u++) {
                 const __m512i z = _mm512_loadu_si512((const void *)(b + 2 * R16_ROWS + 64 * u));
@@ -855,7 +845,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
  * 4 rows): 2 groups, the 3B model's Q4_0 matrices for 4 sequences in 80 ms with 1 thread against
  * 88 with 1 group and 99 with 4 (51 against 53 and 56 with 2 threads). Decode (1 or 2 rows): 4
  * groups, as far apart as the rows allow (GROUPED_ROWS): 64-66 ms against 66-71 with 2 and 72-79
- * with 1 (8: the same as 4); Zen 4 prefetches into L2. Where the weights go to L1 (GROUP_AHEAD),
+ * with 1 (8: the same as 4); Zen 4 prefetched into L2 (one row now leaves it to the hardware,
+ * HARDWARE_DECODE in kernels.c, as fast with 2 groups as with 4). Where the weights go to L1 (GROUP_AHEAD),
  * 2 groups: on an AMD EPYC Zen 5 core one sequence's matmuls took 45.1-45.8 ms against 48.7-49.7
  * with 4 groups and 48.3-49.3 with 1 (three alternated processes, 1 thread). */
 #ifndef R16_RA512
@@ -897,8 +888,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q4_r16_tile)(int RG, in
     for (int64_t i = 0; i < a->nb; i++) {
         for (int g = 0; g < RG; g++) {
             const uint8_t *b = w + g * gs + (size_t)i * R16_BYTES;
-            for (size_t o = 0; o < R16_BYTES; o += R16_PREFETCH_STEP(RA, to_l2))
-                prefetch_group(b + o, RG, PREFETCH_AHEAD_L2, to_l2);
+            for (size_t o = 0; o < R16_BYTES; o += 64)
+                prefetch_group(b + o, RA, RG, PREFETCH_AHEAD_L2, to_l2);
             for (int h = 0; h < 2; h++) {
                 const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
                 __m256i wl[4], wh[4];
@@ -1044,7 +1035,8 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
  * sequence 126-131 ms with 16-byte steps against 143-154 with 64-byte ones, 142-148 with 32 and
  * 154 with 8 (the file layout's tiles, which prefetch each row's 34-byte blocks, about twice per
  * line: 130-142). A core of that CPU appears to drop prefetches it has no room for
- * (WEIGHT_PREFETCH); asking again for the same line a little later recovers them. On an Intel
+ * (WEIGHT_PREFETCH); asking again for the same line a little later recovers them. One sequence
+ * there now issues no prefetches at all, faster still (HARDWARE_DECODE in kernels.c). On an Intel
  * Xeon (AMX, family 6 model 167), which prefetches into L1, a standalone read of the layout as 2
  * streams took 20.6 GB/s with 16-byte steps against 18.3 with 64-byte ones, and the decode
  * matmuls with 2 KiB ahead (and 2 groups, R8_RG_DECODE) were 4-6% faster than with 8 KiB and 4
@@ -1088,7 +1080,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
     for (int64_t i = 0; i < a->nb; i++)
         for (int g = 0; g < RG; g++) { /* one group's units at a time: 4 registers, not 4 per group */
             const uint8_t *b = w + g * gs + (size_t)i * R8_BYTES;
-            for (size_t o = 0; o < R8_BYTES; o += R8_PREFETCH_STEP) prefetch_group(b + o, RG, R8_AHEAD_L2, to_l2);
+            for (size_t o = 0; o < R8_BYTES; o += R8_PREFETCH_STEP) prefetch_group(b + o, RA, RG, R8_AHEAD_L2, to_l2);
             const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
             const __m512 dx = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d8));
             __m512i wq[4];
@@ -1218,7 +1210,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile)(int RA, int6
         /* the row is one stream (decode takes rows one after another): without this, a
          * 3B model's LM head read 8.6 GB/s, far below what the core computes from L2 */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64)
-            prefetch_weights((const char *)&xa[i] + l, to_l2);
+            prefetch_weights((const char *)&xa[i] + l, RA, to_l2);
         const uint8_t *q4 = xa[i].ql;
         const uint8_t *qh = xa[i].qh;
         const __m128i scales = _mm_loadu_si128((const __m128i *)xa[i].scales);
@@ -1276,8 +1268,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q6_K_tile2)(int RA, int
     for (int64_t i = 0; i < nb; i++) {
         /* each row's group is one stream (GROUPED_ROWS), read as the other kernels read theirs */
         for (int l = 0; l < (int)sizeof(block_q6_K); l += 64) {
-            prefetch_weights((const char *)&x0[i] + l, to_l2);
-            prefetch_weights((const char *)&x1[i] + l, to_l2);
+            prefetch_weights((const char *)&x0[i] + l, RA, to_l2);
+            prefetch_weights((const char *)&x1[i] + l, RA, to_l2);
         }
         const __m256i scales = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)x1[i].scales),
                                                 _mm_loadu_si128((const __m128i *)x0[i].scales));
