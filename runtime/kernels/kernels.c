@@ -1573,10 +1573,10 @@ static inline __attribute__((always_inline)) void read_part(const uint8_t *base,
 
 uint64_t kernels_read_sum(const uint8_t *p, size_t n, int n_threads, int streams, int prefetch) {
     /* Each thread reads its contiguous part as `streams` streams with prefetches 2 KiB ahead
-     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), or with none: several prefetched streams reach the machine's read bandwidth where a single plain
-     * stream does not on some CPUs (bound by the misses one core keeps in flight), and on a Zen 4
-     * one stream without prefetches reads fastest; what is best differs between CPUs, so the
-     * benchmark tries each. */
+     * (into L1 or L2, as the matmuls prefetch weights: kernels_prefetch), or with none. Several
+     * prefetched streams reach the read bandwidth where one plain stream does not on some CPUs
+     * (bound by the misses one core keeps in flight); on a Zen 4 one stream reads fastest, with
+     * or without prefetches. What is best differs between CPUs, so the benchmark tries each. */
     const size_t ns = streams < 1 ? 1 : (size_t)streams;
     const size_t lines = n / 64;
     uint64_t sum = 0;
