@@ -151,11 +151,11 @@ def read_bandwidth(threads: int, rounds: int = 3) -> float:
     best = 0.0
     try:
         for _ in range(rounds):
-            for level in ("l1", "l2", None):
-                _kernels.prefetch(level or "auto")
+            for level, prefetch in (("l1", True), ("l2", True), ("auto", False)):
+                _kernels.prefetch(level)
                 for streams in READ_STREAMS:
                     start = time.perf_counter()
-                    _kernels.read_sum(buf, threads, streams, level is not None)
+                    _kernels.read_sum(buf, threads, streams, prefetch)
                     best = max(best, buf.size / (time.perf_counter() - start) / 1e9)
     finally:
         _kernels.prefetch("auto")

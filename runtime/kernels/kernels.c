@@ -158,9 +158,9 @@ static int weights_to_l2 = 0;
  * prefetch that core is known to drop now and then); four per line, which the tiles issued to
  * make up for the drops, read as fast, but their instructions then bound the tile: one row of
  * repacked Q4_0 ran at 50 instead of 96 GMAC/s from the caches. The 3B model's decode matmuls
- * (one sequence, 8 alternated pairs of processes, the same bits), medians with 1 thread: Q4_0
- * 56.7-57.3 ms against 64.5-64.9, Q8_0 102.6-114.3 against 105.1-120.2, the Q6_K head 4.68
- * against 5.0; with 2: Q4_0 34.5-49.3 against 41.8-51.9, Q8_0 57.7-88.2 against 68.5-93.1. Tiles
+ * (one sequence, two alternated pairs of processes a case, the same bits), medians with 1
+ * thread: Q4_0 56.7-57.3 ms against 64.5-64.9, Q8_0 102.6-114.3 against 105.1-120.2, the Q6_K
+ * head 4.68 against 5.0; with 2: Q4_0 34.5-49.3 against 41.8-51.9, Q8_0 57.7-88.2 against 68.5-93.1. Tiles
  * of more rows keep prefetching: without it four sequences took 106-108 ms against 83 (Q4_0) and
  * 315-331 against 138 (Q8_0) with 1 thread, their arithmetic leaving the hardware's streams
  * behind. CPUs that prefetch into L1 are unchanged (not measured without prefetches). */
