@@ -1059,8 +1059,23 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #ifndef R8_RG_DECODE
 #define R8_RG_DECODE 2
 #endif
+/* Groups per tile for 4 activation rows when those are all the rows (batched decode), by where
+ * the weights are prefetched: into L2 (Zen 4), one group (16 accumulators); into L1, 2, which
+ * need 32 accumulators, AVX-512's every register, so GCC keeps some on the stack: from the caches
+ * that tile runs at 66 instead of 81 GMAC/s, but it reads two streams, and on an Intel Xeon
+ * (Emerald Rapids), whose core reads one stream far slower than the file layout's tile reads its
+ * eight, 4 sequences' 3B decode matmuls took 238-242 instead of 271-278 ms with 1 thread and
+ * 127-131 instead of 143-160 with 2 (best passes of three alternated pairs of processes, the same
+ * bits; the file layout's tile: 222 and 119). Prompts keep one group: their weights come from L2,
+ * where the spills cost. Not yet measured on Zen 5, which also prefetches into L1. */
+#ifndef R8_RG_BATCH_L2
+#define R8_RG_BATCH_L2 1
+#endif
+#ifndef R8_RG_BATCH
+#define R8_RG_BATCH 2
+#endif
 /* y[c * ldy + g * ys + r] = dot_q8_0(row r of group g, activation row m0 + c) for g < RG, c < RA,
- * RG * RA <= 4, groups gs bytes apart from w; the activation blocks in PAIR_ORDER. Per block, each
+ * RG * RA <= 8, groups gs bytes apart from w; the activation blocks in PAIR_ORDER. Per block, each
  * group's four units are loaded once (made unsigned as load_wblock makes Q8_0) and its 8 scales
  * converted and doubled to the units' 16 lanes; each activation row then takes, per group, one
  * product of scales and four vpdpbusd, each starting from the row's corrections of lanes u and
@@ -1074,7 +1089,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_tile)(int RG, int
     const int32_t *yc[4];
     SUFFIX(act_rows)(a, m0, RA, a->corr, 8, yq, yd, yc);
     const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    __m512 acc[4][4]; /* [g * RA + c][u] */
+    __m512 acc[8][4]; /* [g * RA + c][u] */
     for (int k = 0; k < RG * RA; k++)
         for (int u = 0; u < 4; u++) acc[k][u] = _mm512_setzero_ps();
     for (int64_t i = 0; i < a->nb; i++)
@@ -1119,16 +1134,24 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_rows)(int RG, int
 }
 
 /* Repacked Q8_0 rows (a multiple of 8, w_stride bytes per row as in the file): tiles of 4
- * activation rows by one group (16 accumulators), 2 rows by 2 groups, and one row (decode) by
- * R8_RG_DECODE_L2 or R8_RG_DECODE groups, one stream of reads each. On Intel Xeons 4 rows read
- * slower from memory than the file layout's tile, which reads 8 streams (Emerald Rapids: 278 against
- * 222 ms for the 3B model's matmuls, 1 thread); each tile as two passes of 2 rows by 2 groups, the
+ * activation rows by one group (16 accumulators), or by R8_RG_BATCH_L2 or R8_RG_BATCH groups when
+ * they are all the rows, 2 rows by 2 groups, and one row (decode) by R8_RG_DECODE_L2 or
+ * R8_RG_DECODE groups, one stream of reads each. On Intel Xeons 4 rows by one group read slower
+ * from memory than the file layout's tile, which reads 8 streams (Emerald Rapids: 278 against 222
+ * ms for the 3B model's matmuls, 1 thread); each tile as two passes of 2 rows by 2 groups, the
  * second from L2, took 314-326 ms there. */
 static void SUFFIX(gemm_q8_0_r8)(const uint8_t *w, size_t w_stride, int64_t n_rows, const q8_act *a, int64_t M,
                                  float *y, int64_t ldy) {
     const size_t gbytes = R8_ROWS * w_stride;
     const int64_t ng = n_rows / R8_ROWS;
     int64_t m = 0;
+    if (M == 4) { /* batched decode: the group counts are constants, so each tile is compiled for its own */
+        if (weights_to_l2)
+            SUFFIX(q8_r8_rows)(R8_RG_BATCH_L2, 4, w, gbytes, ng, a, 0, y, ldy);
+        else
+            SUFFIX(q8_r8_rows)(R8_RG_BATCH, 4, w, gbytes, ng, a, 0, y, ldy);
+        m = 4;
+    }
     for (; m + 4 <= M; m += 4) SUFFIX(q8_r8_rows)(1, 4, w, gbytes, ng, a, m, y, ldy);
     switch (M - m) {
     case 3: SUFFIX(q8_r8_rows)(1, 3, w, gbytes, ng, a, m, y, ldy); break;
