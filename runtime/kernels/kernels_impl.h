@@ -1136,7 +1136,7 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_rows)(int RG, int
 /* Repacked Q8_0 rows (a multiple of 8, w_stride bytes per row as in the file): tiles of 4
  * activation rows by one group (16 accumulators), or by R8_RG_BATCH_L2 or R8_RG_BATCH groups when
  * they are all the rows, 2 rows by 2 groups, and one row (decode) by R8_RG_DECODE_L2 or
- * R8_RG_DECODE groups, one stream of reads each. On Intel Xeons 4 rows by one group read slower
+ * R8_RG_DECODE groups, one stream of reads per group. On Intel Xeons 4 rows by one group read slower
  * from memory than the file layout's tile, which reads 8 streams (Emerald Rapids: 278 against 222
  * ms for the 3B model's matmuls, 1 thread); each tile as two passes of 2 rows by 2 groups, the
  * second from L2, took 314-326 ms there. */
