@@ -73,8 +73,8 @@ Q8_REPACK_SHAPES = [(8, 32), (24, 96), (40, 256), (56, 160), (104, 1024), (48, 4
 def test_repacked_matmul_gives_the_file_layouts_bits(kernel_set: str, wtype: GGMLType) -> None:
     """Every tile shape of the SIMD sets (Q4_0: 1 to 17 activation rows, groups side by side, zmm
     and ymm, with and without VNNI, zmm decode by four groups into L2 and by two into L1; Q8_0: 4
-    rows by one group, or by two when they are all the rows and prefetching into L1, 3 by one, 2 by
-    two, 1 by four when prefetching into L2 and by two into L1)
+    or 3 rows by one group, or by two when they are all the rows and prefetching into L1, 2 by two,
+    1 by four when prefetching into L2 and by two into L1)
     and the other sets' reading of the layout give the file layout's bits (Q4_0's block order,
     Q8_0's vec_dot order), on every thread count and prefetch level."""
     rng = np.random.default_rng(3)

@@ -1059,18 +1059,17 @@ static void SUFFIX(gemm_q4_0_r16)(const uint8_t *w, size_t w_stride, int64_t n_r
 #ifndef R8_RG_DECODE
 #define R8_RG_DECODE 2
 #endif
-/* Groups per tile for 4 activation rows when those are all the rows (batched decode), by where
- * the weights are prefetched: into L2 (Zen 4), one group (16 accumulators); into L1, 2, which
+/* Groups per tile for 3 or 4 activation rows when those are all the rows (batched decode) and
+ * the weights are prefetched into L1; into L2 (Zen 4) they take one group. Two groups of 4 rows
  * need 32 accumulators, AVX-512's every register, so GCC keeps some on the stack: from the caches
  * that tile runs at 66 instead of 81 GMAC/s, but it reads two streams, and on an Intel Xeon
  * (Emerald Rapids), whose core reads one stream far slower than the file layout's tile reads its
  * eight, 4 sequences' 3B decode matmuls took 238-242 instead of 271-278 ms with 1 thread and
  * 127-131 instead of 143-160 with 2 (best passes of three alternated pairs of processes, the same
- * bits; the file layout's tile: 222 and 119). Prompts keep one group: their weights come from L2,
- * where the spills cost. Not yet measured on Zen 5, which also prefetches into L1. */
-#ifndef R8_RG_BATCH_L2
-#define R8_RG_BATCH_L2 1
-#endif
+ * bits; the file layout's tile: 222 and 119); 3 sequences (24 accumulators) 232-237 instead of
+ * 270-315 and medians of 149-156 instead of 165-174 with 2. Prompts keep one group: their
+ * weights come from L2, where the spills cost. Not yet measured on Zen 5, which also prefetches
+ * into L1. */
 #ifndef R8_RG_BATCH
 #define R8_RG_BATCH 2
 #endif
@@ -1134,8 +1133,8 @@ static inline __attribute__((always_inline)) void SUFFIX(q8_r8_rows)(int RG, int
 }
 
 /* Repacked Q8_0 rows (a multiple of 8, w_stride bytes per row as in the file): tiles of 4
- * activation rows by one group (16 accumulators), or by R8_RG_BATCH_L2 or R8_RG_BATCH groups when
- * they are all the rows, 2 rows by 2 groups, and one row (decode) by R8_RG_DECODE_L2 or
+ * activation rows by one group (16 accumulators), 3 or 4 rows that are all the rows by R8_RG_BATCH
+ * groups where the weights go to L1, 2 rows by 2 groups, and one row (decode) by R8_RG_DECODE_L2 or
  * R8_RG_DECODE groups, one stream of reads per group. On Intel Xeons 4 rows by one group read slower
  * from memory than the file layout's tile, which reads 8 streams (Emerald Rapids: 278 against 222
  * ms for the 3B model's matmuls, 1 thread); each tile as two passes of 2 rows by 2 groups, the
@@ -1144,14 +1143,14 @@ static void SUFFIX(gemm_q8_0_r8)(const uint8_t *w, size_t w_stride, int64_t n_ro
                                  float *y, int64_t ldy) {
     const size_t gbytes = R8_ROWS * w_stride;
     const int64_t ng = n_rows / R8_ROWS;
-    int64_t m = 0;
-    if (M == 4) { /* batched decode: the group counts are constants, so each tile is compiled for its own */
-        if (weights_to_l2)
-            SUFFIX(q8_r8_rows)(R8_RG_BATCH_L2, 4, w, gbytes, ng, a, 0, y, ldy);
-        else
+    if (!weights_to_l2 && (M == 3 || M == 4)) { /* batched decode, weights into L1: R8_RG_BATCH */
+        if (M == 4)
             SUFFIX(q8_r8_rows)(R8_RG_BATCH, 4, w, gbytes, ng, a, 0, y, ldy);
-        m = 4;
+        else
+            SUFFIX(q8_r8_rows)(R8_RG_BATCH, 3, w, gbytes, ng, a, 0, y, ldy);
+        return;
     }
+    int64_t m = 0;
     for (; m + 4 <= M; m += 4) SUFFIX(q8_r8_rows)(1, 4, w, gbytes, ng, a, m, y, ldy);
     switch (M - m) {
     case 3: SUFFIX(q8_r8_rows)(1, 3, w, gbytes, ng, a, m, y, ldy); break;
