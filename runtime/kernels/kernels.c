@@ -984,10 +984,11 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void atten
 /* Decode attention (vec_dot's order: one query row) for query heads h0 .. h0+G-1 of one row,
  * all reading the same KV head, G <= ATT_HEADS: each K and V row is converted once for the G
  * heads. Every score is dot_f16_vec's (4 accumulators over steps of 32, then reduce4) and every
- * weighted sum attend_values's with 32 lanes; hd must be a multiple of 32. q16: the G query
- * rows, fp16-rounded, as floats; scores: G rows of n_pad. */
+ * weighted sum attend_values's with 32 lanes, read from V transposed (DECODE_VALUES_TRANSPOSED);
+ * hd must be a multiple of 32. q16: the G query rows, fp16-rounded, as floats; scores: G rows of
+ * n_pad; vt: the KV head's V transposed, hd rows of n_pad. */
 static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void attend_heads_avx2(const float *q16, int G, int64_t n_keys,
-                                                                      const uint16_t *k, const uint16_t *v,
+                                                                      const uint16_t *k, const uint16_t *vt,
                                                                       int64_t kv_stride, int64_t hd, int64_t n_pad,
                                                                       float scale, float *scores, float *out) {
     float max[ATT_HEADS];
@@ -1010,40 +1011,36 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void atten
         }
     }
     for (int g = 0; g < G; g++) scores_to_probs(scores + g * n_pad, n_keys, n_pad, max[g]);
-    /* attend_values's 32 lanes (key j in lane j % 32), lane by lane in registers: for 8 values of
-     * d at a time, lanes l, l+8, l+16, l+24 summed over their keys, then combined as there */
-    for (int64_t d = 0; d < hd; d += 8) {
-        __m256 x[ATT_HEADS][8];
-        for (int l = 0; l < 8; l++) {
-            __m256 a[ATT_HEADS][4];
-            for (int g = 0; g < G; g++)
-                for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
-            for (int64_t jb = l; jb < n_keys; jb += 32) {
-                for (int c = 0; c < 4 && jb + 8 * c < n_keys; c++) {
-                    const int64_t j = jb + 8 * c;
-                    const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j * kv_stride + d)));
-                    /* no test for p == 0 (ggml has none either): adding 0 * v leaves a sum as it is */
-                    for (int g = 0; g < G; g++)
-                        a[g][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + g * n_pad + j), vv, a[g][c]);
-                }
+    /* out[d] = dot(vt[d], p) as vec_dot sums it: key j in accumulator (j / 8) % 4, lane j % 8, in
+     * key order, then reduce4. The lanes of the last 8 keys past n_keys have zero probabilities
+     * and zero (or finite) values, so they add nothing. */
+    for (int64_t d = 0; d < hd; d++) {
+        const uint16_t *vd = vt + d * n_pad;
+        __m256 a[ATT_HEADS][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 32 <= n_keys; j += 32)
+            for (int c = 0; c < 4; c++) {
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vd + j + 8 * c)));
+                for (int g = 0; g < G; g++)
+                    a[g][c] = _mm256_fmadd_ps(_mm256_loadu_ps(scores + g * n_pad + j + 8 * c), vv, a[g][c]);
             }
+        for (int c = 0; c < 4 && j + 8 * c < n_keys; c++) {
+            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vd + j + 8 * c)));
             for (int g = 0; g < G; g++)
-                x[g][l] = _mm256_add_ps(_mm256_add_ps(a[g][0], a[g][2]), _mm256_add_ps(a[g][1], a[g][3]));
+                a[g][c] = _mm256_fmadd_ps(_mm256_loadu_ps(scores + g * n_pad + j + 8 * c), vv, a[g][c]);
         }
-        for (int g = 0; g < G; g++) {
-            const __m256 t0 = _mm256_add_ps(x[g][0], x[g][4]), t1 = _mm256_add_ps(x[g][1], x[g][5]);
-            const __m256 t2 = _mm256_add_ps(x[g][2], x[g][6]), t3 = _mm256_add_ps(x[g][3], x[g][7]);
-            _mm256_storeu_ps(out + g * hd + d, _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)));
-        }
+        for (int g = 0; g < G; g++) out[g * hd + d] = reduce4_avx2(a[g][0], a[g][1], a[g][2], a[g][3]);
     }
 }
 
 /* attend_heads_avx2 with G a constant, so that its accumulators stay in registers */
 #define ATTEND_HEADS(G_)                                                                                              \
     __attribute__((target("avx2,fma,f16c"))) static void attend_heads##G_(                                          \
-        const float *q16, int64_t n_keys, const uint16_t *k, const uint16_t *v, int64_t kv_stride, int64_t hd,       \
+        const float *q16, int64_t n_keys, const uint16_t *k, const uint16_t *vt, int64_t kv_stride, int64_t hd,      \
         int64_t n_pad, float scale, float *scores, float *out) {                                                      \
-        attend_heads_avx2(q16, G_, n_keys, k, v, kv_stride, hd, n_pad, scale, scores, out);                          \
+        attend_heads_avx2(q16, G_, n_keys, k, vt, kv_stride, hd, n_pad, scale, scores, out);                         \
     }
 ATTEND_HEADS(1)
 ATTEND_HEADS(2)
@@ -1161,9 +1158,10 @@ static const attend512_fn attend512_by_heads[ATT_HEADS512 + 1] = {
 
 /* Decode meets a layer's K and V rows cold: the weights streamed in since the last token have
  * evicted them, and the score and value loops, which read 256 bytes of every 512 (a row of one
- * KV head) and the values a lane class at a time (every 32nd row), wait on their misses. So a
- * thread first asks for its KV head's rows in one sweep of prefetches into L2, no more than half
- * of L2 of them (ATT_PREFETCH_SHARE), once per KV head and call. On an Intel Xeon (AMX, 2 MB
+ * KV head) and, with AVX-512, the values a lane class at a time (every 32nd row), wait on their
+ * misses. So a thread first asks for its KV head's rows in one sweep of prefetches into L2, no
+ * more than half of L2 of them (ATT_PREFETCH_SHARE), once per KV head and call: K's alone (v
+ * NULL) where the values were read once already, into DECODE_VALUES_TRANSPOSED. On an Intel Xeon (AMX, 2 MB
  * L2), 1 / 2 threads, `kernel_speed --attention` at position 2000 (30 layers, 64 MB read between
  * them) gave 29.4 / 18.3 ms per token with 3 heads a work item and no prefetch, 26.3 / 15.1 with
  * the prefetch, 23.8 / 13.2 with it and 6 heads (6 heads without it were slower than 3: the
@@ -1174,10 +1172,47 @@ static void prefetch_kv_rows(const uint16_t *k, const uint16_t *v, int64_t n_row
     const int64_t row_bytes = hd * (int64_t)sizeof(uint16_t);
     const int64_t rows = l2_bytes / ATT_PREFETCH_SHARE / (2 * row_bytes);
     for (int64_t j = 0; j < (n_rows < rows ? n_rows : rows); j++) {
-        const char *kj = (const char *)(k + j * kv_stride), *vj = (const char *)(v + j * kv_stride);
+        const char *kj = (const char *)(k + j * kv_stride);
+        const char *vj = v != NULL ? (const char *)(v + j * kv_stride) : NULL;
         for (int64_t b = 0; b < row_bytes; b += 64) {
             _mm_prefetch(kj + b, _MM_HINT_T1);
-            _mm_prefetch(vj + b, _MM_HINT_T1);
+            if (v != NULL) _mm_prefetch(vj + b, _MM_HINT_T1);
+        }
+    }
+}
+
+/* DECODE_VALUES_TRANSPOSED. Without AVX-512, decode's weighted sums read V transposed as fp16:
+ * row d of a KV head holds element d of every V row (zero past the keys), built once per call
+ * for every work item, 8 x 8 blocks at a time. vec_dot puts key j of a weighted sum in lane
+ * (j / 8) % 4, j % 8, so element d's sum is then a dot product over one contiguous row, as a
+ * score is over a K row. Read in place, the 32 lane classes took V a lane class at a time:
+ * every 8th row, 4 KiB apart (the rows of both KV heads interleave), which maps those rows onto
+ * a few sets of L1 and L2 and missed on most of them. On an AMD EPYC Zen 3 core, the 3B shape's
+ * attention at position 2000 (kernel_speed --attention, 1 thread) spent ~30 of its 40 ms warm
+ * in the weighted sums. The same bits (tests/test_kernels.py). */
+__attribute__((target("avx2"))) static void transpose_values(const uint16_t *v_cache, int64_t n_rows,
+                                                             int64_t kv_stride, int64_t hd, int64_t n_pad,
+                                                             int64_t kvh, int64_t j0, uint16_t *vt) {
+    for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+        __m128i r[8];
+        for (int i = 0; i < 8; i++)
+            r[i] = j0 + i < n_rows ? _mm_loadu_si128((const __m128i *)(v_cache + (j0 + i) * kv_stride + kvh * hd + d0))
+                                   : _mm_setzero_si128();
+        __m128i a[8], b[8];
+        for (int i = 0; i < 4; i++) {
+            a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; i++) {
+            b[4 * i] = _mm_unpacklo_epi32(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm_unpackhi_epi32(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm_unpacklo_epi32(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm_unpackhi_epi32(a[4 * i + 1], a[4 * i + 3]);
+        }
+        uint16_t *out = vt + (kvh * hd + d0) * n_pad + j0;
+        for (int i = 0; i < 4; i++) {
+            _mm_storeu_si128((__m128i *)(out + (2 * i) * n_pad), _mm_unpacklo_epi64(b[i], b[4 + i]));
+            _mm_storeu_si128((__m128i *)(out + (2 * i + 1) * n_pad), _mm_unpackhi_epi64(b[i], b[4 + i]));
         }
     }
 }
@@ -1192,9 +1227,16 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
     const int use512 = K == &kernel_set_avx512vnni && hd == ATT_HD512;
     const int heads = use512 ? ATT_HEADS512 : ATT_HEADS; /* per work item */
     const int64_t per_kv = (group + heads - 1) / heads, n_items = T * n_kv_head * per_kv;
+    uint16_t *vt = use512 ? NULL : (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(kv_stride * n_pad));
+    if (!use512 && vt == NULL) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads_for(n_threads, n_items))
     {
+        if (vt != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < n_kv_head * (n_pad / 8); b++)
+                transpose_values(v_cache, pos0 + T, kv_stride, hd, n_pad, b / (n_pad / 8), (b % (n_pad / 8)) * 8, vt);
+        }
         float *scores = (float *)malloc(sizeof(float) * (size_t)(heads * n_pad));
         float *q16 = (float *)malloc(sizeof(float) * (size_t)(heads * hd));
         uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
@@ -1213,14 +1255,15 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
                 const int64_t n_keys = pos0 + t + 1;
                 const uint16_t *kh = k_cache + kvh * hd, *vh = v_cache + kvh * hd;
                 if (kvh != fetched) {
-                    prefetch_kv_rows(kh, vh, pos0 + T, kv_stride, hd);
+                    prefetch_kv_rows(kh, vt != NULL ? NULL : vh, pos0 + T, kv_stride, hd);
                     fetched = kvh;
                 }
                 float *o = out + (t * n_head + h0) * hd;
+                const uint16_t *vth = vt != NULL ? vt + kvh * hd * n_pad : NULL;
                 if (x512 != NULL) attend512_by_heads[G](q16, n_keys, kh, vh, kv_stride, n_pad, scale, scores, x512, o);
-                else if (G == 3) attend_heads3(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
-                else if (G == 2) attend_heads2(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
-                else attend_heads1(q16, n_keys, kh, vh, kv_stride, hd, n_pad, scale, scores, o);
+                else if (G == 3) attend_heads3(q16, n_keys, kh, vth, kv_stride, hd, n_pad, scale, scores, o);
+                else if (G == 2) attend_heads2(q16, n_keys, kh, vth, kv_stride, hd, n_pad, scale, scores, o);
+                else attend_heads1(q16, n_keys, kh, vth, kv_stride, hd, n_pad, scale, scores, o);
             }
         }
         free(scores);
@@ -1228,6 +1271,7 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
         free(half);
         free(x512);
     }
+    free(vt);
     return failed ? -1 : 0;
 }
 
