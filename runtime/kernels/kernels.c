@@ -931,33 +931,87 @@ static void query_as_fp16(const float *q, uint16_t *half, float *out, int64_t hd
     K->f16_to_f32(half, out, hd);
 }
 
+/* c[i][j] becomes c[j][i] */
+static inline __attribute__((always_inline, target("avx2"))) void transpose8_ps(__m256 c[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(c[2 * i], c[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(c[2 * i], c[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        c[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        c[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+/* hsum8 of each of a[0..7], in lane r of the result: the same additions in the same order,
+ * (x0 + x4) + (x2 + x6) + ((x1 + x5) + (x3 + x7)), 21 instructions for the 8 sums instead of
+ * 8 x 5 and a store each. */
+static inline __attribute__((always_inline, target("avx2"))) __m256 hsum8_each(const __m256 a[8]) {
+    /* pairs (r, r + 4) share a register: its halves hold their 4 sums x_i + x_{i+4} */
+    __m256 h[4];
+    for (int p = 0; p < 4; p++)
+        h[p] = _mm256_add_ps(_mm256_permute2f128_ps(a[p], a[p + 4], 0x31), _mm256_permute2f128_ps(a[p], a[p + 4], 0x20));
+    /* then x_i + x_{i+2}: rows (0, 1 | 4, 5) and (2, 3 | 6, 7), two sums each */
+    const __m256 s01 = _mm256_add_ps(_mm256_shuffle_ps(h[0], h[1], 0x44), _mm256_shuffle_ps(h[0], h[1], 0xEE));
+    const __m256 s23 = _mm256_add_ps(_mm256_shuffle_ps(h[2], h[3], 0x44), _mm256_shuffle_ps(h[2], h[3], 0xEE));
+    /* then the two: rows 0, 1, 2, 3 | 4, 5, 6, 7 */
+    return _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x88), _mm256_shuffle_ps(s01, s23, 0xDD));
+}
+
+/* The scores of ATT_ROWS query rows against keys 0 .. n_last-1, key by key: a column of 8 scores
+ * at a time, each the sum of its row's 8-lane accumulator (dot_f16_blas's), scaled and masked as
+ * one vector into cols (key j's at 8 * j), then turned into rows of n_pad in scores, 8 x 8 at a
+ * time; max: each row's largest score. Each key's 8 scores took 8 hsum8s, 8 scalar products,
+ * comparisons and stores, as many instructions as its 16 steps of fmas: on an AMD EPYC Zen 3
+ * core, 1,000 prompt tokens of the 3B shape (one layer, 1 thread) spent ~90 of their 160-180 ms
+ * in the scores that way. */
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void score_columns_avx2(
+    const float *q16, int64_t n_first, int64_t n_last, const uint16_t *k, int64_t kv_stride, int64_t hd,
+    int64_t n_pad, float scale, float *cols, float *scores, float *max) {
+    const __m256i visible = _mm256_add_epi32(_mm256_set1_epi32((int)n_first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n_last; j++) {
+        const uint16_t *kj = k + j * kv_stride;
+        __m256 a[ATT_ROWS];
+        for (int r = 0; r < ATT_ROWS; r++) a[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + i)));
+            for (int r = 0; r < ATT_ROWS; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q16 + r * hd + i), kv, a[r]);
+        }
+        const __m256 seen = _mm256_castsi256_ps(_mm256_cmpgt_epi32(visible, _mm256_set1_epi32((int)j)));
+        const __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(hsum8_each(a), _mm256_set1_ps(scale)), seen);
+        _mm256_store_ps(cols + 8 * j, sc);
+        top = _mm256_max_ps(sc, top); /* sc first: a NaN score leaves the max as it was, as `>` does */
+    }
+    _mm256_storeu_ps(max, top);
+    for (int64_t j0 = 0; j0 < n_last; j0 += 8) {
+        __m256 c[8];
+        for (int i = 0; i < 8; i++) c[i] = _mm256_load_ps(cols + 8 * (j0 + i));
+        transpose8_ps(c);
+        for (int r = 0; r < ATT_ROWS; r++) _mm256_storeu_ps(scores + r * n_pad + j0, c[r]);
+    }
+}
+
 /* Prompt attention (tinyBLAS's order: two or more query rows) for query rows t0 .. t0+R-1 of
  * one head, R <= ATT_ROWS (a constant once inlined, so that the rows' accumulators stay in
  * registers): each K row is converted from fp16 once for all R rows. Every score is
  * dot_f16_blas's (one 8-lane accumulator, then hsum8) and every weighted sum of V rows is
- * attend_values's, so the bits are those of the row-by-row path. q16: the R query rows,
- * fp16-rounded, as floats; scores: R rows of n_pad; vt: the KV head's V transposed to floats
- * (VALUES_TRANSPOSED). */
+ * attend_values's, so the bits are those of the row-by-row path. q16: ATT_ROWS query rows,
+ * fp16-rounded, as floats (those past R unused); cols: scratch for score_columns_avx2; scores:
+ * ATT_ROWS rows of n_pad; vt: the KV head's V transposed (VALUES_TRANSPOSED). */
 static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void attend_rows_avx2(
-    const float *q16, int R, int64_t n_first, const uint16_t *k, const float *vt, int64_t kv_stride, int64_t hd,
-    int64_t n_pad, float scale, float *scores, float *out, int64_t out_stride) {
+    const float *q16, int R, int64_t n_first, const uint16_t *k, const uint16_t *vt, int64_t kv_stride, int64_t hd,
+    int64_t n_pad, float scale, float *cols, float *scores, float *out, int64_t out_stride) {
     const int64_t n_last = n_first + R - 1; /* row r sees keys 0 .. n_first + r - 1 */
     float max[ATT_ROWS];
-    for (int r = 0; r < R; r++) max[r] = -INFINITY;
-    for (int64_t j = 0; j < n_last; j++) {
-        const uint16_t *kj = k + j * kv_stride;
-        __m256 a[ATT_ROWS];
-        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hd; i += 8) {
-            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + i)));
-            for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q16 + r * hd + i), kv, a[r]);
-        }
-        for (int r = 0; r < R; r++) {
-            const float sc = j < n_first + r ? hsum8_avx2(a[r]) * scale : -INFINITY;
-            scores[r * n_pad + j] = sc;
-            if (sc > max[r]) max[r] = sc;
-        }
-    }
+    score_columns_avx2(q16, n_first, n_last, k, kv_stride, hd, n_pad, scale, cols, scores, max);
     /* Each row's softmax runs over its own keys, padded to 8, not over n_pad: the exponentials
      * of the masked keys are 0, and a group of 8 of them adds 0 to softmax_exp's sum. */
     const int64_t n_cols = (n_last + 7) & ~(int64_t)7;
@@ -968,11 +1022,11 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void atten
         for (int64_t j = n_exp; j < n_cols; j++) p[j] = 0.0f;
     }
     for (int64_t d = 0; d < hd; d++) {
-        const float *vd = vt + d * n_pad;
+        const uint16_t *vd = vt + d * n_pad;
         __m256 a[ATT_ROWS];
         for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n_cols; j += 8) {
-            const __m256 v = _mm256_loadu_ps(vd + j);
+            const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vd + j)));
             for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(scores + r * n_pad + j), v, a[r]);
         }
         for (int r = 0; r < R; r++) out[r * out_stride + d] = hsum8_avx2(a[r]);
@@ -1189,7 +1243,8 @@ static void prefetch_kv_rows(const uint16_t *k, const uint16_t *v, int64_t n_row
  * every 8th row, 4 KiB apart (the rows of both KV heads interleave), which maps those rows onto
  * a few sets of L1 and L2 and missed on most of them. On an AMD EPYC Zen 3 core, the 3B shape's
  * attention at position 2000 (kernel_speed --attention, 1 thread) spent ~30 of its 40 ms warm
- * in the weighted sums. The same bits (tests/test_kernels.py). */
+ * in the weighted sums. The same bits (tests/test_kernels.py). The prompt case reads the same
+ * rows (VALUES_TRANSPOSED). */
 __attribute__((target("avx2"))) static void transpose_values(const uint16_t *v_cache, int64_t n_rows,
                                                              int64_t kv_stride, int64_t hd, int64_t n_pad,
                                                              int64_t kvh, int64_t j0, uint16_t *vt) {
@@ -1275,15 +1330,17 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
     return failed ? -1 : 0;
 }
 
-/* VALUES_TRANSPOSED. The prompt case reads V transposed: row d of a KV head is element d of
- * every V row, as floats, zero past the keys. Element j of a weighted sum goes to lane j % 8
- * (tinyBLAS's order, attend_values), so for one output element d the 8 lanes are one ymm that
- * takes p[j .. j+7] times vt[d][j .. j+7] by one fma, and the R rows' sums stay in registers
- * as the keys pass. Adding each V row into 8 x hd accumulators in memory instead (as
- * attend_values does) cost a load and a store per fma: on an AMD EPYC Zen 3 core, 1,000 prompt
- * tokens of the StarCoder2-3B shape spent 242-290 ms per layer in attention that way, 107-119
- * with this (and each row's softmax over its own keys), the same bits. The transposition,
- * 0.5 ms a layer there, is done once per call for all work items. */
+/* VALUES_TRANSPOSED. The prompt case reads V transposed, as decode does and by the same code
+ * (transpose_values, DECODE_VALUES_TRANSPOSED): row d of a KV head is element d of every V row,
+ * in fp16, zero past the keys. Element j of a weighted sum goes to lane j % 8 (tinyBLAS's order,
+ * attend_values), so for one output element d the 8 lanes are one ymm that takes p[j .. j+7]
+ * times vt[d][j .. j+7] by one fma, and the R rows' sums stay in registers as the keys pass.
+ * Adding each V row into 8 x hd accumulators in memory instead (as attend_values does) cost a
+ * load and a store per fma: on an AMD EPYC Zen 3 core, 1,000 prompt tokens of the StarCoder2-3B
+ * shape spent 242-290 ms per layer in attention that way, 107-119 with this (and each row's
+ * softmax over its own keys), the same bits. The rows were floats until the prompt took
+ * transpose_values: half the bytes for a KV head (256 KiB at 1,000 keys) to stream from L2 for
+ * each of its 12 query heads, and a conversion per 8 fmas. */
 
 /* The prompt case, tiled: work items are (group of ATT_ROWS query rows, head). */
 __attribute__((target("avx2,fma,f16c"))) static int attention_prompt_avx2(const float *q, const uint16_t *k_cache,
@@ -1294,21 +1351,19 @@ __attribute__((target("avx2,fma,f16c"))) static int attention_prompt_avx2(const 
     const int64_t n_keys = pos0 + T, n_pad = (n_keys + 7) & ~(int64_t)7;
     const int64_t group = n_head / n_kv_head, kv_stride = n_kv_head * hd;
     const int64_t n_tiles = (T + ATT_ROWS - 1) / ATT_ROWS;
-    float *vt = (float *)malloc(sizeof(float) * (size_t)(kv_stride * n_pad));
+    uint16_t *vt = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(kv_stride * n_pad));
     if (vt == NULL) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads_for(n_threads, n_tiles * n_head))
     {
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < kv_stride; c++) { /* c = KV head * hd + d */
-            float *row = vt + c * n_pad;
-            for (int64_t j = 0; j < n_keys; j++) row[j] = fp16_to_fp32(v_cache[j * kv_stride + c]);
-            for (int64_t j = n_keys; j < n_pad; j++) row[j] = 0.0f;
-        }
+        for (int64_t b = 0; b < n_kv_head * (n_pad / 8); b++)
+            transpose_values(v_cache, n_keys, kv_stride, hd, n_pad, b / (n_pad / 8), (b % (n_pad / 8)) * 8, vt);
         float *scores = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * n_pad));
-        float *q16 = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * hd));
+        float *cols = (float *)aligned_alloc(32, sizeof(float) * (size_t)(ATT_ROWS * n_pad));
+        float *q16 = (float *)calloc((size_t)(ATT_ROWS * hd), sizeof(float)); /* rows past R stay 0 */
         uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
-        if (scores == NULL || q16 == NULL || half == NULL) {
+        if (scores == NULL || cols == NULL || q16 == NULL || half == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -1318,16 +1373,18 @@ __attribute__((target("avx2,fma,f16c"))) static int attention_prompt_avx2(const 
                 const int R = (int)(T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS);
                 for (int r = 0; r < R; r++) query_as_fp16(q + ((t0 + r) * n_head + h) * hd, half, q16 + r * hd, hd);
                 const uint16_t *k = k_cache + (h / group) * hd;
-                const float *v = vt + (h / group) * hd * n_pad;
+                const uint16_t *v = vt + (h / group) * hd * n_pad;
                 float *o = out + (t0 * n_head + h) * hd;
                 if (R == ATT_ROWS) /* the constant lets the compiler keep each row's sums in registers */
-                    attend_rows_avx2(q16, ATT_ROWS, pos0 + t0 + 1, k, v, kv_stride, hd, n_pad, scale, scores, o,
+                    attend_rows_avx2(q16, ATT_ROWS, pos0 + t0 + 1, k, v, kv_stride, hd, n_pad, scale, cols, scores, o,
                                      n_head * hd);
                 else
-                    attend_rows_avx2(q16, R, pos0 + t0 + 1, k, v, kv_stride, hd, n_pad, scale, scores, o, n_head * hd);
+                    attend_rows_avx2(q16, R, pos0 + t0 + 1, k, v, kv_stride, hd, n_pad, scale, cols, scores, o,
+                                     n_head * hd);
             }
         }
         free(scores);
+        free(cols);
         free(q16);
         free(half);
     }
