@@ -991,6 +991,8 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) void score
         top = _mm256_max_ps(sc, top); /* sc first: a NaN score leaves the max as it was, as `>` does */
     }
     _mm256_storeu_ps(max, top);
+    for (int64_t j = n_last; j % 8 != 0; j++) /* the last block's columns past the keys: masked */
+        _mm256_store_ps(cols + 8 * j, _mm256_set1_ps(-INFINITY));
     for (int64_t j0 = 0; j0 < n_last; j0 += 8) {
         __m256 c[8];
         for (int i = 0; i < 8; i++) c[i] = _mm256_load_ps(cols + 8 * (j0 + i));
