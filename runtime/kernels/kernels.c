@@ -1274,6 +1274,15 @@ __attribute__((target("avx2"))) static void transpose_values(const uint16_t *v_c
     }
 }
 
+/* transpose_values for every KV head's first n_rows rows, shared among the threads of the
+ * enclosing parallel region (an orphaned `omp for`, with its barrier at the end). */
+static void transpose_all_values(const uint16_t *v_cache, int64_t n_rows, int64_t kv_stride, int64_t hd,
+                                 int64_t n_pad, int64_t n_kv_head, uint16_t *vt) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_kv_head * (n_pad / 8); b++)
+        transpose_values(v_cache, n_rows, kv_stride, hd, n_pad, b / (n_pad / 8), (b % (n_pad / 8)) * 8, vt);
+}
+
 /* The decode case, tiled: work items are (query row, KV head, group of ATT_HEADS or ATT_HEADS512 heads). */
 static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out,
                                  int64_t T, int64_t pos0, int64_t n_head, int64_t n_kv_head, int64_t hd, float scale,
@@ -1289,11 +1298,7 @@ static int attention_decode_avx2(const float *q, const uint16_t *k_cache, const 
     int failed = 0;
 #pragma omp parallel num_threads(threads_for(n_threads, n_items))
     {
-        if (vt != NULL) {
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < n_kv_head * (n_pad / 8); b++)
-                transpose_values(v_cache, pos0 + T, kv_stride, hd, n_pad, b / (n_pad / 8), (b % (n_pad / 8)) * 8, vt);
-        }
+        if (vt != NULL) transpose_all_values(v_cache, pos0 + T, kv_stride, hd, n_pad, n_kv_head, vt);
         float *scores = (float *)malloc(sizeof(float) * (size_t)(heads * n_pad));
         float *q16 = (float *)malloc(sizeof(float) * (size_t)(heads * hd));
         uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
@@ -1358,12 +1363,11 @@ __attribute__((target("avx2,fma,f16c"))) static int attention_prompt_avx2(const 
     int failed = 0;
 #pragma omp parallel num_threads(threads_for(n_threads, n_tiles * n_head))
     {
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < n_kv_head * (n_pad / 8); b++)
-            transpose_values(v_cache, n_keys, kv_stride, hd, n_pad, b / (n_pad / 8), (b % (n_pad / 8)) * 8, vt);
+        transpose_all_values(v_cache, n_keys, kv_stride, hd, n_pad, n_kv_head, vt);
         float *scores = (float *)malloc(sizeof(float) * (size_t)(ATT_ROWS * n_pad));
         float *cols = (float *)aligned_alloc(32, sizeof(float) * (size_t)(ATT_ROWS * n_pad));
-        float *q16 = (float *)calloc((size_t)(ATT_ROWS * hd), sizeof(float)); /* rows past R stay 0 */
+        /* zeroed: a last tile's rows past R (scored, never used) are never unwritten memory */
+        float *q16 = (float *)calloc((size_t)(ATT_ROWS * hd), sizeof(float));
         uint16_t *half = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hd);
         if (scores == NULL || cols == NULL || q16 == NULL || half == NULL) {
 #pragma omp atomic write
