@@ -24,7 +24,7 @@ from runtime.gguf import GGUFFile
 from runtime.kernels import _kernels
 from runtime.kv_cache import KVCache
 from runtime.ops import Linear
-from runtime.repack import BackgroundRepack, ForwardLock, repackable, types_to_repack
+from runtime.repack import CATCH_UP_ROWS, BackgroundRepack, ForwardLock, repackable, types_to_repack
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,8 @@ class Transformer:
             cos, sin = cos_all[positions], sin_all[positions]
         cache_rows = [(c.k, c.v, c.n_past, n) for (c, _), n in zip(segments, lengths, strict=True)]
         with self._forward_lock:
+            if self.repacking is not None and len(ids) >= CATCH_UP_ROWS:
+                self.repacking.catch_up(nt)
             self.layers.forward(x, cache_rows, cos, sin, nt, self.op_seconds)
         for (cache, _), n in zip(segments, lengths, strict=True):
             cache.n_past += n

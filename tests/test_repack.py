@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -229,21 +230,22 @@ def test_repacked_matrices_leave_the_files_pages(q4_models: dict[str, Path]) -> 
 
 
 def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
-    """Hold the repacking thread before it repacks its `at`-th matrix: (the first event, set
-    once it is held there; the second, which lets it go on)."""
+    """Hold the repacking thread before it asks for its `at`-th turn (its `at`-th matrix, unless
+    a pass has repacked that one), without the lock: (the first event, set once it is held
+    there; the second, which lets it go on)."""
     held, go_on = threading.Event(), threading.Event()
-    original = repack_module.Arena.reserve
+    original = repack_module.ForwardLock.between_passes
     calls = 0
 
-    def reserve(self: repack_module.Arena, rows: np.ndarray) -> np.ndarray:
+    def between_passes(self: repack_module.ForwardLock) -> AbstractContextManager[None]:
         nonlocal calls
         calls += 1
         if calls == at:
             held.set()
             assert go_on.wait(60)
-        return original(self, rows)
+        return original(self)
 
-    monkeypatch.setattr(repack_module.Arena, "reserve", reserve)
+    monkeypatch.setattr(repack_module.ForwardLock, "between_passes", between_passes)
     return held, go_on
 
 
@@ -273,6 +275,35 @@ def test_forward_passes_while_repacking_give_the_same_bits(
         assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
         all_names = [name for name, info in model.gguf.tensors.items() if repack_module.repackable(info)]
         assert _stray_pages(model, all_names) == {}, passes
+
+
+def test_a_prompt_pass_repacks_the_matrices_left_before_it_runs(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The repacking thread is held before its second matrix: a pass of fewer than CATCH_UP_ROWS
+    rows leaves the other 71 as they are, a pass of that many repacks them all first (the same
+    bits), and the thread then finds nothing left to do."""
+    path, rows = q4_models["12 layers"], repack_module.CATCH_UP_ROWS
+    ids = list(range(40, 40 + rows))
+    reference = _eval(path, ids, repack=False)
+    second, go_on = _hold_repacking(monkeypatch, 2)
+    with caplog.at_level(logging.INFO, logger="llmctl.runtime"):
+        with Model.load(path, n_ctx=256, repack=True) as model:
+            repacking = model.transformer.repacking
+            assert repacking is not None and second.wait(60)
+            assert repacking.installed == 1
+            short = model.eval(ids[: rows - 1])
+            assert repacking.installed == 1
+            assert np.array_equal(short.view(np.uint32), reference[: rows - 1].view(np.uint32))
+            assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
+            assert repacking.complete and repacking.installed == 72 and repacking.error is None
+            matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
+            assert all(lin.repacked for lin in matrices if lin is not None)
+            go_on.set()
+            assert model.wait_repacked(60) and repacking.installed == 72
+            all_names = [name for name, info in model.gguf.tensors.items() if repack_module.repackable(info)]
+            assert _stray_pages(model, all_names) == {}
+    assert caplog.text.count("repacked 72 matrices") == 1
 
 
 def test_closing_a_model_stops_its_repacking(
