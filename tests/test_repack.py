@@ -346,6 +346,31 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
     assert "repacking matrices stopped after 0 of" in caplog.text
 
 
+def test_a_prompt_pass_that_cannot_repack_logs_it_and_runs_from_the_file(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The repacking thread is held before its first turn, so the prompt pass is the first to map
+    the copies' memory, and that fails: the pass logs it, gives the file layout's bits, and the
+    thread, let go, repacks nothing."""
+
+    def no_memory(self: repack_module.Arena, total: int) -> None:
+        raise MemoryError("cannot map 1 GiB")
+
+    path, ids = q4_models["starcoder2"], list(range(10, 10 + repack_module.CATCH_UP_ROWS))
+    reference = _eval(path, ids, repack=False)
+    first, go_on = _hold_repacking(monkeypatch, 1)
+    monkeypatch.setattr(repack_module.Arena, "__init__", no_memory)
+    with caplog.at_level(logging.WARNING, logger="llmctl.runtime"):
+        with Model.load(path, n_ctx=256, repack=True) as model:
+            repacking = model.transformer.repacking
+            assert repacking is not None and first.wait(60)
+            assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
+            assert repacking.error == "MemoryError: cannot map 1 GiB" and repacking.installed == 0
+            go_on.set()
+            assert not model.wait_repacked(60) and repacking.wait(0) and repacking.installed == 0
+    assert caplog.text.count("repacking matrices stopped after 0 of") == 1
+
+
 def test_a_waiting_forward_pass_goes_before_the_next_matrix() -> None:
     """The repacking lets the lock go and asks for it again at once while a pass waits: the pass
     goes first (with a plain lock the repacking thread, still running, took it again)."""
