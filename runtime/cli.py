@@ -334,7 +334,8 @@ def _add_no_repack(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep Q4_0 and Q8_0 matrices in the file's layout; by default they are repacked for faster "
         "kernels while the model already serves (Q4_0 on CPUs with AVX2, Q8_0 with AVX-512; the same "
-        "results, the matrices' size in memory in place of the file's pages: ~1.6 GB for a 3B Q4_0 model)",
+        "results, the matrices' size in memory in place of the file's pages: ~1.6 GB for a 3B Q4_0 model); "
+        "a prompt of 64 tokens or more that comes before they are done repacks the rest first",
     )
 
 
