@@ -114,7 +114,8 @@ class Model:
         serve repacked, as benchmarks do before timing: True once they do (at once if there are
         none), False on timeout or if the repacking failed (`transformer.repacking.error`)."""
         repacking = self.transformer.repacking
-        return repacking is None or (repacking.wait(timeout) and repacking.complete)
+        # complete before the thread has ended: a prompt pass repacked the rest (catch_up)
+        return repacking is None or repacking.complete or (repacking.wait(timeout) and repacking.complete)
 
     def close(self) -> None:
         self.transformer.close()

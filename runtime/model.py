@@ -116,8 +116,9 @@ class Transformer:
 
     def __init__(self, f: GGUFFile, cfg: ModelConfig, n_threads: int, *, repack: bool | None = None) -> None:
         """repack: repack the layers' Q4_0 and Q8_0 matrices on a thread of their own while the
-        model serves (runtime/repack.py; `repacking`), those of the types the kernel set in use
-        has a tile for; None (default) or True does, False does not. The same results either way."""
+        model serves (runtime/repack.py; `repacking`; a pass of CATCH_UP_ROWS rows or more
+        repacks those left before it runs), those of the types the kernel set in use has a tile
+        for; None (default) or True does, False does not. The same results either way."""
         self.cfg = cfg
         self.n_threads = n_threads
         repack_types = types_to_repack(repack)

@@ -1,5 +1,6 @@
 """Q4_0 and Q8_0 matrices repacked for the kernels' repacked tiles (REPACKED_Q4_0 and
-REPACKED_Q8_0 in kernels.c), on a thread of their own while the model already serves.
+REPACKED_Q8_0 in kernels.c), on a thread of their own while the model already serves, or by a
+prompt's forward pass that finds some left (CATCH_UP_ROWS).
 
 llama.cpp repacks Q4_0 weights at load by default; the runtime does too where its kernel set has
 a tile for the repacked layout (`_kernels.repacks_q4_0()`: every SIMD set): the same bytes,
@@ -105,8 +106,9 @@ class ForwardLock:
 
     `with lock:` is a forward pass; `with lock.between_passes():` the repacking of one matrix.
     A pass that waits goes before the repacking's next matrix, and a repacking that waits goes
-    before the next pass, so that a pass waits for at most one matrix and the repacking gets on
-    between back-to-back passes. With a plain lock the repacking thread, which took it again as
+    before the next pass, so that a pass waits for at most one of the thread's matrices and the
+    repacking gets on between back-to-back passes (a prompt pass that catches up, CATCH_UP_ROWS,
+    holds the lock for all it repacks). With a plain lock the repacking thread, which took it again as
     soon as it let it go, kept a waiting pass out for many matrices: an 8-token prompt of a 3B
     Q8_0 model took up to 1.0 s instead of 0.2 while the matrices were repacked."""
 
@@ -210,8 +212,8 @@ class BackgroundRepack:
 
     def _repack_next(self, n_threads: int) -> bool:
         """Repack the next matrix and let it take over (with the lock held); False once there is
-        none left or the repacking failed."""
-        if self.error is not None or self.installed == len(self._jobs):
+        none left, the repacking failed or it was stopped."""
+        if self.error is not None or self.complete or self._stop.is_set():
             return False
         job = self._jobs[self.installed]
         try:
@@ -221,14 +223,14 @@ class BackgroundRepack:
             copy = self._copies[self.installed]
             LAYOUTS[job.ggml_type].repack(job.rows, job.n_in, copy, n_threads)
             self._install(job, copy)
+            self.installed += 1  # it serves repacked now, whatever the release does
             self._f.release(job.name)
         except Exception as e:  # MemoryError, OSError: serving goes on from the file's layout
             self.error = f"{type(e).__name__}: {e}"
             log.warning("repacking matrices stopped after %d of %d: %s", self.installed, len(self._jobs), self.error)
             return False
-        self.installed += 1
         if self.complete:
-            n_bytes = sum(job.rows.size for job in self._jobs)
+            n_bytes = sum(j.rows.size for j in self._jobs)
             seconds = time.monotonic() - self._start
             log.info("repacked %d matrices (%.0f MiB) in %.1f s", self.installed, n_bytes / 2**20, seconds)
         return True
@@ -245,6 +247,7 @@ class BackgroundRepack:
         return not self._thread.is_alive()
 
     def stop(self) -> None:
-        """Stop after the matrix in hand and wait for the thread (before the file is unmapped)."""
+        """Stop after the matrix in hand, the thread's or a catching-up pass's, and wait for the
+        thread (before the file is unmapped)."""
         self._stop.set()
         self._thread.join()

@@ -5,6 +5,7 @@ closing and failing."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -249,6 +250,25 @@ def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading
     return held, go_on
 
 
+def _hold_in_repack(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
+    """Hold the `at`-th copy of a Q4_0 matrix, by the thread or a pass, as it starts (the lock
+    held): (the first event, set once it is held there; the second, which lets it go on)."""
+    held, go_on = threading.Event(), threading.Event()
+    layout = repack_module.LAYOUTS[GGMLType.Q4_0]
+    calls = 0
+
+    def repack(rows: np.ndarray, n_in: int, out: np.ndarray, n_threads: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            held.set()
+            assert go_on.wait(60)
+        layout.repack(rows, n_in, out, n_threads)
+
+    monkeypatch.setitem(repack_module.LAYOUTS, GGMLType.Q4_0, dataclasses.replace(layout, repack=repack))
+    return held, go_on
+
+
 def test_forward_passes_while_repacking_give_the_same_bits(
     q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,6 +278,7 @@ def test_forward_passes_while_repacking_give_the_same_bits(
     repacked matrix stays mapped (a pass that reads a matrix in a huge page of the file beside a
     released one maps that whole huge page back; releasing the second one drops it again)."""
     path, ids = q4_models["12 layers"], list(range(40, 90))
+    assert len(ids) < repack_module.CATCH_UP_ROWS  # these passes take turns with the thread
     reference = _eval(path, ids, repack=False)
     half_done, go_on = _hold_repacking(monkeypatch, 37)
     with Model.load(path, n_ctx=256, repack=True) as model:
@@ -277,12 +298,27 @@ def test_forward_passes_while_repacking_give_the_same_bits(
         assert _stray_pages(model, all_names) == {}, passes
 
 
+class _LayersSeeingTheRepacking:
+    """A model's LayerStack that notes how many matrices served repacked at each forward pass."""
+
+    def __init__(self, layers: object, repacking: repack_module.BackgroundRepack) -> None:
+        self._layers, self._repacking = layers, repacking
+        self.installed_at_each_pass: list[int] = []
+
+    def forward(self, *args: object) -> None:
+        self.installed_at_each_pass.append(self._repacking.installed)
+        self._layers.forward(*args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._layers, name)
+
+
 def test_a_prompt_pass_repacks_the_matrices_left_before_it_runs(
     q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The repacking thread is held before its second matrix: a pass of fewer than CATCH_UP_ROWS
-    rows leaves the other 71 as they are, a pass of that many repacks them all first (the same
-    bits), and the thread then finds nothing left to do."""
+    rows leaves the other 71 as they are, a pass of that many repacks them all before its layers
+    run (the same bits), and the thread then finds nothing left to do."""
     path, rows = q4_models["12 layers"], repack_module.CATCH_UP_ROWS
     ids = list(range(40, 40 + rows))
     reference = _eval(path, ids, repack=False)
@@ -292,11 +328,15 @@ def test_a_prompt_pass_repacks_the_matrices_left_before_it_runs(
             repacking = model.transformer.repacking
             assert repacking is not None and second.wait(60)
             assert repacking.installed == 1
+            layers = _LayersSeeingTheRepacking(model.transformer.layers, repacking)
+            model.transformer.layers = layers  # type: ignore[assignment]
             short = model.eval(ids[: rows - 1])
             assert repacking.installed == 1
             assert np.array_equal(short.view(np.uint32), reference[: rows - 1].view(np.uint32))
             assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
             assert repacking.complete and repacking.installed == 72 and repacking.error is None
+            assert layers.installed_at_each_pass == [1, 72]
+            assert model.wait_repacked(0)  # complete, though the thread has not ended yet
             matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
             assert all(lin.repacked for lin in matrices if lin is not None)
             go_on.set()
@@ -311,7 +351,7 @@ def test_closing_a_model_stops_its_repacking(
 ) -> None:
     """Closing while the second matrix is being repacked: that one takes over, no other does,
     and the thread has ended when close returns (the file is unmapped after it)."""
-    second, go_on = _hold_repacking(monkeypatch, 2)
+    second, go_on = _hold_in_repack(monkeypatch, 2)
     model = Model.load(q4_models["starcoder2"], n_ctx=64, repack=True)
     repacking = model.transformer.repacking
     assert repacking is not None and second.wait(60)
@@ -346,6 +386,38 @@ def test_a_failed_repacking_is_logged_and_the_model_serves_on(
     assert "repacking matrices stopped after 0 of" in caplog.text
 
 
+def test_stopping_during_a_catch_up_ends_it_after_the_matrix_in_hand(
+    q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread repacks the first matrix and is held before its second turn; a prompt pass
+    catches up and is held in its fourth copy (the fifth matrix) when the repacking is stopped:
+    that copy takes over, no other does, the pass runs with both layouts (the same bits) and the
+    thread, let go, ends."""
+    path, ids = q4_models["12 layers"], list(range(40, 40 + repack_module.CATCH_UP_ROWS))
+    reference = _eval(path, ids, repack=False)
+    second_turn, thread_on = _hold_repacking(monkeypatch, 2)
+    fifth_copy, pass_on = _hold_in_repack(monkeypatch, 5)
+    with caplog.at_level(logging.INFO, logger="llmctl.runtime"):
+        with Model.load(path, n_ctx=256, repack=True) as model:
+            repacking = model.transformer.repacking
+            assert repacking is not None and second_turn.wait(60)
+            logits: list[np.ndarray] = []
+            prompt = threading.Thread(target=lambda: logits.append(model.eval(ids)))
+            prompt.start()
+            assert fifth_copy.wait(60) and repacking.installed == 4
+            stopping = threading.Thread(target=repacking.stop)
+            stopping.start()
+            assert until(lambda: repacking._stop.is_set(), 60, every=0.001)
+            thread_on.set()
+            pass_on.set()
+            prompt.join(60)
+            stopping.join(60)
+            assert not prompt.is_alive() and not stopping.is_alive() and repacking.wait(0)
+            assert repacking.installed == 5 and not repacking.complete and repacking.error is None
+            assert np.array_equal(logits[0].view(np.uint32), reference.view(np.uint32))
+    assert "repacked" not in caplog.text and "stopped" not in caplog.text
+
+
 def test_a_prompt_pass_that_cannot_repack_logs_it_and_runs_from_the_file(
     q4_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -366,6 +438,8 @@ def test_a_prompt_pass_that_cannot_repack_logs_it_and_runs_from_the_file(
             assert repacking is not None and first.wait(60)
             assert np.array_equal(model.eval(ids).view(np.uint32), reference.view(np.uint32))
             assert repacking.error == "MemoryError: cannot map 1 GiB" and repacking.installed == 0
+            matrices = [getattr(block, field) for block in model.transformer.blocks for field, _ in MATRICES]
+            assert not any(lin.repacked for lin in matrices if lin is not None)
             go_on.set()
             assert not model.wait_repacked(60) and repacking.wait(0) and repacking.installed == 0
     assert caplog.text.count("repacking matrices stopped after 0 of") == 1

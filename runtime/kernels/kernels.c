@@ -234,7 +234,7 @@ static inline __attribute__((always_inline)) void prefetch_group(const uint8_t *
     } while (0)
 
 /* REPACKED_Q4_0. Q4_0 matrices of a multiple of 16 rows, repacked once (kernels_repack_q4_0, on a
- * thread of its own while the model serves: runtime/repack.py) for the SIMD sets' tiles
+ * thread of its own while the model serves, or by a prompt's pass: runtime/repack.py) for the SIMD sets' tiles
  * (q4_r16_tile in kernels_impl.h, in zmm and in ymm registers), the way llama.cpp repacks Q4_0 by default
  * and for the same reason: a block's 32 products per row summed into one 32-bit lane, with no
  * horizontal adds. Rows 16g .. 16g+15 form group g, stored where those rows were; block i of
