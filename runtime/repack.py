@@ -236,6 +236,11 @@ class BackgroundRepack:
         return True
 
     @property
+    def total(self) -> int:
+        """The matrices to repack."""
+        return len(self._jobs)
+
+    @property
     def complete(self) -> bool:
         """Every matrix serves repacked."""
         return self.installed == len(self._jobs)

@@ -32,6 +32,8 @@ import pytest
 
 from runtime import Model
 from runtime.errors import ModelError
+from runtime.gguf import read_gguf
+from runtime.repack import repackable, types_to_repack
 from runtime.testing.make_model import make_model
 from tests.netutil import free_port
 from tests.polling import until
@@ -509,7 +511,7 @@ def test_still_serving_after_bad_input(oai: openai.OpenAI, http: httpx.Client, m
 # --- metrics, disconnects ----------------------------------------------------------------------
 
 
-def test_metrics(http: httpx.Client, oai: openai.OpenAI) -> None:
+def test_metrics(http: httpx.Client, oai: openai.OpenAI, model_file: Path) -> None:
     oai.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0)
     http.post("/completion", json={"prompt": PROMPT, "n_predict": 8, "temperature": 0, "stream": True})
     http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})
@@ -525,6 +527,11 @@ def test_metrics(http: httpx.Client, oai: openai.OpenAI) -> None:
     assert metric(text, "llmctl_time_per_output_token_seconds_count") >= 14
     assert metric(text, "llmctl_generations_total", '{reason="length"}') >= 2
     assert metric(text, "llmctl_slots") == 4 and metric(text, "llmctl_model_loaded") == 1
+    # the Q8_0 matrices this CPU's kernels repack (none without AVX-512), all of them in the end
+    with read_gguf(model_file) as f:
+        to_repack = sum(repackable(t) and t.ggml_type in types_to_repack(None) for t in f.tensors.values())
+    assert metric(text, "llmctl_matrices_to_repack") == to_repack
+    assert until(lambda: metric(http.get("/metrics").text, "llmctl_matrices_repacked") == to_repack, 60, every=0.05)
     for name in ("llmctl_queue_depth", "llmctl_busy_slots", "llmctl_prompt_tokens_cached_total"):
         assert re.search(rf"^{name} ", text, re.M), name
 

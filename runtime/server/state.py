@@ -175,9 +175,13 @@ class ServerState:
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
         s = self.stats()
+        repacking = self.model.transformer.repacking if self.model is not None else None
+        repacked, to_repack = (repacking.installed, repacking.total) if repacking is not None else (0, 0)
         return {
             "llmctl_queue_depth": ("Requests waiting for a free slot", s.queue_depth),
             "llmctl_busy_slots": ("Slots generating or prefilling a request", s.busy_slots),
             "llmctl_slots": ("Slots (sequences decoded together)", s.n_slots),
             "llmctl_model_loaded": ("1 once the model is loaded and serving", float(self.scheduler is not None)),
+            "llmctl_matrices_to_repack": ("Weight matrices the model repacks for faster kernels", float(to_repack)),
+            "llmctl_matrices_repacked": ("Of those, the matrices that serve repacked now", float(repacked)),
         }
