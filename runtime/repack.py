@@ -227,7 +227,7 @@ class BackgroundRepack:
             self._f.release(job.name)
         except Exception as e:  # MemoryError, OSError: serving goes on from the file's layout
             self.error = f"{type(e).__name__}: {e}"
-            log.warning("repacking matrices stopped after %d of %d: %s", self.installed, len(self._jobs), self.error)
+            log.warning("repacking matrices stopped after %d of %d: %s", self.installed, self.total, self.error)
             return False
         if self.complete:
             n_bytes = sum(j.rows.size for j in self._jobs)
@@ -243,7 +243,7 @@ class BackgroundRepack:
     @property
     def complete(self) -> bool:
         """Every matrix serves repacked."""
-        return self.installed == len(self._jobs)
+        return self.installed == self.total
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the thread has ended: every matrix repacked, or the repacking failed (`error`)

@@ -9,8 +9,9 @@ import dataclasses
 import itertools
 import logging
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,22 +231,28 @@ def test_repacked_matrices_leave_the_files_pages(q4_models: dict[str, Path]) -> 
         assert len(_resident_pages(f, "token_embd.weight")) > 0
 
 
-def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
-    """Hold the repacking thread before it asks for its `at`-th turn (its `at`-th matrix, unless
-    a pass has repacked that one), without the lock: (the first event, set once it is held
-    there; the second, which lets it go on)."""
+def _held_at(at: int, call: Callable[..., Any]) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
+    """`call` wrapped to hold its `at`-th call as it starts: (the wrapper; an event set once that
+    call is held; an event that lets it go on)."""
     held, go_on = threading.Event(), threading.Event()
-    original = repack_module.ForwardLock.between_passes
     calls = 0
 
-    def between_passes(self: repack_module.ForwardLock) -> AbstractContextManager[None]:
+    def wrapper(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == at:
             held.set()
             assert go_on.wait(60)
-        return original(self)
+        return call(*args)
 
+    return wrapper, held, go_on
+
+
+def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
+    """Hold the repacking thread before it asks for its `at`-th turn (its `at`-th matrix, unless
+    a pass has repacked that one), without the lock: (the first event, set once it is held
+    there; the second, which lets it go on)."""
+    between_passes, held, go_on = _held_at(at, repack_module.ForwardLock.between_passes)
     monkeypatch.setattr(repack_module.ForwardLock, "between_passes", between_passes)
     return held, go_on
 
@@ -253,18 +260,8 @@ def _hold_repacking(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading
 def _hold_in_repack(monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[threading.Event, threading.Event]:
     """Hold the `at`-th copy of a Q4_0 matrix, by the thread or a pass, as it starts (the lock
     held): (the first event, set once it is held there; the second, which lets it go on)."""
-    held, go_on = threading.Event(), threading.Event()
     layout = repack_module.LAYOUTS[GGMLType.Q4_0]
-    calls = 0
-
-    def repack(rows: np.ndarray, n_in: int, out: np.ndarray, n_threads: int) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == at:
-            held.set()
-            assert go_on.wait(60)
-        layout.repack(rows, n_in, out, n_threads)
-
+    repack, held, go_on = _held_at(at, layout.repack)
     monkeypatch.setitem(repack_module.LAYOUTS, GGMLType.Q4_0, dataclasses.replace(layout, repack=repack))
     return held, go_on
 
