@@ -384,12 +384,15 @@ def test_prompt_attention_gives_the_same_bits_in_any_tiling(kernel_set: str) -> 
         assert np.array_equal(whole.view(np.uint32), parts.view(np.uint32)), (kernel_set, step)
 
 
-def _decode_attention_inputs(seed: int, pos0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """One query row of 24 heads of 128 over 2 KV heads (StarCoder2-3B's shape), caches of pos0 + 1."""
+def _decode_attention_inputs(
+    seed: int, pos0: int, k_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One query row of 24 heads of 128 over 2 KV heads (StarCoder2-3B's shape), caches of pos0 + 1;
+    keys k_scale times a standard normal."""
     rng = np.random.default_rng(seed)
     n_head, n_kv, hd = 24, 2, 128
     q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
+    k = (rng.standard_normal((pos0 + 1, n_kv, hd)) * k_scale).astype(np.float16).view(np.uint16)
     v = rng.standard_normal((pos0 + 1, n_kv, hd)).astype(np.float16).view(np.uint16)
     return q, k, v, float(np.float32(hd**-0.5))
 
@@ -417,14 +420,17 @@ def _attention_bits(name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0
     return out.tobytes()
 
 
-@pytest.mark.parametrize("pos0", [4, 70, 300])
+@pytest.mark.parametrize("pos0", [4, 15, 31, 70, 300])
 @pytest.mark.parametrize("name", [s for s in SETS if s != "avx2"])
 def test_decode_attention_gives_the_avx2_bits_on_every_set(name: str, pos0: int) -> None:
-    """The avx512vnni set weighs V rows a lane class at a time with zmm registers, the AVX2 path
-    sixteen bytes of 32 rows at a time with ymm, the portable set one value at a time with fmaf:
-    the sums, and so the bits, must be the avx2 set's (positions 4 and 70 leave some of the 32
-    classes with no key or one, 300 gives each ten)."""
-    q, k, v, scale = _decode_attention_inputs(10, pos0)
+    """The avx512vnni set weighs V rows a lane class at a time with zmm registers and finishes
+    its scores 16 keys at a time, the AVX2 path sixteen bytes of 32 rows at a time with ymm, the
+    portable set one value at a time with fmaf: the sums, and so the bits, must be the avx2 set's
+    (positions 4 and 70 leave some of the 32 classes with no key or one, 300 gives each ten; 16
+    and 32 keys fill whole blocks of 16, 5, 71 and 301 end in a part of one). Keys three times
+    as large spread the scores, so that a score an ulp off (its sums in another order) shows in
+    the probabilities, which are rounded to fp16."""
+    q, k, v, scale = _decode_attention_inputs(10, pos0, k_scale=3.0)
     assert _attention_bits(name, q, k, v, pos0, scale) == _attention_bits("avx2", q, k, v, pos0, scale)
 
 

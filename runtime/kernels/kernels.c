@@ -1105,7 +1105,8 @@ ATTEND_HEADS(3)
 /* attend_heads_avx2 with AVX-512 for hd == ATT_HD512, giving the same bits with fewer
  * instructions and without its L1 misses. Scores: a zmm holds two of vec_dot's accumulators
  * (elements 0-15 of each step of 32 are accumulators 0 and 1, elements 16-31 accumulators 2 and
- * 3), whose four 256-bit halves reduce4 then sums as the AVX2 path does. Values:
+ * 3), whose four 256-bit halves reduce4 then sums as the AVX2 path does, 16 keys at a time
+ * (ATT_KEYS512). Values:
  * the same lane classes as the AVX2 loop (key j weighs into class j % 32, each class summed over
  * its keys in key order with fma, the classes combined as attend_values combines them), but a
  * class at a time over whole V rows, 16 values of d per zmm: the AVX2 loop reads 16 bytes of each
@@ -1123,41 +1124,78 @@ ATTEND_HEADS(3)
  * 22-26 ms per token with 1 thread (medians of 5 passes alternated with the build before; no
  * change at 500; noisy with 2 threads). 8 and 32 rows ahead did about as well. The same bits. */
 #define ATT_AHEAD 16
+/* ATT_KEYS512. Keys whose scores attend_heads_avx512 finishes together: the rest of reduce4
+ * after its first add (two extracts, two adds, two hadds), about as many instructions per key and
+ * head as the key's fmas, runs on 16 keys at once in 49 (reduce4_each512). On an Intel Xeon
+ * (AMX), `kernel_speed --attention` at position 2000 with 1 thread, warm: 10.9-11.0 ms per
+ * token against 12.4-12.5 (two alternated pairs of processes; 2 threads 5.7-6.5 against
+ * 6.7-7.0); cold, as decode meets it, 15.2-16.4 against 16.5-16.9, and 4 sequences decoding
+ * at position 2000 spent 59-60 ms a step in attention against 62-66. The same bits. */
+#define ATT_KEYS512 16
+
+/* reduce4 of each of 16 keys' accumulators, folded: f[k] = a01 + a23 (elements 0-7 accumulators
+ * 0 + 2, 8-15 1 + 3); element k of the result is key k's score before scaling, by the same
+ * additions in the same order: x = lo256 + hi256, y = lo128(x) + hi128(x), (y0 + y1) + (y2 + y3). */
+static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512vl"))) __m512 reduce4_each512(
+    const __m512 f[ATT_KEYS512]) {
+    __m512 x[8], y[4], h[2];
+    for (int p = 0; p < 8; p++) /* keys 2p, 2p + 1: [x | x'] */
+        x[p] = _mm512_add_ps(_mm512_shuffle_f32x4(f[2 * p], f[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(f[2 * p], f[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++) /* keys 4p .. 4p + 3, 4 lanes each */
+        y[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++) /* hadd: 128-bit lane L holds keys 8p + L and 8p + 4 + L, two sums each */
+        h[p] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * p], y[2 * p + 1], 0x88),
+                             _mm512_shuffle_ps(y[2 * p], y[2 * p + 1], 0xDD));
+    /* hadd again: element 4L + e is key L + 4e */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(h[0], h[1], 0x88), _mm512_shuffle_ps(h[0], h[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, r);
+}
 static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512vl"))) void attend_heads_avx512(
     const float *q16, int G, int64_t n_keys, const uint16_t *k, const uint16_t *v, int64_t kv_stride, int64_t n_pad,
     float scale, float *scores, float *x, float *out) {
     enum { HALF = ATT_HD512 / 2, NB = HALF / 16 };
-    float max[ATT_HEADS512];
-    for (int g = 0; g < G; g++) max[g] = -INFINITY;
-    for (int64_t j = 0; j < n_keys; j++) {
-        const uint16_t *kj = k + j * kv_stride;
-        if (j + ATT_AHEAD < n_keys) { /* see ATT_AHEAD */
-            const int64_t ahead = (j + ATT_AHEAD) * kv_stride;
-            const char *kp = (const char *)(k + ahead), *vp = (const char *)(v + ahead);
-            for (int b = 0; b < ATT_HD512 * (int)sizeof(uint16_t); b += 64) {
-                _mm_prefetch(kp + b, _MM_HINT_T0);
-                _mm_prefetch(vp + b, _MM_HINT_T1);
+    __m512 top[ATT_HEADS512];
+    __m512 folded[ATT_HEADS512][ATT_KEYS512]; /* a01 + a23 of each head and key of a block */
+    for (int g = 0; g < G; g++) top[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < n_keys; j0 += ATT_KEYS512) {
+        const int nk = n_keys - j0 < ATT_KEYS512 ? (int)(n_keys - j0) : ATT_KEYS512;
+        for (int jj = 0; jj < nk; jj++) {
+            const int64_t j = j0 + jj;
+            const uint16_t *kj = k + j * kv_stride;
+            if (j + ATT_AHEAD < n_keys) { /* see ATT_AHEAD */
+                const int64_t ahead = (j + ATT_AHEAD) * kv_stride;
+                const char *kp = (const char *)(k + ahead), *vp = (const char *)(v + ahead);
+                for (int b = 0; b < ATT_HD512 * (int)sizeof(uint16_t); b += 64) {
+                    _mm_prefetch(kp + b, _MM_HINT_T0);
+                    _mm_prefetch(vp + b, _MM_HINT_T1);
+                }
             }
-        }
-        __m512 a01[ATT_HEADS512], a23[ATT_HEADS512];
-        for (int g = 0; g < G; g++) a01[g] = a23[g] = _mm512_setzero_ps();
-        for (int i = 0; i < ATT_HD512; i += 32) {
-            const __m512 k01 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kj + i)));
-            const __m512 k23 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kj + i + 16)));
-            for (int g = 0; g < G; g++) {
-                a01[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q16 + g * ATT_HD512 + i), k01, a01[g]);
-                a23[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q16 + g * ATT_HD512 + i + 16), k23, a23[g]);
+            __m512 a01[ATT_HEADS512], a23[ATT_HEADS512];
+            for (int g = 0; g < G; g++) a01[g] = a23[g] = _mm512_setzero_ps();
+            for (int i = 0; i < ATT_HD512; i += 32) {
+                const __m512 k01 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kj + i)));
+                const __m512 k23 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kj + i + 16)));
+                for (int g = 0; g < G; g++) {
+                    a01[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q16 + g * ATT_HD512 + i), k01, a01[g]);
+                    a23[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q16 + g * ATT_HD512 + i + 16), k23, a23[g]);
+                }
             }
+            for (int g = 0; g < G; g++) folded[g][jj] = _mm512_add_ps(a01[g], a23[g]); /* reduce4's first step */
         }
+        const __mmask16 seen = (__mmask16)((1u << nk) - 1);
         for (int g = 0; g < G; g++) {
-#define HI256(z) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))
-            const float sc = reduce4_avx2(_mm512_castps512_ps256(a01[g]), HI256(a01[g]), _mm512_castps512_ps256(a23[g]),
-                                          HI256(a23[g])) * scale;
-#undef HI256
-            scores[g * n_pad + j] = sc;
-            if (sc > max[g]) max[g] = sc;
+            if (nk < ATT_KEYS512) /* lanes past the keys: defined, then masked */
+                for (int jj = nk; jj < ATT_KEYS512; jj++) folded[g][jj] = _mm512_setzero_ps();
+            const __m512 sc = _mm512_mul_ps(reduce4_each512(folded[g]), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + g * n_pad + j0, seen, sc);
+            top[g] = _mm512_mask_max_ps(top[g], seen, sc, top[g]); /* sc first: a NaN score leaves the max */
         }
     }
+    float max[ATT_HEADS512];
+    for (int g = 0; g < G; g++) max[g] = _mm512_reduce_max_ps(top[g]);
     for (int g = 0; g < G; g++) scores_to_probs(scores + g * n_pad, n_keys, n_pad, max[g]);
     /* half of d at a time, so that G heads' accumulators fit in the registers */
     for (int d0 = 0; d0 < ATT_HD512; d0 += HALF) {
