@@ -1126,7 +1126,7 @@ ATTEND_HEADS(3)
 #define ATT_AHEAD 16
 /* ATT_KEYS512. Keys whose scores attend_heads_avx512 finishes together: the rest of reduce4
  * after its first add (two extracts, two adds, two hadds), about as many instructions per key and
- * head as the key's fmas, runs on 16 keys at once in 49 (reduce4_each512). On an Intel Xeon
+ * head as the key's fmas, runs on 16 keys at once in 46 (reduce4_each512). On an Intel Xeon
  * (AMX), `kernel_speed --attention` at position 2000 with 1 thread, warm: 10.9-11.0 ms per
  * token against 12.4-12.5 (two alternated pairs of processes; 2 threads 5.7-6.5 against
  * 6.7-7.0); cold, as decode meets it, 15.2-16.4 against 16.5-16.9, and 4 sequences decoding
@@ -1187,8 +1187,8 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512
         }
         const __mmask16 seen = (__mmask16)((1u << nk) - 1);
         for (int g = 0; g < G; g++) {
-            if (nk < ATT_KEYS512) /* lanes past the keys: defined, then masked */
-                for (int jj = nk; jj < ATT_KEYS512; jj++) folded[g][jj] = _mm512_setzero_ps();
+            for (int jj = nk; jj < ATT_KEYS512; jj++) /* lanes past the keys: defined, then masked */
+                folded[g][jj] = _mm512_setzero_ps();
             const __m512 sc = _mm512_mul_ps(reduce4_each512(folded[g]), _mm512_set1_ps(scale));
             _mm512_mask_storeu_ps(scores + g * n_pad + j0, seen, sc);
             top[g] = _mm512_mask_max_ps(top[g], seen, sc, top[g]); /* sc first: a NaN score leaves the max */
